@@ -1,0 +1,223 @@
+"""The denoising network: a Llama-family transformer without a causal mask.
+
+    net = DiffusionTransformer(cfg)
+    logits = net(input_ids, t=t)                       # [B, L] -> [B, L, V]; logits[:, i] predicts token i
+    logits = net(ids, positions=pos, t=t, attn=ctx)    # with a mask or a KV cache (model/cache.py)
+
+Blocks: pre-norm RMSNorm, NeoX rotary, grouped-query attention, SwiGLU. With time conditioning
+(Mercury's recipe, after DiT) a timestep embedding of the per-token noise level t feeds each block
+an adaptive LayerNorm: shift/scale on both norms and a gate on both residual branches. Clean
+tokens (prompt, finished blocks) carry t = 0 and the active block its masked fraction, exactly as
+in training, so cached K/V of clean blocks are the ones the model was trained to attend to.
+
+Attention is delegated to an `attn` context (dense mask or KV cache), so the same module serves
+training (block-diffusion mask over noisy+clean copies), reference sampling and the engine.
+`arch="gpt2"` switches the block to GPT-2's (LayerNorm, learned positions, GELU MLP) for DiffuGPT.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import attention
+from kernels.rmsnorm import rms_norm
+from kernels.rotary import apply_rotary, rotary_cos_sin
+from model.config import ModelConfig
+
+
+class AttentionContext(Protocol):
+    """How a layer's attention sees keys: a dense mask, a KV cache, a paged pool."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [B, H, Lq, hd]; k, v: [B, Hkv, Lq, hd] for the new tokens (rotary applied)."""
+        ...
+
+
+class DenseAttention:
+    """No cache: every query sees the keys of this call, filtered by an optional mask."""
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        self.mask = mask  # bool [B or 1, 1, Lq, Lk], True = may attend
+
+    def attend(self, layer, q, k, v):
+        return attention(q, k, v, self.mask)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, shift=None, scale=None):
+        return rms_norm(x, self.weight, self.eps, shift, scale)
+
+
+class LayerNorm(nn.LayerNorm):
+    """GPT-2's LayerNorm with the same (shift, scale) modulation hook as RMSNorm."""
+
+    def forward(self, x, shift=None, scale=None):
+        y = super().forward(x)
+        if scale is not None:
+            y = y * (1 + scale)
+        if shift is not None:
+            y = y + shift
+        return y
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" \
+        else RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features -> MLP -> [.., time_embed_dim] (DiT's embedder)."""
+
+    def __init__(self, dim: int, freq_dim: int = 128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        args = (t.float() * 1000.0)[..., None] * freqs  # scale t to DiT's 0..1000 range
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.arch == "gpt2")
+        self.rotary = cfg.arch == "llama"
+
+    def forward(self, x, cos, sin, attn: AttentionContext, layer: int):
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = self.wk(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = self.wv(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        if self.rotary:
+            q, k = apply_rotary(q, k, cos, sin)
+        out = attn.attend(layer, q, k, v)  # [B, H, L, hd]
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gpt2 = cfg.arch == "gpt2"
+        if self.gpt2:
+            self.fc = nn.Linear(cfg.d_model, cfg.mlp_hidden)
+            self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model)
+        else:
+            self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)  # gate
+            self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)  # up
+            self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)  # down
+
+    def forward(self, x):
+        if self.gpt2:
+            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = MLP(cfg)
+        # adaLN: temb -> (shift, scale, gate) for attention and MLP. Zero-initialised so the
+        # untrained block is a plain pre-norm block (scale 1+0, gate 1+0), which trains faster
+        # on CPU budgets than DiT's gate-0 start.
+        self.ada = nn.Linear(cfg.time_embed_dim, 6 * cfg.d_model) if cfg.time_conditioning else None
+
+    def forward(self, x, temb, cos, sin, attn, layer):
+        if self.ada is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, attn, layer)
+            return x + self.mlp(self.mlp_norm(x))
+        # temb: [B, L or 1, E] -> six [B, L or 1, d] modulations
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(temb)).chunk(6, dim=-1)
+        x = x + (1 + g1) * self.attn(self.attn_norm(x, sh1, sc1), cos, sin, attn, layer)
+        return x + (1 + g2) * self.mlp(self.mlp_norm(x, sh2, sc2))
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) \
+            if cfg.arch == "gpt2" else None
+        self.time_embed = TimestepEmbedder(cfg.time_embed_dim) if cfg.time_conditioning else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = _norm(cfg)
+        self.final_ada = nn.Linear(cfg.time_embed_dim, 2 * cfg.d_model) \
+            if cfg.time_conditioning else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for m in [blk.ada for blk in self.layers] + [self.final_ada]:
+            if m is not None:  # adaLN starts as the identity modulation (see Block)
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                t: torch.Tensor | None = None, attn: AttentionContext | None = None,
+                logits_slice: slice | None = None) -> torch.Tensor:
+        """input_ids: [B, L]; positions: [B, L] (default 0..L-1); t: [B] or [B, L] noise level of
+        each token (0 = clean; required for time-conditioned models). Returns logits [B, L, V]
+        (or [B, L', V] for `logits_slice`, to skip the LM head on positions nobody reads)."""
+        B, L = input_ids.shape
+        cfg = self.cfg
+        if positions is None:
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        attn = attn if attn is not None else DenseAttention()
+        x = self.tok_embeddings(input_ids)  # [B, L, d]
+        cos = sin = None
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions)
+        else:
+            cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=x.dtype)
+        temb = None
+        if self.time_embed is not None:
+            if t is None:
+                t = torch.zeros(B, device=input_ids.device)
+            t = t.float()
+            temb = self.time_embed(t[:, None] if t.dim() == 1 else t)  # [B, L or 1, E]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, temb, cos, sin, attn, i)
+        if self.final_ada is not None:
+            shift, scale = self.final_ada(F.silu(temb)).chunk(2, dim=-1)
+            x = self.norm(x, shift, scale)
+        else:
+            x = self.norm(x)
+        if cfg.logit_shift:
+            # hidden state i-1 predicts token i (AR-adapted models); position 0 keeps its own.
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        return self.lm_head(x)
