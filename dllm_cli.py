@@ -1,0 +1,52 @@
+"""`dllm`: the project's command line.
+
+    dllm train ...             train a diffusion LM (model/train.py)
+    dllm generate ...          complete a prompt, optionally watching the canvas denoise
+    dllm eval ...              quality against denoising steps -> benchmarks/results/quality.json
+    dllm bench sampler|engine|serve|burst ...   benchmarks -> benchmarks/results/
+    dllm dashboard ...         Grafana dashboard as code
+
+Each subcommand lives in its own module and is imported only when used, so `dllm generate` does
+not pay for Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "model.train",
+    "generate": "model.cli_generate",
+    "eval": "benchmarks.quality",
+}
+BENCHES = {
+    "sampler": "benchmarks.bench_sampler",
+    "engine": "benchmarks.bench_engine",
+    "serve": "benchmarks.bench_serve",
+    "burst": "benchmarks.bench_burst",
+}
+OTHER = {"dashboard": "monitoring.dashboard"}
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "bench":
+        if not rest or rest[0] not in BENCHES:
+            sys.exit(f"usage: dllm bench {{{','.join(BENCHES)}}} [options]")
+        module, rest = BENCHES[rest[0]], rest[1:]
+    elif cmd in COMMANDS or cmd in OTHER:
+        module = COMMANDS.get(cmd) or OTHER[cmd]
+    else:
+        sys.exit(f"unknown command {cmd!r}\n{USAGE}")
+    importlib.import_module(module).main(rest)
+
+
+if __name__ == "__main__":
+    main()
