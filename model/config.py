@@ -53,9 +53,16 @@ class ModelConfig:
     logit_shift: bool = False
     qkv_bias: bool = False
     tie_embeddings: bool = True
-    # Architecture family of the block: "llama" (RMSNorm, rotary, SwiGLU) or "gpt2"
-    # (LayerNorm, learned positions, GELU MLP) for DiffuGPT checkpoints.
-    arch: Literal["llama", "gpt2"] = "llama"
+    # Architecture family of the block: "llama" (RMSNorm, rotary, SwiGLU), "gpt2"
+    # (LayerNorm, learned positions, GELU MLP) for DiffuGPT checkpoints, or "dit" (bias-free
+    # LayerNorm, rotary, GELU MLP with biases) for BD3-LM / MDLM checkpoints.
+    arch: Literal["llama", "gpt2", "dit"] = "llama"
+    # Timestep embedder input: t * time_scale feeds time_freq_dim sinusoid features. BD3-LM/MDLM
+    # read 256 features of sigma unscaled, and their published checkpoints are trained without
+    # time conditioning (sigma forced to 0): time_scale = 0 reproduces that, the net ignores t.
+    time_freq_dim: int = 128
+    time_scale: float = 1000.0
+    lm_head_bias: bool = False  # DiT's output layer carries a bias
     # Sampler defaults for this model (a server may override per request).
     default_steps_per_block: int = 8
     extra: dict = field(default_factory=dict)
@@ -72,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
         if self.attention not in ("full", "block_causal"):
             raise ValueError(f"attention must be 'full' or 'block_causal', got {self.attention!r}")
+        if self.arch not in ("llama", "gpt2", "dit"):
+            raise ValueError(f"arch must be 'llama', 'gpt2' or 'dit', got {self.arch!r}")
 
     # --- presets -------------------------------------------------------------------------
     @classmethod

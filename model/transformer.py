@@ -12,7 +12,8 @@ in training, so cached K/V of clean blocks are the ones the model was trained to
 
 Attention is delegated to an `attn` context (dense mask or KV cache), so the same module serves
 training (block-diffusion mask over noisy+clean copies), reference sampling and the engine.
-`arch="gpt2"` switches the block to GPT-2's (LayerNorm, learned positions, GELU MLP) for DiffuGPT.
+`arch="gpt2"` switches the block to GPT-2's (LayerNorm, learned positions, GELU MLP) for DiffuGPT;
+`arch="dit"` to the DiT block of BD3-LM/MDLM (bias-free LayerNorm, rotary, GELU MLP).
 """
 
 from __future__ import annotations
@@ -71,22 +72,24 @@ class LayerNorm(nn.LayerNorm):
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
-    return LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" \
-        else RMSNorm(cfg.d_model, cfg.norm_eps)
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.arch == "gpt2")  # DiT: weight only
 
 
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoidal features -> MLP -> [.., time_embed_dim] (DiT's embedder)."""
 
-    def __init__(self, dim: int, freq_dim: int = 128):
+    def __init__(self, dim: int, freq_dim: int = 128, scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        args = (t.float() * 1000.0)[..., None] * freqs  # scale t to DiT's 0..1000 range
+        args = (t.float() * self.scale)[..., None] * freqs  # scale t to DiT's 0..1000 range
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -100,7 +103,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.arch == "gpt2")
-        self.rotary = cfg.arch == "llama"
+        self.rotary = cfg.arch != "gpt2"
 
     def forward(self, x, cos, sin, attn: AttentionContext, layer: int):
         B, L, _ = x.shape
@@ -116,7 +119,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gpt2 = cfg.arch == "gpt2"
+        self.gpt2 = cfg.arch in ("gpt2", "dit")  # GELU MLP with biases
         if self.gpt2:
             self.fc = nn.Linear(cfg.d_model, cfg.mlp_hidden)
             self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model)
@@ -160,12 +163,13 @@ class DiffusionTransformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) \
             if cfg.arch == "gpt2" else None
-        self.time_embed = TimestepEmbedder(cfg.time_embed_dim) if cfg.time_conditioning else None
+        self.time_embed = TimestepEmbedder(cfg.time_embed_dim, cfg.time_freq_dim, cfg.time_scale) \
+            if cfg.time_conditioning else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg)
         self.final_ada = nn.Linear(cfg.time_embed_dim, 2 * cfg.d_model) \
             if cfg.time_conditioning else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.apply(self._init_weights)
         for m in [blk.ada for blk in self.layers] + [self.final_ada]:
             if m is not None:  # adaLN starts as the identity modulation (see Block)
