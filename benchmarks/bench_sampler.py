@@ -1,0 +1,114 @@
+"""`dllm bench sampler`: tiny-coder output tok/s on this machine against denoising steps.
+
+    dllm bench sampler                    # 256 new tokens, block 32, steps/block 1..32, +/- KV cache
+    dllm bench sampler --new-tokens 64    # quicker
+
+Every setting generates exactly --new-tokens tokens (EOS does not stop the run, so settings do the
+same work) from the same prompt, side by side in one run, against the autoregressive setting on
+the same weights (block length 1, one step per block, KV cache). Writes
+benchmarks/results/bench_sampler.json and .png; ratios are what to read, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.sampling import SamplingParams, generate
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = '''import os
+
+
+def read_config(path):
+    """Read a key=value config file into a dict, skipping comments."""
+'''
+
+
+def timed(net, prompt_ids, params, repeats: int) -> tuple[float, int]:
+    times, steps = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = generate(net, prompt_ids, params)
+        times.append(time.perf_counter() - t0)
+        steps = r.steps
+        assert len(r.tokens) == params.max_new_tokens
+    return statistics.median(times), steps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="dllm bench sampler", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-coder")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS / "bench_sampler.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from model.cli_generate import load_model
+
+    net, tok, cfg = load_model(args.model)
+    prompt_ids = tok.encode(PROMPT)
+    n = args.new_tokens
+    common = dict(max_new_tokens=n, stop_token_ids=[])
+    settings = [("autoregressive", dict(block_length=1, steps=1, use_cache=True))]
+    for s in args.steps:
+        for cache in (True, False):
+            settings.append((f"spb{s}{'' if cache else '-nocache'}",
+                             dict(block_length=args.block_length, steps=s, use_cache=cache)))
+    generate(net, prompt_ids, SamplingParams(**common, **settings[1][1]))  # warm-up
+    rows = []
+    for name, kw in tqdm(settings, desc="settings"):
+        params = SamplingParams(**common, **kw)
+        sec, steps = timed(net, prompt_ids, params, args.repeats)
+        rows.append({"setting": name, **kw, "new_tokens": n, "seconds": sec,
+                     "tokens_per_s": n / sec, "denoising_steps": steps})
+    ar = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_autoregressive"] = r["tokens_per_s"] / ar
+    result = {"model": args.model, "prompt_tokens": len(prompt_ids), "machine": platform.processor()
+              or platform.machine(), "threads": torch.get_num_threads(), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(rows, out.with_suffix(".png"), n)
+    print(f"{'setting':<22}{'tok/s':>10}{'x AR':>8}{'steps':>7}")
+    for r in rows:
+        print(f"{r['setting']:<22}{r['tokens_per_s']:>10.1f}{r['speedup_vs_autoregressive']:>8.2f}"
+              f"{r['denoising_steps']:>7}")
+
+
+def _plot(rows, path: Path, n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cache, style in ((True, "-o"), (False, "--s")):
+        pts = [(r["steps"], r["tokens_per_s"]) for r in rows[1:] if r["use_cache"] == cache]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], style,
+                label=f"block 32, {'KV cache' if cache else 'no cache'}")
+    ax.axhline(rows[0]["tokens_per_s"], color="k", ls=":", label="autoregressive (block 1)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("denoising steps per block")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"tiny-coder sampler throughput, {n} new tokens (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

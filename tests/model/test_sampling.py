@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+from model.diffusion import block_causal_mask, segment_ids
+from model.sampling import SamplingParams, commit_step, generate, transfer_schedule
+from model.transformer import DenseAttention
+
+from .conftest import tiny_config, tiny_net
+
+PROMPT = list(range(20, 40))
+
+
+@pytest.fixture(scope="module")
+def net():
+    return tiny_net(tiny_config())
+
+
+def test_transfer_schedule_splits_evenly():
+    assert transfer_schedule(32, 8) == [4] * 8
+    assert transfer_schedule(10, 4) == [3, 3, 2, 2]
+    assert transfer_schedule(3, 8) == [1, 1, 1]  # never more steps than tokens
+    assert sum(transfer_schedule(31, 5)) == 31
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(remasking="margin"), dict(remasking="entropy"), dict(remasking="random"),
+    dict(temperature=0.8, seed=5), dict(temperature=1.0, top_p=0.9, seed=1),
+    dict(confidence_threshold=0.01), dict(block_length=1, steps=1), dict(block_length=8, steps=3),
+])
+def test_cache_and_recompute_give_same_tokens(net, kw):
+    a = generate(net, PROMPT, SamplingParams(max_new_tokens=40, **kw))
+    b = generate(net, PROMPT, SamplingParams(max_new_tokens=40, use_cache=False, **kw))
+    assert a.tokens == b.tokens
+    assert a.steps == b.steps
+
+
+def test_seed_determinism(net):
+    p = dict(max_new_tokens=32, temperature=1.0)
+    a = generate(net, PROMPT, SamplingParams(seed=1, **p)).tokens
+    assert a == generate(net, PROMPT, SamplingParams(seed=1, **p)).tokens
+    assert a != generate(net, PROMPT, SamplingParams(seed=2, **p)).tokens
+
+
+def test_steps_per_block_counts_forward_passes(net):
+    r = generate(net, PROMPT, SamplingParams(max_new_tokens=64, steps=4, block_length=32,
+                                             stop_token_ids=[]))
+    assert r.steps == 8 and r.blocks == 2 and len(r.tokens) == 64
+
+
+def test_temperature_zero_commits_argmax(net):
+    """The first step commits the single most confident argmax prediction."""
+    cfg = net.cfg
+    seen = []
+    generate(net, PROMPT, SamplingParams(max_new_tokens=8, steps=8, block_length=8),
+             on_step=lambda canvas, info: seen.append(list(canvas)))
+    ids = torch.tensor([PROMPT + [cfg.mask_id] * 8])
+    seg = segment_ids(ids.shape[1], torch.tensor([len(PROMPT)]), 8)
+    t = torch.zeros(1, ids.shape[1])
+    t[:, len(PROMPT):] = 1.0
+    logits = net(ids, t=t, attn=DenseAttention(block_causal_mask(seg)))[0, len(PROMPT):]
+    logits[:, cfg.mask_id] = float("-inf")
+    logits[:, cfg.pad_id] = float("-inf")
+    probs = logits.softmax(-1)
+    conf, tok = probs.max(-1)
+    j = int(conf.argmax())
+    first = seen[0]
+    committed = [i for i, x in enumerate(first) if x != cfg.mask_id]
+    assert committed == [j] and first[j] == int(tok[j])
+
+
+def test_block_length_one_is_greedy_autoregressive(net):
+    """Block 1, one step: each token is the argmax given the clean prefix."""
+    cfg = net.cfg
+    r = generate(net, PROMPT, SamplingParams(max_new_tokens=6, steps=1, block_length=1,
+                                             stop_token_ids=[]))
+    seq = list(PROMPT)
+    for _ in range(6):
+        ids = torch.tensor([seq + [cfg.mask_id]])
+        t = torch.zeros(1, len(seq) + 1)
+        t[0, -1] = 1.0
+        seg = segment_ids(len(seq) + 1, torch.tensor([len(PROMPT)]), 1)
+        logits = net(ids, t=t, attn=DenseAttention(block_causal_mask(seg)))[0, -1]
+        logits[[cfg.mask_id, cfg.pad_id]] = float("-inf")
+        seq.append(int(logits.argmax()))
+    assert r.tokens == seq[len(PROMPT):]
+
+
+def test_confidence_threshold_commits_at_least_one_per_step(net):
+    counts = []
+    prev = [0]
+
+    def on_step(canvas, info):
+        n = sum(t != net.cfg.mask_id for t in canvas)
+        counts.append(n - prev[0])
+        prev[0] = n
+
+    r = generate(net, PROMPT, SamplingParams(max_new_tokens=16, steps=16, block_length=16,
+                                             confidence_threshold=0.999), on_step=on_step)
+    assert all(c >= 1 for c in counts)
+    assert len(r.tokens) == 16 or r.finish_reason == "stop"
+
+
+def test_early_stop_after_eos():
+    cfg = tiny_config()
+    net = tiny_net(cfg)
+    with torch.no_grad():  # make EOS overwhelmingly likely everywhere
+        net.lm_head.weight.data[cfg.eos_id] += 5.0 * net.norm.weight.data.sign()
+    r = generate(net, PROMPT, SamplingParams(max_new_tokens=96, steps=4, block_length=32))
+    assert r.finish_reason == "stop"
+    assert r.tokens[-1] == cfg.eos_id and r.tokens.count(cfg.eos_id) == 1
+    assert r.blocks == 1 and r.steps <= 4
+
+
+def test_full_attention_fim_keeps_prefix_and_suffix(net):
+    cfg = tiny_config(attention="full", time_conditioning=False)
+    full = tiny_net(cfg)
+    suffix = [7, 8, 9, 10]
+    seen = []
+    # the sampler must only ever write into the canvas between prompt and suffix
+    r = generate(full, PROMPT, SamplingParams(max_new_tokens=16, steps=4, block_length=8,
+                                              stop_token_ids=[]),
+                 suffix_ids=suffix, on_step=lambda c, i: seen.append(c))
+    assert len(r.tokens) == 16 and all(len(c) == 16 for c in seen)
+
+
+def test_block_causal_rejects_suffix(net):
+    with pytest.raises(ValueError, match="fill-in-the-middle"):
+        generate(net, PROMPT, SamplingParams(max_new_tokens=8), suffix_ids=[1])
+
+
+def test_too_long_prompt_is_an_error(net):
+    with pytest.raises(ValueError, match="context"):
+        generate(net, list(range(10, 500)), SamplingParams(max_new_tokens=64))
+
+
+def test_commit_step_rows_are_independent():
+    """A row's commits do not depend on the other rows in the batch."""
+    torch.manual_seed(0)
+    V, Lb = 50, 6
+    logits = torch.randn(3, Lb, V)
+    block = torch.zeros(3, Lb, dtype=torch.long)  # all masked (mask id 0)
+    pos = torch.arange(Lb).expand(3, Lb) + 100
+    kw = dict(mask_id=0, temperature=torch.tensor([0.0, 1.0, 1.0]), top_p=torch.ones(3),
+              seeds=torch.tensor([1, 2, 3]), threshold=torch.full((3,), float("nan")),
+              last_step=torch.zeros(3, dtype=torch.bool))
+    out, _ = commit_step(logits, block, pos, torch.zeros(3, dtype=torch.long),
+                         torch.tensor([2, 3, 1]), rules=["low_confidence", "margin", "random"], **kw)
+    for i in range(3):
+        one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        o, _ = commit_step(logits[i:i + 1], block[i:i + 1], pos[i:i + 1],
+                           torch.zeros(1, dtype=torch.long), torch.tensor([[2, 3, 1][i]]),
+                           rules=[["low_confidence", "margin", "random"][i]], **one)
+        assert torch.equal(o[0], out[i])
+    assert [(out[i] != 0).sum().item() for i in range(3)] == [2, 3, 1]
+
+
+def test_stop_strings_cut_text(small_tokenizer):
+    tok = small_tokenizer
+    cfg = tiny_config(tok)
+    net = tiny_net(cfg)
+    r = generate(net, tok.encode("def f(x):\n"), SamplingParams(max_new_tokens=32, steps=4),
+                 tokenizer=tok)
+    assert r.text is not None
+    if len(r.text) > 3:
+        stop = r.text[2:4]
+        r2 = generate(net, tok.encode("def f(x):\n"),
+                      SamplingParams(max_new_tokens=32, steps=4, stop=[stop]), tokenizer=tok)
+        assert r2.finish_reason == "stop" and stop not in r2.text
+        assert r.text.startswith(r2.text)
