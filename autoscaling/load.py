@@ -1,0 +1,198 @@
+"""Cluster load model: every model-server replica's backlog against its measured capacity.
+
+    board = LoadBoard(stale_after_s=5)
+    board.report(ReplicaLoad.from_stats("replica-1", engine.stats()))   # each replica, ~4x/s
+    load = board.snapshot()                  # -> ClusterLoad
+    load.drain_s                             # seconds the cluster needs to finish accepted work
+
+    cache = LoadSnapshotCache(fetch=async_fn_returning_ClusterLoad, period_s=0.25)
+    await cache.start(); cache.latest        # read per request: no remote call
+
+The unit of load is *seconds of accepted work*: token backlog (token-steps still to run: every
+denoising step processes the whole active block, so a 32-token block at 8 steps is 256
+token-steps) divided by the processing rate the engines measured (token-steps/s). Both sides scale
+with the denoising steps, which is why it is the right signal for a step router: a burst raises
+the backlog at once, choosing fewer steps shrinks it. The cluster figure sums backlog and capacity
+over replicas (the request router spreads work by backlog, so it is close to each replica's own).
+
+A replica that has not reported for `stale_after_s` is dropped (dead or removed). A replica that
+has not measured its capacity yet borrows the mean of those that have, or `fallback_capacity`.
+
+No Ray here: deployments/router.py wraps LoadBoard in a Serve deployment and feeds the cache;
+the autoscaling policy can read the same numbers from `record_autoscaling_stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplicaLoad:
+    replica_id: str
+    queued: int = 0
+    running: int = 0
+    token_backlog: float = 0.0  # token-steps left, queued and running requests together
+    capacity: float = 0.0  # measured token-steps/s (0: not measured yet)
+    step_latency_ms: float = 0.0
+    output_tokens_per_s: float = 0.0
+    max_num_seqs: int = 0
+    reported_at: float = field(default_factory=time.time)  # wall clock: crosses processes
+
+    @classmethod
+    def from_stats(cls, replica_id: str, stats, max_num_seqs: int = 0) -> ReplicaLoad:
+        """From an engine.types.EngineStats (duck-typed so this module needs no engine import)."""
+        return cls(replica_id=replica_id, queued=int(stats.queued), running=int(stats.running),
+                   token_backlog=float(stats.token_backlog),
+                   capacity=float(stats.capacity_token_steps_per_s),
+                   step_latency_ms=float(stats.step_latency_ms),
+                   output_tokens_per_s=float(stats.output_tokens_per_s),
+                   max_num_seqs=max_num_seqs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReplicaLoad:
+        return cls(**d)
+
+
+@dataclass
+class ClusterLoad:
+    replicas: int = 0
+    queued: int = 0
+    running: int = 0
+    token_backlog: float = 0.0
+    capacity: float = 0.0  # token-steps/s over all replicas (unmeasured ones estimated)
+    output_tokens_per_s: float = 0.0
+    drain_s: float = 0.0  # token_backlog / capacity: seconds of accepted work
+    max_replica_drain_s: float = 0.0  # the most loaded replica's own drain time
+    at: float = 0.0  # wall time of the snapshot (0: never refreshed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClusterLoad:
+        return cls(**d)
+
+
+def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
+                 fallback_capacity: float = 1000.0) -> ClusterLoad:
+    """Aggregate fresh replica reports into one ClusterLoad (see the module docstring)."""
+    now = time.time() if now is None else now
+    if not reports:
+        return ClusterLoad(at=now)
+    measured = [r.capacity for r in reports if r.capacity > 0]
+    default_cap = sum(measured) / len(measured) if measured else fallback_capacity
+    caps = [r.capacity if r.capacity > 0 else default_cap for r in reports]
+    backlog = sum(r.token_backlog for r in reports)
+    capacity = sum(caps)
+    return ClusterLoad(
+        replicas=len(reports),
+        queued=sum(r.queued for r in reports),
+        running=sum(r.running for r in reports),
+        token_backlog=backlog,
+        capacity=capacity,
+        output_tokens_per_s=sum(r.output_tokens_per_s for r in reports),
+        drain_s=backlog / capacity if capacity > 0 else (math.inf if backlog else 0.0),
+        max_replica_drain_s=max(r.token_backlog / c for r, c in zip(reports, caps)),
+        at=now,
+    )
+
+
+class LoadBoard:
+    """Latest report of every replica; a snapshot aggregates the fresh ones."""
+
+    def __init__(self, stale_after_s: float = 5.0, fallback_capacity: float = 1000.0):
+        self.stale_after_s = stale_after_s
+        self.fallback_capacity = fallback_capacity
+        self._reports: dict[str, ReplicaLoad] = {}
+
+    def report(self, load: ReplicaLoad) -> None:
+        self._reports[load.replica_id] = load
+
+    def forget(self, replica_id: str) -> None:
+        self._reports.pop(replica_id, None)
+
+    def fresh(self, now: float | None = None) -> list[ReplicaLoad]:
+        now = time.time() if now is None else now
+        for rid in [rid for rid, r in self._reports.items()
+                    if now - r.reported_at > self.stale_after_s]:
+            log.info("replica %s stopped reporting load; dropped", rid)
+            del self._reports[rid]
+        return list(self._reports.values())
+
+    def snapshot(self, now: float | None = None) -> ClusterLoad:
+        now = time.time() if now is None else now
+        return cluster_load(self.fresh(now), now, self.fallback_capacity)
+
+
+class LoadSnapshotCache:
+    """Keeps the latest ClusterLoad, refreshed by a background task every `period_s`.
+
+    Requests read `latest` (a plain attribute); the only remote calls are the periodic fetches.
+    `on_update(load)` runs after each successful fetch (the step router's hysteresis clock)."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[ClusterLoad]], period_s: float = 0.25,
+                 on_update: Callable[[ClusterLoad], None] | None = None):
+        if period_s > 1.0:
+            raise ValueError("the load snapshot must refresh at least once a second")
+        self.fetch = fetch
+        self.period_s = period_s
+        self.on_update = on_update
+        self.latest = ClusterLoad()
+        self.failures = 0
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> ClusterLoad:
+        try:
+            self.latest = await self.fetch()
+            self.failures = 0
+        except Exception as e:  # keep the last snapshot; a board restart must not stop serving
+            self.failures += 1
+            if self.failures in (1, 10) or self.failures % 100 == 0:
+                log.warning("load snapshot refresh failed (%d in a row): %s", self.failures, e)
+            return self.latest
+        if self.on_update is not None:
+            self.on_update(self.latest)
+        return self.latest
+
+    async def _loop(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.period_s)
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    @property
+    def age_s(self) -> float:
+        return time.time() - self.latest.at if self.latest.at else math.inf
+
+
+def replicas_for_load(load: ClusterLoad, current_replicas: int, target_drain_s: float) -> int:
+    """Replicas that would bring the drain time to `target_drain_s` (capacity scales linearly).
+
+    A helper for an autoscaling policy: the backlog is work in seconds, so N replicas at drain
+    time d need about N * d / target replicas."""
+    if current_replicas <= 0 or load.replicas == 0:
+        return current_replicas
+    return max(1, math.ceil(current_replicas * load.drain_s / target_drain_s))
