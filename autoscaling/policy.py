@@ -200,7 +200,10 @@ def decide(ctx: Any, cfg: PolicyConfig) -> tuple[int, dict[str, Any]]:
     if max(need_up, debt_floor) > target:
         decision = max(need_up, debt_floor)
         reason = "debt" if debt_floor > need_up else "backlog"
-    elif not degraded and (need_down := replicas_for_load(load, ctx, cfg, cfg.downscale_utilization)) < target:
+    elif (
+        not degraded
+        and (need_down := replicas_for_load(load, ctx, cfg, cfg.downscale_utilization)) < target
+    ):
         # At best quality with spare capacity; Serve's downscale_delay_s asks for this to hold
         # continuously, and any "hold" below resets its counter.
         decision = need_down
@@ -213,7 +216,11 @@ def decide(ctx: Any, cfg: PolicyConfig) -> tuple[int, dict[str, Any]]:
     if state.get(_LAST_REASON) != reason or decision != target:
         logger.info(
             "autoscaling: %s -> %d replicas (target %d, %s, debt_floor %d)",
-            reason, decision, target, asdict(load), debt_floor,
+            reason,
+            decision,
+            target,
+            asdict(load),
+            debt_floor,
         )
     state[_LAST_REASON] = reason
     return decision, state

@@ -7,8 +7,8 @@ the way Serve fills `aggregated_metrics` from the replicas' record_autoscaling_s
 from __future__ import annotations
 
 import pytest
-from ray.serve._private.common import DeploymentID, ReplicaID
 import ray.serve.autoscaling_policy as serve_policy_module
+from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
@@ -241,9 +241,15 @@ def test_burst_sequence_rises_then_falls_and_quality_returns(monkeypatch):
         arrivals = 4 * CAP if 20 <= t < 70 else 0.5 * CAP  # quiet, 4x one replica, quiet
         fleet.tick(t, arrivals, target)
         ctx = make_ctx(
-            fleet.running, target, backlog=fleet.backlog,
-            below_best=1.0 if fleet.degraded else 0.0, busy=fleet.busy, now=float(t),
-            state=state, hi=6, config=cfg,
+            fleet.running,
+            target,
+            backlog=fleet.backlog,
+            below_best=1.0 if fleet.degraded else 0.0,
+            busy=fleet.busy,
+            now=float(t),
+            state=state,
+            hi=6,
+            config=cfg,
         )
         target, state = policy(ctx)
         history.append((t, fleet.running, target, fleet.degraded))
