@@ -1,0 +1,32 @@
+"""The embedded tiny-coder: in the repo, within its size cap, and able to complete code."""
+
+from model.checkpoint import EMBEDDED_DIR, load_checkpoint
+from model.sampling import SamplingParams, generate
+
+
+def test_files_and_size_cap():
+    names = {"config.json", "tokenizer.json", "model.safetensors"}
+    assert names <= {p.name for p in EMBEDDED_DIR.iterdir()}
+    total = sum((EMBEDDED_DIR / n).stat().st_size for n in names)
+    assert total <= 24 * 1024 * 1024
+
+
+def test_block_causal_with_time_conditioning():
+    net, tok, cfg = load_checkpoint(EMBEDDED_DIR)
+    assert cfg.attention == "block_causal" and cfg.time_conditioning
+    assert tok.vocab_size == cfg.vocab_size and tok.mask_id == cfg.mask_id
+
+
+def test_completes_code_as_text():
+    net, tok, cfg = load_checkpoint(EMBEDDED_DIR)
+    prompt = "import os\n\n\ndef main():\n"
+    r = generate(net, tok.encode(prompt), SamplingParams(max_new_tokens=64, steps=8), tokenizer=tok)
+    assert r.text and cfg.mask_id not in r.tokens
+    assert r.steps <= 16
+
+
+def test_fim_prompt_is_served():
+    net, tok, cfg = load_checkpoint(EMBEDDED_DIR)
+    r = generate(net, tok.fim_prompt("x = [1, 2, 3]\n", "\nprint(total)\n"),
+                 SamplingParams(max_new_tokens=32, steps=8), tokenizer=tok)
+    assert isinstance(r.text, str) and r.finish_reason in ("stop", "length")
