@@ -1,1 +1,18 @@
-"""TODO"""
+"""Request scheduling on one replica: step-level continuous batching, paged KV cache, streaming.
+
+    from engine import Engine, EngineConfig
+    engine = Engine(net, tokenizer, net.cfg, EngineConfig(max_num_seqs=16, kv_cache_bytes=64 << 20))
+    async for event in engine.submit(GenerationRequest("r1", prompt_ids, SamplingParams())):
+        ...   # TextDelta per finished block, CanvasUpdate per step if diffusing, then Finished
+
+Modules: types.py (the contract with the server), config.py (EngineConfig), engine.py (the
+scheduler loop, admission, cancellation, stats), batch.py (the batched forwards of one
+iteration), kv_pool.py (the paged KV pool and its attention context), sequence.py (one request's
+block schedule, stop rules and events), detok.py (UTF-8- and stop-string-safe text deltas),
+mock.py (a model-free engine for HTTP tests). Knows nothing of Ray or HTTP.
+"""
+
+from engine.config import EngineConfig
+from engine.engine import Engine, EngineClosedError, QueueFullError
+
+__all__ = ["Engine", "EngineConfig", "EngineClosedError", "QueueFullError"]

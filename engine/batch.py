@@ -1,0 +1,167 @@
+"""The batched forwards of one scheduler iteration, over sequences with their own settings.
+
+    runner = StepRunner(net, pool, engine_config)
+    n, apply = runner.cache_write(seqs)     # prefill prompts / re-encode finished blocks (t = 0)
+    apply()                                 # commits the result (cached lengths)
+    n, outcome, apply = runner.denoise(seqs)  # one denoising step of every sequence's active block
+    apply()                                 # writes the new blocks into the canvases
+
+Each call computes first and touches sequence state only in `apply`, so a failed batch can be
+retried row by row without half-applied state (engine/engine.py isolates a failing request that
+way). `n` is the real (unpadded) tokens the forward processed: the token-steps of the stats.
+
+Block-causal models: a step runs only the active blocks, [B, Lb] padded to a length bucket, each
+row attending to its own cached prompt + finished blocks through the paged pool. Full-attention
+models (LLaDA, Dream): a step runs prompt + whole canvas + suffix of every row, right-padded, pad
+keys masked; the active block's logits are gathered per row. The commit is model/sampling's
+`commit_step` over the batch, which is why the tokens equal the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.config import EngineConfig, bucket
+from engine.kv_pool import PagedKVPool
+from engine.sequence import Sequence
+from model.sampling import commit_step
+from model.transformer import DenseAttention
+
+
+class StepRunner:
+    def __init__(self, net: torch.nn.Module, pool: PagedKVPool | None, econf: EngineConfig):
+        self.net, self.pool, self.econf = net, pool, econf
+        self.cfg = net.cfg
+        self.device = next(net.parameters()).device
+        # Padding tokens must never read as masks (commit_step treats mask_id as "to predict").
+        self.fill_id = next(t for t in (self.cfg.pad_id, self.cfg.eos_id, 1, 2)
+                            if t is not None and t != self.cfg.mask_id)
+
+    def _lengths(self, n: int) -> int:
+        return min(bucket(n, self.econf.length_buckets), max(n, self.cfg.max_seq_len))
+
+    def _rows(self, n: int) -> int:
+        return bucket(n, self.econf.batch_buckets)
+
+    # --- cache writes ---------------------------------------------------------------------
+    def cache_write(self, seqs: list[Sequence]) -> tuple[int, Callable[[], None]]:
+        """Encode every row's pending_append as clean tokens (t = 0) and store its K/V.
+        No batch padding here: a dummy row would need pages to write into."""
+        dev, B = self.device, len(seqs)
+        chunks = [s.append_ids() for s in seqs]
+        lens = [len(c) for c in chunks]
+        L = self._lengths(max(lens))
+        ids = torch.full((B, L), self.fill_id, dtype=torch.long, device=dev)
+        for i, c in enumerate(chunks):
+            ids[i, :lens[i]] = torch.tensor(c, dtype=torch.long, device=dev)
+        start = torch.tensor([s.pending_append[0] for s in seqs], device=dev)
+        ar = torch.arange(L, device=dev)
+        pos = (start[:, None] + ar).clamp(max=self.cfg.max_seq_len - 1)  # [B, L]
+        valid = ar[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, L]
+        ctx = self.pool.context([s.pages for s in seqs], [s.cached_len for s in seqs], valid,
+                                append=True)
+        # logits_slice(0, 0): the LM head is not needed for a cache write
+        self.net(ids, positions=pos, t=torch.zeros(B, device=dev), attn=ctx,
+                 logits_slice=slice(0, 0))
+
+        def apply() -> None:
+            for s, n in zip(seqs, lens, strict=True):
+                s.cached_len += n
+                s.pending_append = None
+
+        return sum(lens), apply
+
+    # --- one denoising step ---------------------------------------------------------------
+    def denoise(self, seqs: list[Sequence]) -> tuple[int, list[tuple[int, int]], Callable[[], None]]:
+        """-> (tokens processed, [(masks left in the block, tokens committed)] per row, apply)."""
+        if self.cfg.attention == "block_causal":
+            logits, blocks, pos, valid, n = self._block_causal_logits(seqs)
+        else:
+            logits, blocks, pos, valid, n = self._full_logits(seqs)
+        B, V = len(seqs), logits.shape[-1]
+        dev, mask_id = self.device, self.cfg.mask_id
+        banned = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        for i, s in enumerate(seqs):
+            banned[i, s.banned] = True
+        logits = logits.masked_fill(banned[:, None, :], float("-inf"))  # [B, Lb, V]
+        plans = [s.step_plan() for s in seqs]
+        p = [s.params for s in seqs]
+
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        thr = [x.confidence_threshold if x.confidence_threshold is not None else float("nan")
+               for x in p]
+        new, committed = commit_step(
+            logits, blocks, pos, col([pl[0] for pl in plans], torch.long),
+            col([pl[1] for pl in plans], torch.long), mask_id=mask_id,
+            rules=[x.remasking for x in p], temperature=col([x.temperature for x in p], torch.float32),
+            top_p=col([x.top_p for x in p], torch.float32), seeds=col([x.seed for x in p], torch.long),
+            threshold=col(thr, torch.float32), last_step=col([pl[2] for pl in plans], torch.bool))
+        left = ((new == mask_id) & valid).sum(1)
+        outcome = [tuple(r) for r in torch.stack([left, committed.sum(1)], 1).tolist()]
+        spans = [s.block_span() for s in seqs]
+
+        def apply() -> None:
+            for i, (s, (lo, hi)) in enumerate(zip(seqs, spans, strict=True)):
+                s.canvas[lo:hi] = new[i, :hi - lo]
+
+        return n, outcome, apply
+
+    def _block_causal_logits(self, seqs: list[Sequence]):
+        dev, B = self.device, len(seqs)
+        Bp = self._rows(B)
+        spans = [s.block_span() for s in seqs]
+        lens = [hi - lo for lo, hi in spans] + [1] * (Bp - B)  # dummy rows: one valid token
+        L = self._lengths(max(lens))
+        ids = torch.full((Bp, L), self.fill_id, dtype=torch.long, device=dev)
+        for i, (s, (lo, hi)) in enumerate(zip(seqs, spans, strict=True)):
+            ids[i, :hi - lo] = s.canvas[lo:hi]
+        start = torch.tensor([len(s.prompt) + lo for s, (lo, _) in zip(seqs, spans, strict=True)]
+                             + [0] * (Bp - B), device=dev)
+        ar = torch.arange(L, device=dev)
+        pos = (start[:, None] + ar).clamp(max=self.cfg.max_seq_len - 1)  # [Bp, L]
+        n_valid = torch.tensor(lens, device=dev)
+        valid = ar[None, :] < n_valid[:, None]  # [Bp, L]
+        # t: the active block's masked fraction, as the reference conditions each step
+        t = ((ids == self.cfg.mask_id) & valid).sum(1).float() / n_valid.float()
+        tables = [s.pages for s in seqs] + [[] for _ in range(Bp - B)]
+        cached = [s.cached_len for s in seqs] + [0] * (Bp - B)
+        ctx = self.pool.context(tables, cached, valid, append=False)
+        logits = self.net(ids, positions=pos, t=t, attn=ctx)[:B]  # [B, L, V]
+        return logits, ids[:B], pos[:B], valid[:B], sum(lens[:B])
+
+    def _full_logits(self, seqs: list[Sequence]):
+        dev, B = self.device, len(seqs)
+        Bp = self._rows(B)
+        rows = [torch.cat([torch.tensor(s.prompt, dtype=torch.long, device=dev), s.canvas,
+                           torch.tensor(s.suffix, dtype=torch.long, device=dev)]) for s in seqs]
+        lens = [len(r) for r in rows] + [1] * (Bp - B)
+        L = self._lengths(max(lens))
+        ids = torch.full((Bp, L), self.fill_id, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+        ar = torch.arange(L, device=dev)
+        valid_keys = ar[None, :] < torch.tensor(lens, device=dev)[:, None]  # [Bp, L]
+        t = None
+        if self.cfg.time_conditioning:  # the whole canvas's masked fraction, as the reference
+            t = torch.stack([(s.canvas == self.cfg.mask_id).float().mean() for s in seqs]
+                            + [torch.zeros((), device=dev)] * (Bp - B))
+        spans = [s.block_span() for s in seqs]
+        starts = [len(s.prompt) + lo for s, (lo, _) in zip(seqs, spans, strict=True)]
+        ends = [len(s.prompt) + hi for s, (_, hi) in zip(seqs, spans, strict=True)]
+        s0, e0 = min(starts), max(ends)
+        logits = self.net(ids, t=t, attn=DenseAttention(valid_keys[:, None, None, :]),
+                          logits_slice=slice(s0, e0))[:B]  # [B, e0 - s0, V]
+        blens = [hi - lo for lo, hi in spans]
+        Lb = max(blens)
+        start = torch.tensor(starts, device=dev)
+        ab = torch.arange(Lb, device=dev)
+        pos = start[:, None] + ab  # [B, Lb] absolute positions of the active blocks
+        in_block = ab[None, :] < torch.tensor(blens, device=dev)[:, None]
+        gather = (pos - s0).clamp(max=e0 - s0 - 1)
+        logits = logits.gather(1, gather[:, :, None].expand(B, Lb, logits.shape[-1]))
+        blocks = ids[:B].gather(1, pos.clamp(max=L - 1)).masked_fill(~in_block, self.fill_id)
+        return logits, blocks, pos, in_block, sum(lens[:B])

@@ -1,0 +1,82 @@
+"""Engine limits and shapes: one dataclass, every default with its reason.
+
+    EngineConfig(max_num_seqs=16, kv_cache_bytes=256 << 20)   # memory budget in bytes
+    EngineConfig(kv_pages=512, page_size=16)                  # ... or in pages
+
+The KV pool holds the clean tokens (prompt, finished blocks) of the running sequences. A request
+reserves the pages for its whole prompt and answer when it is admitted, so a running sequence
+never runs out of cache and nothing has to be preempted; what does not fit waits in the queue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+
+
+@dataclass
+class EngineConfig:
+    # Sequences in the step batch. 16 is the largest batch the issue's benchmark asks for; on the
+    # 2-core CPU a [16, 32]-token step of tiny-coder takes ~90 ms (1 thread), so more would only
+    # add latency. A GPU replica raises it (64 to 256).
+    max_num_seqs: int = 16
+    # Tokens per KV page. 16 as in vLLM: small enough that a request wastes < 16 slots per
+    # sequence, large enough that page tables stay short.
+    page_size: int = 16
+    # Memory budget of the KV pool, in pages or bytes (pages win when both are set). Neither:
+    # room for max_num_seqs sequences of the model's full context, so only max_num_seqs limits
+    # admission.
+    kv_pages: int | None = None
+    kv_cache_bytes: int | None = None
+    # Prompt tokens prefilled per scheduler iteration (at least one prompt always goes in): a
+    # burst of long prompts is spread over a few steps instead of stalling everyone's next step.
+    max_prefill_tokens: int = 4096
+    # Requests waiting for a slot; None = unbounded. When full, submit raises QueueFullError
+    # (the server turns it into 429/503).
+    max_queued: int | None = None
+    # Query lengths are padded up to one of these (then to a multiple of the largest), so the
+    # forward sees few distinct shapes: block lengths 1..32 fall on 5 shapes.
+    length_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128, 256)
+    # Batch sizes are padded up to one of these with dummy rows. Empty = no padding: on a CPU a
+    # dummy row costs as much as a real one; on a GPU with CUDA graphs use (1, 2, 4, 8, 16, ...).
+    batch_buckets: tuple[int, ...] = ()
+    # Windows of the stats: step latency over the last N iterations, output tok/s over seconds.
+    stats_window_steps: int = 32
+    stats_window_s: float = 10.0
+    # Weight of the newest measurement in the capacity EWMA (token-steps per second).
+    capacity_ewma: float = 0.2
+
+    def num_pages(self, cfg: ModelConfig, dtype_bytes: int) -> int:
+        if self.kv_pages is not None:
+            return int(self.kv_pages)
+        if self.kv_cache_bytes is not None:
+            return int(self.kv_cache_bytes // self.page_bytes(cfg, dtype_bytes))
+        return self.max_num_seqs * math.ceil(cfg.max_seq_len / self.page_size)
+
+    def page_bytes(self, cfg: ModelConfig, dtype_bytes: int) -> int:
+        """K and V of every layer for page_size tokens."""
+        return 2 * cfg.n_layers * self.page_size * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+
+    def validate(self) -> EngineConfig:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        if not self.length_buckets or sorted(self.length_buckets) != list(self.length_buckets):
+            raise ValueError("length_buckets must be a non-empty increasing tuple")
+        if self.batch_buckets and sorted(self.batch_buckets) != list(self.batch_buckets):
+            raise ValueError("batch_buckets must be increasing")
+        return self
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n; past the largest, the next multiple of the largest."""
+    if not buckets:
+        return n
+    for b in buckets:
+        if n <= b:
+            return b
+    top = buckets[-1]
+    return math.ceil(n / top) * top

@@ -1,0 +1,356 @@
+"""The engine of one replica: step-level continuous batching of diffusion LM requests.
+
+    engine = Engine(net, tokenizer, net.cfg, EngineConfig(max_num_seqs=16))
+    await engine.start()                       # or let the first submit start it
+    async for event in engine.submit(request): # TextDelta / CanvasUpdate ... Finished
+        ...
+    await engine.cancel(request_id)            # or stop iterating: the slot frees at the next step
+    engine.stats()                             # EngineStats for the router and the autoscaler
+    await engine.shutdown(drain_timeout_s=30)
+
+A scheduler loop (an asyncio task) runs one iteration at a time: between iterations it drops
+cancelled sequences and admits queued ones (FIFO, while a slot and the KV pages for the whole
+request are free); then, in a worker thread so the event loop keeps serving, it runs (1) one
+batched cache write for the prompts just admitted and the blocks just finished (block-causal
+models only) and (2) ONE denoising step over every running sequence together, each with its own
+steps, block length, commit rule, threshold, temperature/top_p and seed (engine/batch.py).
+Sequences therefore join and leave between steps: a new request is prefilled and takes its first
+step in the next iteration, whatever the others are doing.
+
+Cache write and step are separate forwards: merging them would give every row per-token noise
+levels and a block-causal mask of its own, and the step would no longer be the reference's
+forward; on tiny-coder the write costs ~1/8 of the steps (one per block of 8 steps).
+
+A failing forward does not take others down: the batch is retried row by row and only the row
+that fails again gets Finished(finish_reason="error").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.batch import StepRunner
+from engine.config import EngineConfig
+from engine.kv_pool import PagedKVPool
+from engine.sequence import DONE, RUNNING, Sequence
+from engine.types import EngineBase, EngineStats, Event, Finished, GenerationRequest
+from model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """submit() when EngineConfig.max_queued requests already wait (the server answers 429)."""
+
+
+class EngineClosedError(RuntimeError):
+    """submit() after shutdown() began."""
+
+
+@dataclass
+class _Iteration:
+    """What one worker-thread iteration hands back to the loop."""
+    events: list[tuple[Sequence, Event]] = field(default_factory=list)
+    token_steps: int = 0  # real tokens through the forwards
+    committed: int = 0  # tokens committed by the step
+
+
+class Engine(EngineBase):
+    def __init__(self, net: torch.nn.Module, tokenizer, cfg: ModelConfig | None = None,
+                 config: EngineConfig | None = None):
+        self.net = net.eval()
+        self.tokenizer = tokenizer
+        self.cfg = cfg if cfg is not None else net.cfg
+        self.config = (config or EngineConfig()).validate()
+        p = next(net.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.pool = None
+        if self.cfg.attention == "block_causal":
+            pages = self.config.num_pages(self.cfg, p.element_size())
+            self.pool = PagedKVPool(self.cfg, pages, self.config.page_size, self.device, self.dtype)
+        self.runner = StepRunner(net, self.pool, self.config)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._cancel: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        # One dedicated thread runs every forward: torch's grad mode and thread settings are
+        # per-thread, and steps must not overlap anyway.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dllm-engine")
+        # stats
+        self._step_times: collections.deque[float] = collections.deque(
+            maxlen=self.config.stats_window_steps)
+        self._committed_log: collections.deque[tuple[float, int]] = collections.deque()
+        self._capacity = 0.0
+        self._iterations = 0
+        self._window_start = float("inf")  # set by the first iteration
+
+    # --- public API -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dllm-engine")
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Queue a request and return its event stream. Raises ValueError for a request that can
+        never be served (bad parameters, longer than the context, more KV than the whole pool),
+        QueueFullError / EngineClosedError when it cannot be queued now."""
+        if self._closing:
+            raise EngineClosedError("the engine is shutting down")
+        if request.request_id in self._by_id:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        if self.config.max_queued is not None and len(self._waiting) >= self.config.max_queued:
+            raise QueueFullError(f"{len(self._waiting)} requests are already queued")
+        seq = Sequence.create(request, self.cfg, self.tokenizer, self.device)
+        if self.pool is not None:
+            need = self.pool.pages_for(seq.cache_tokens_needed())
+            if need > self.pool.num_pages:
+                raise ValueError(f"the request needs {need} KV pages, the pool has "
+                                 f"{self.pool.num_pages}")
+        if self._task is None or self._task.done():
+            asyncio.get_running_loop()  # raises outside a loop: submit is for async callers
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dllm-engine")
+        self._by_id[request.request_id] = seq
+        self._queues[request.request_id] = asyncio.Queue()
+        self._waiting.append(seq)
+        self._wake.set()
+        return self._stream(seq)
+
+    async def cancel(self, request_id: str) -> None:
+        self._cancel_nowait(request_id)
+
+    def stats(self) -> EngineStats:
+        """Load of this replica.
+
+        token_backlog: work left in token-steps, i.e. the tokens that forward passes still have
+        to process for every queued and running request: for each denoising step left, the
+        tokens that step runs (the active block's length for block-causal models, prompt +
+        canvas + suffix for full-attention ones), plus the tokens still to be written to the KV
+        cache (a queued request's prompt, each finished block but the last). It assumes every
+        block takes all its steps and nothing stops early, so it is an upper bound; padding is
+        not counted. capacity_token_steps_per_s: the same unit processed per second of step
+        time (EWMA over iterations), so backlog / capacity estimates the seconds to drain.
+        """
+        now = time.perf_counter()
+        self._trim_committed(now)
+        # rate over the window (or since the first step, when that is more recent)
+        span = max(min(self.config.stats_window_s, now - self._window_start), 1e-9)
+        committed = sum(n for _, n in self._committed_log)
+        seqs = list(self._waiting) + list(self._running)
+        return EngineStats(
+            queued=len(self._waiting),
+            running=len(self._running),
+            token_backlog=float(sum(s.backlog() for s in seqs)),
+            step_latency_ms=1000.0 * (sum(self._step_times) / len(self._step_times))
+            if self._step_times else 0.0,
+            output_tokens_per_s=committed / span if committed else 0.0,
+            capacity_token_steps_per_s=self._capacity,
+            kv_pages_used=self.pool.used_pages if self.pool else 0,
+            kv_pages_total=self.pool.num_pages if self.pool else 0,
+            extra={"iterations": self._iterations, "max_num_seqs": self.config.max_num_seqs,
+                   "page_size": self.config.page_size},
+        )
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop accepting; let queued and running requests finish for up to drain_timeout_s;
+        cancel what is left; stop the loop and the worker thread."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._waiting or self._running) and time.monotonic() < deadline \
+                and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.01)
+        for rid in [s.request_id for s in list(self._waiting) + self._running]:
+            self._cancel_nowait(rid)
+        if self._task is not None and not self._task.done():
+            self._wake.set()
+            while self._running and not self._task.done():  # the loop reaps at the next step
+                await asyncio.sleep(0.005)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for seq in list(self._running):  # the loop died with sequences in it
+            self._deliver(seq, seq.abort("cancelled"))
+            self._release(seq)
+        self._executor.shutdown(wait=True)
+
+    # --- the stream a caller iterates -----------------------------------------------------
+    async def _stream(self, seq: Sequence) -> AsyncIterator[Event]:
+        queue = self._queues[seq.request_id]
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            # A consumer that stops iterating (client gone) or is cancelled frees its slot.
+            if seq.state != DONE:
+                self._cancel_nowait(seq.request_id)
+            self._queues.pop(seq.request_id, None)
+
+    def _deliver(self, seq: Sequence, event: Event) -> None:
+        q = self._queues.get(seq.request_id)
+        if q is not None:
+            q.put_nowait(event)
+
+    def _cancel_nowait(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is None or seq.state == DONE:
+            return
+        if seq.state == RUNNING:
+            self._cancel.add(request_id)  # reaped between steps, never mid-forward
+            if self._wake is not None:
+                self._wake.set()
+            return
+        self._waiting.remove(seq)
+        self._deliver(seq, seq.abort("cancelled"))
+        self._by_id.pop(request_id, None)
+
+    def _release(self, seq: Sequence) -> None:
+        if self.pool is not None and seq.pages:
+            self.pool.free(seq.pages)
+            seq.pages = []
+        self._by_id.pop(seq.request_id, None)
+        self._cancel.discard(seq.request_id)
+
+    # --- the scheduler loop ---------------------------------------------------------------
+    def _reap_and_admit(self) -> None:
+        if self._cancel:
+            keep = []
+            for seq in self._running:
+                if seq.request_id in self._cancel:
+                    self._deliver(seq, seq.abort("cancelled"))
+                    self._release(seq)
+                else:
+                    keep.append(seq)
+            self._running = keep
+            self._cancel.clear()
+        prefill = 0
+        while self._waiting and len(self._running) < self.config.max_num_seqs:
+            seq = self._waiting[0]
+            if prefill and prefill + len(seq.prompt) > self.config.max_prefill_tokens:
+                break
+            pages: list[int] = []
+            if self.pool is not None:
+                got = self.pool.allocate(self.pool.pages_for(seq.cache_tokens_needed()))
+                if got is None:
+                    break  # FIFO: the head waits for pages; later requests do not overtake it
+                pages = got
+            self._waiting.popleft()
+            seq.admit(pages)
+            self._running.append(seq)
+            prefill += len(seq.prompt)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._reap_and_admit()
+            if not self._running:
+                # idle (or the queue head cannot be admitted, which an empty pool rules out):
+                # sleep until submit or cancel wakes us
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self._running)
+            t0 = time.perf_counter()
+            try:
+                it = await loop.run_in_executor(self._executor, self._iterate, batch)
+            except Exception as e:  # a bug outside the per-row isolation: fail this batch only
+                log.exception("engine iteration failed")
+                it = _Iteration(events=[(s, s.abort("error", f"{type(e).__name__}: {e}"))
+                                        for s in batch if s.state != DONE])
+            t1 = time.perf_counter()
+            self._record(t0, t1, it)
+            for seq, event in it.events:
+                self._deliver(seq, event)
+            finished = [s for s in batch if s.state == DONE]
+            if finished:
+                for seq in finished:
+                    self._release(seq)
+                self._running = [s for s in self._running if s.state != DONE]
+
+    def _record(self, t0: float, t1: float, it: _Iteration) -> None:
+        dt = t1 - t0
+        self._window_start = min(self._window_start, t0)
+        self._iterations += 1
+        self._step_times.append(dt)
+        self._committed_log.append((t0, it.committed))
+        self._trim_committed(t1)
+        rate = it.token_steps / max(dt, 1e-9)
+        a = self.config.capacity_ewma
+        self._capacity = rate if self._capacity == 0.0 else (1 - a) * self._capacity + a * rate
+
+    def _trim_committed(self, now: float) -> None:
+        while self._committed_log and now - self._committed_log[0][0] > self.config.stats_window_s:
+            self._committed_log.popleft()
+
+    # --- one iteration, in the worker thread ----------------------------------------------
+    def _iterate(self, batch: list[Sequence]) -> _Iteration:
+        it = _Iteration()
+        failed: dict[str, str] = {}
+        with torch.no_grad():
+            writes = [s for s in batch if s.pending_append is not None]
+            if writes:
+                for n, apply in self._isolated(writes, self.runner.cache_write, failed):
+                    it.token_steps += n
+                    apply()
+            stepping = [s for s in batch if s.request_id not in failed]
+            outcomes: dict[str, tuple[int, int]] = {}
+            if stepping:
+                for rows, (n, outcome, apply) in self._isolated_rows(stepping, self.runner.denoise,
+                                                                     failed):
+                    it.token_steps += n
+                    apply()
+                    for s, o in zip(rows, outcome, strict=True):
+                        outcomes[s.request_id] = o
+        for seq in batch:
+            if seq.request_id in failed:
+                it.events.append((seq, seq.abort("error", failed[seq.request_id])))
+                continue
+            if seq.request_id not in outcomes:
+                continue
+            masks_left, committed = outcomes[seq.request_id]
+            it.committed += committed
+            seq.committed += committed
+            block_done = seq.after_step(masks_left)
+            if seq.request.diffusing:
+                it.events.append((seq, seq.canvas_event()))
+            if block_done:
+                it.events += [(seq, ev) for ev in seq.finish_block()]
+        return it
+
+    def _isolated(self, rows, fn, failed):
+        return [res for _, res in self._isolated_rows(rows, fn, failed)]
+
+    def _isolated_rows(self, rows: list[Sequence], fn, failed: dict[str, str]):
+        """fn(rows) for the batch; if it raises, fn([row]) for each row, recording failures."""
+        try:
+            return [(rows, fn(rows))]
+        except Exception as e:
+            if len(rows) == 1:
+                log.exception("request %s failed", rows[0].request_id)
+                failed[rows[0].request_id] = f"{type(e).__name__}: {e}"
+                return []
+            log.warning("batched forward failed (%s); retrying %d rows one by one", e, len(rows))
+        out = []
+        for s in rows:
+            try:
+                out.append(([s], fn([s])))
+            except Exception as e:
+                log.exception("request %s failed", s.request_id)
+                failed[s.request_id] = f"{type(e).__name__}: {e}"
+        return out

@@ -1,0 +1,210 @@
+"""One request's state inside the engine: its canvas, where it is in its block schedule, its cache.
+
+    seq = Sequence.create(request, cfg, tokenizer, device)   # validates; raises ValueError
+    seq.block_span()            # (lo, hi) of the active block in the canvas
+    seq.after_step(masks_left)  # -> True when the active block is done (no masks or steps used up)
+    events = seq.finish_block() # stop checks, text delta, Finished; or sets up the next block
+
+The schedule is model/sampling.generate's, step for step: blocks of `block_length` over
+`max_new_tokens` masks, `steps_for(Lb)` steps per block with the `transfer_schedule` split, the
+block left early when nothing is masked, stop tokens and stop strings checked when a block is done,
+and a finished block re-encoded as clean context (the `pending_append`) before the next one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detok import TextStream, render_canvas
+from engine.types import CanvasUpdate, Event, Finished, GenerationRequest, TextDelta
+from model.config import ModelConfig
+from model.sampling import SamplingParams, transfer_schedule, truncate_at_stop
+
+WAITING, RUNNING, DONE = "waiting", "running", "done"
+
+
+def default_stop_ids(params: SamplingParams, cfg: ModelConfig) -> set[int]:
+    if params.stop_token_ids is not None:
+        return set(params.stop_token_ids)
+    return {cfg.eos_id} | ({cfg.eot_id} if cfg.eot_id is not None else set())
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    params: SamplingParams
+    cfg: ModelConfig
+    tokenizer: object
+    prompt: list[int]
+    suffix: list[int]
+    stop_ids: set[int]
+    banned: list[int]  # token ids whose logits are -inf (mask, pad, the request's suppress list)
+    canvas: torch.Tensor  # [N] long: the generated region, mask_id where still masked
+    stream: TextStream
+    block_causal: bool
+    state: str = WAITING
+    block: int = 0  # index of the active block
+    step: int = 0  # steps taken in the active block
+    total_steps: int = 0  # denoising forward passes spent (cache writes not counted)
+    cached_len: int = 0  # tokens of this sequence in the KV pool
+    pages: list[int] = field(default_factory=list)
+    pending_append: tuple[int, int] | None = None  # (start, end) in prompt+canvas to cache next
+    committed: int = 0  # tokens committed so far (for output tok/s)
+    finished: Finished | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def create(cls, request: GenerationRequest, cfg: ModelConfig, tokenizer, device) -> Sequence:
+        params = request.params.validate()
+        prompt = [int(t) for t in request.prompt_ids]
+        suffix = [int(t) for t in (request.suffix_ids or [])]
+        block_causal = cfg.attention == "block_causal"
+        if suffix and block_causal:
+            raise ValueError("block-causal models take fill-in-the-middle in the prompt "
+                             "(Tokenizer.fim_prompt), not as a suffix after the canvas")
+        n = params.max_new_tokens
+        if len(prompt) + n + len(suffix) > cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({n}) exceeds the model's "
+                             f"context ({cfg.max_seq_len})")
+        if any(not 0 <= t < cfg.vocab_size for t in prompt + suffix):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        banned = [cfg.mask_id] + list(params.suppress_token_ids)
+        if cfg.pad_id is not None and cfg.pad_id != cfg.eos_id:
+            banned.append(cfg.pad_id)
+        banned = sorted({b for b in banned if 0 <= b < cfg.vocab_size})
+        stop_ids = default_stop_ids(params, cfg)
+        return cls(request=request, params=params, cfg=cfg, tokenizer=tokenizer, prompt=prompt,
+                   suffix=suffix, stop_ids=stop_ids, banned=banned,
+                   canvas=torch.full((n,), cfg.mask_id, dtype=torch.long, device=device),
+                   stream=TextStream(tokenizer, stop_ids, params.stop), block_causal=block_causal)
+
+    # --- the block schedule ---------------------------------------------------------------
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def n_new(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.n_new / self.params.block_length)
+
+    def span(self, b: int) -> tuple[int, int]:
+        bl = self.params.block_length
+        return b * bl, min(self.n_new, (b + 1) * bl)
+
+    def block_span(self) -> tuple[int, int]:
+        return self.span(self.block)
+
+    def steps_in(self, b: int) -> int:
+        lo, hi = self.span(b)
+        return self.params.steps_for(hi - lo)
+
+    def step_plan(self) -> tuple[int, int, bool]:
+        """(step index in the block, tokens scheduled to commit, whether it is the last step)."""
+        lo, hi = self.block_span()
+        steps = self.steps_in(self.block)
+        return self.step, transfer_schedule(hi - lo, steps)[self.step], self.step == steps - 1
+
+    def cache_tokens_needed(self) -> int:
+        """KV slots reserved at admission: the prompt and every block but the last."""
+        if not self.block_causal:
+            return 0
+        lo, _ = self.span(self.n_blocks - 1)
+        return len(self.prompt) + lo
+
+    def row_len(self) -> int:
+        """Tokens one denoising forward processes for this sequence."""
+        if self.block_causal:
+            lo, hi = self.block_span()
+            return hi - lo
+        return len(self.prompt) + self.n_new + len(self.suffix)
+
+    def backlog(self) -> int:
+        """Token-steps left, an upper bound (see Engine.stats): denoising steps left x tokens per
+        step, plus the tokens still to be written to the KV cache (prompt, finished blocks)."""
+        total = 0
+        if self.block_causal and self.state == WAITING:
+            total += len(self.prompt)
+        elif self.pending_append is not None:
+            total += self.pending_append[1] - self.pending_append[0]
+        full_row = len(self.prompt) + self.n_new + len(self.suffix)
+        for b in range(self.block, self.n_blocks):
+            lo, hi = self.span(b)
+            left = self.steps_in(b) - (self.step if b == self.block else 0)
+            total += left * ((hi - lo) if self.block_causal else full_row)
+            if self.block_causal and b < self.n_blocks - 1:
+                total += hi - lo  # the cache write of the finished block
+        return total
+
+    def admit(self, pages: list[int]) -> None:
+        self.state, self.pages = RUNNING, pages
+        if self.block_causal and self.prompt:
+            self.pending_append = (0, len(self.prompt))
+
+    def append_ids(self) -> list[int]:
+        """Tokens of pending_append (positions start..end over prompt + canvas)."""
+        start, end = self.pending_append
+        P = len(self.prompt)
+        if end <= P:
+            return self.prompt[start:end]
+        return self.canvas[start - P:end - P].tolist()
+
+    # --- after a step ---------------------------------------------------------------------
+    def after_step(self, masks_left: int) -> bool:
+        self.total_steps += 1
+        self.step += 1
+        return masks_left == 0 or self.step >= self.steps_in(self.block)
+
+    def canvas_event(self) -> CanvasUpdate:
+        return CanvasUpdate(self.request_id, render_canvas(self.tokenizer, self.canvas.tolist(),
+                                                           self.cfg.mask_id), self.total_steps)
+
+    def finish_block(self) -> list[Event]:
+        """The active block is final: stop checks, its text, then Finished or the next block."""
+        lo, hi = self.block_span()
+        block_ids = self.canvas[lo:hi].tolist()
+        stop_at = next((i for i, t in enumerate(block_ids) if t in self.stop_ids), None)
+        if stop_at is not None:
+            return self._finish("stop", lo + stop_at + 1)
+        delta, ids = self.stream.push(block_ids)
+        events: list[Event] = [TextDelta(self.request_id, delta, ids)] if delta else []
+        if self.params.stop and any(s in self.stream.text for s in self.params.stop):
+            return events + self._finish("stop", hi)
+        if self.block == self.n_blocks - 1:
+            return events + self._finish("length", hi)
+        if self.block_causal:  # the finished block becomes clean context for the next one
+            P = len(self.prompt)
+            self.pending_append = (P + lo, P + hi)
+        self.block += 1
+        self.step = 0
+        return events
+
+    def _finish(self, reason: str, end: int) -> list[Event]:
+        tokens = self.canvas[:end].tolist()
+        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids])
+        text, hit = truncate_at_stop(text, self.params.stop)
+        if hit:
+            reason = "stop"
+        delta, ids = self.stream.flush(text, tokens[self.stream.n_tokens:])
+        events: list[Event] = [TextDelta(self.request_id, delta, ids)] if delta else []
+        self.finished = Finished(self.request_id, reason, len(self.prompt), len(tokens),
+                                 self.total_steps, text=text)
+        self.state = DONE
+        return events + [self.finished]
+
+    def abort(self, reason: str, error: str | None = None) -> Finished:
+        """Finished for a cancelled or failed sequence: usage counts the tokens of the blocks
+        already final, the text is what was streamed."""
+        done_tokens = self.block_span()[0]
+        self.finished = Finished(self.request_id, reason, len(self.prompt), done_tokens,
+                                 self.total_steps, text=self.stream.sent, error=error)
+        self.state = DONE
+        return self.finished
