@@ -1,0 +1,122 @@
+"""Load a diffusion LM from a local directory, in the format it was published in.
+
+    net, tok, cfg = load_pretrained("ckpt/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
+    net, tok, cfg = load_pretrained("tiny-coder")            # the embedded model
+    net, tok, cfg = load_pretrained(d, tp_rank=r, tp_size=n)  # each rank reads only its slice
+
+The one entry point for `dllm generate --model DIR` and the server. It returns our own network
+(model/transformer.py) with the published weights mapped onto it, whatever the family: forward
+takes ids [B, L] and returns logits [B, L, V] where logits[:, i] predicts token i (the shift of
+Dream-style models is applied inside), so every sampler works on every model. No code from the
+checkpoint directory is ever run (no trust_remote_code): architectures are re-implemented here.
+
+Formats, detected from config.json (`model_type`; our own format by its field names):
+
+| model_type   | family     | module     | attention     | logit shift |
+|--------------|------------|------------|---------------|-------------|
+| (none)       | tiny-coder | native.py  | from config   | from config |
+| llada        | llada      | llada.py   | full          | no          |
+| Dream        | dream      | dream.py   | full          | yes         |
+| llama        | diffullama | llama.py   | full          | yes         |
+| gpt2         | diffugpt   | gpt2.py    | full          | yes         |
+| bd3lm        | bd3lm      | bd3lm.py   | block-causal  | no          |
+| mdlm         | mdlm       | bd3lm.py   | full          | no          |
+
+A `model_type: "llama"` / `"gpt2"` directory is taken to be DiffuLLaMA / DiffuGPT: an ordinary
+autoregressive Llama or GPT-2 loads too, but is not a diffusion model and will not denoise.
+Per-family sampler defaults: model/families.py. The tokenizer is model/tokenizer.Tokenizer for our
+own format and model/hf_tokenizer.HFTokenizer (same interface) for the published ones.
+
+Loading: the net is built on the meta device (no random init of 8B parameters), safetensors
+shards are streamed one at a time under a tqdm bar, each tensor is converted to `dtype` in the
+copy that moves it to `device`, and with tp_size > 1 each rank reads and keeps only its slice
+(model/loaders/tp.py; model/parallel.py adds the all-reduces when it is there).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from model.config import CONFIG_FILE, PRESETS, ModelConfig
+from model.loaders import bd3lm, dream, gpt2, llada, llama, native, tp
+from model.loaders.common import (Format, FormatError, build_on_meta, read_json, read_shapes,
+                                  stream_weights, weight_files)
+from model.transformer import DiffusionTransformer
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[Format, ...] = (llada.FORMAT, dream.FORMAT, llama.FORMAT, gpt2.FORMAT, bd3lm.FORMAT)
+_BY_MODEL_TYPE = {mt: f for f in FORMATS for mt in f.model_types}
+
+__all__ = ["load_pretrained", "detect_format", "resolve_path", "FormatError", "FORMATS"]
+
+
+def resolve_path(path_or_preset: str | Path) -> Path:
+    """A directory, or "tiny-coder" for the embedded model's directory."""
+    p = Path(path_or_preset)
+    if p.is_dir():
+        return p
+    if str(path_or_preset) == "tiny-coder":
+        from model.checkpoint import EMBEDDED_DIR
+
+        return EMBEDDED_DIR
+    if str(path_or_preset) in PRESETS:
+        raise FileNotFoundError(f"preset {path_or_preset!r} has no bundled weights; download the "
+                                "checkpoint and pass its directory")
+    raise FileNotFoundError(f"no model directory {p}")
+
+
+def detect_format(config: dict) -> Format | None:
+    """The published format of a config.json, or None for the project's own format."""
+    if native.is_native(config):
+        return None
+    model_type = config.get("model_type")
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    if model_type is None:
+        raise FormatError("config.json has no model_type and is not this project's format")
+    raise FormatError(f"model_type {model_type!r} is not supported; supported: "
+                      f"{sorted(_BY_MODEL_TYPE)} and this project's own format")
+
+
+def load_pretrained(path_or_preset: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
+                    *, progress: bool = True) -> tuple[DiffusionTransformer, object, ModelConfig]:
+    """-> (net in eval mode on `device`, tokenizer, config); see the module docstring."""
+    directory = resolve_path(path_or_preset)
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    raw_config = read_json(config_path)
+    fmt = detect_format(raw_config)
+    files = weight_files(directory)
+    if fmt is None:
+        from model.tokenizer import Tokenizer
+
+        cfg = ModelConfig.from_dict(raw_config)
+        tokenizer = Tokenizer.load(directory)
+        map_tensor = native.map_tensor
+    else:
+        from model.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+
+        raw_tok = load_hf_tokenizer(directory, fmt.tokenizer_fallback)
+        cfg = fmt.build_config(raw_config, read_shapes(files), raw_tok)
+        cfg.name = directory.resolve().name
+        tokenizer = HFTokenizer(raw_tok, mask_id=cfg.mask_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+                                eot_id=cfg.eot_id, name=cfg.name)
+        map_tensor = fmt.map_tensor
+    if tp_size > 1:
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank {tp_rank} outside 0..{tp_size - 1}")
+        tp.check_divisible(cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden, tp_size)
+    net = build_on_meta(cfg)
+    stream_weights(net, files, map_tensor, device=device, dtype=dtype, tp_rank=tp_rank,
+                   tp_size=tp_size, desc=f"loading {cfg.name}", progress=progress)
+    net.eval()
+    log.info("loaded %s (%s, %.1fM parameters%s) from %s", cfg.name,
+             cfg.extra.get("family", "tiny-coder"), net.num_params() / 1e6,
+             f", TP rank {tp_rank}/{tp_size}" if tp_size > 1 else "", directory)
+    return net, tokenizer, cfg

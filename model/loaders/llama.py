@@ -1,0 +1,129 @@
+"""DiffuLLaMA (`model_type: "llama"`): LLaMA-2 weights and names, attention made bidirectional,
+logits shifted (hidden state i-1 predicts token i).
+
+Stored names (transformers LlamaForCausalLM; DiffuLLaMA's own DiscreteDiffusionModel wrapper
+saves the same modules under `denoise_model.` / `embed_tokens`):
+
+    model.embed_tokens.weight                          -> tok_embeddings.weight
+    model.layers.{i}.input_layernorm.weight            -> layers.{i}.attn_norm.weight
+    model.layers.{i}.self_attn.{q,k,v}_proj.weight     -> layers.{i}.attn.{wq,wk,wv}.weight
+    model.layers.{i}.self_attn.o_proj.weight           -> layers.{i}.attn.wo.weight
+    model.layers.{i}.post_attention_layernorm.weight   -> layers.{i}.mlp_norm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight    -> layers.{i}.mlp.{w1,w3,w2}.weight
+    model.norm.weight                                  -> norm.weight
+    lm_head.weight                                     -> lm_head.weight
+
+RMSNorm, NeoX rotary (rotate_half) and SwiGLU are exactly our "llama" block. The mask token:
+DiffuLLaMA's tokenizer has none; its code falls back to id 811 (LLaMA-Factory loader.py,
+"for diffu-llama"), which we use unless the tokenizer or config.json names one.
+The same name map serves Dream (Qwen2 names, dream.py), which adds q/k/v biases.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from model.config import ModelConfig
+from model.loaders.common import (Format, Target, first, require, rope_theta, special_id,
+                                  split_layer, strip_prefix)
+
+log = logging.getLogger(__name__)
+
+DIFFULLAMA_MASK_ID = 811  # LLaMA-Factory/src/llamafactory/model/loader.py
+
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+    "mlp.gate_proj.weight": "mlp.w1.weight",
+    "mlp.up_proj.weight": "mlp.w3.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+}
+for _p, _o in (("q", "wq"), ("k", "wk"), ("v", "wv")):
+    _LAYER[f"self_attn.{_p}_proj.weight"] = f"attn.{_o}.weight"
+    _LAYER[f"self_attn.{_p}_proj.bias"] = f"attn.{_o}.bias"
+_IGNORED_LAYER = ("self_attn.rotary_emb.inv_freq",)
+_TOP = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight"}
+PREFIXES = ("model.", "denoise_model.")
+
+
+def map_hf_llama(key: str, cfg: ModelConfig) -> list[Target] | None:
+    """Llama / Qwen2 tensor names (transformers) -> ours."""
+    name = strip_prefix(key, PREFIXES)
+    if name in _TOP:
+        return [Target(_TOP[name])]
+    layer = split_layer(name)
+    if layer is None:
+        return None
+    i, rest = layer
+    if rest in _IGNORED_LAYER:
+        return []
+    if rest.endswith(".bias") and not cfg.qkv_bias:
+        return None
+    return [Target(f"layers.{i}.{_LAYER[rest]}")] if rest in _LAYER else None
+
+
+def llama_like_config(hf: dict, shapes: dict, *, name: str, family: str, theta_default: float,
+                      **fields) -> ModelConfig:
+    """Shapes and norms of a transformers Llama/Qwen2 config.json; `fields` adds the ids and
+    diffusion settings (attention, shift) of the family."""
+    require(hf.get("hidden_act", "silu") == "silu",
+            f"hidden_act {hf.get('hidden_act')!r}: only SiLU (SwiGLU) is supported")
+    require(not hf.get("mlp_bias", False), "mlp_bias=true is not supported")
+    d = int(hf["hidden_size"])
+    n_heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    require(head_dim in (None, d // n_heads),
+            f"head_dim {head_dim} != hidden_size / num_attention_heads ({d // n_heads})")
+    emb = _find(shapes, "embed_tokens.weight")
+    gate = _find(shapes, "layers.0.mlp.gate_proj.weight")
+    lm_key = next((k for k in shapes if strip_prefix(k, PREFIXES) == "lm_head.weight"), None)
+    return ModelConfig(
+        name=name,
+        vocab_size=emb[0],  # the stored embedding, which may be larger than config.vocab_size
+        d_model=d,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        mlp_hidden=gate[0] if gate else int(hf["intermediate_size"]),
+        rope_theta=rope_theta(hf, theta_default),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        # A tied checkpoint stores no lm_head at all.
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)) or lm_key is None,
+        time_conditioning=False,
+        arch="llama",
+        extra={"family": family, "model_type": hf.get("model_type")},
+        **fields,
+    )
+
+
+def _find(shapes: dict, suffix: str) -> tuple[int, ...] | None:
+    for k, v in shapes.items():
+        if k.endswith(suffix):
+            return v
+    return None
+
+
+def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
+    require(not hf.get("attention_bias", False),
+            "attention_bias=true (biases on q/k/v/o) is not a LLaMA-2 / DiffuLLaMA layout")
+    mask = first(special_id(raw_tok, "mask"), hf.get("mask_token_id"))
+    if mask is None:
+        mask = DIFFULLAMA_MASK_ID
+        log.warning("no mask token in tokenizer or config.json; using DiffuLLaMA's id %d", mask)
+    eos = first(hf.get("eos_token_id"), special_id(raw_tok, "eos"))
+    require(eos is not None, "no eos_token_id in config.json or the tokenizer")
+    pad = first(hf.get("pad_token_id"), special_id(raw_tok, "pad"), eos)
+    return llama_like_config(
+        hf, shapes, name="diffullama", family="diffullama",
+        theta_default=10000.0,
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        mask_id=mask, eos_id=eos, pad_id=pad,
+        eot_id=None, attention="full", block_length=32, default_steps_per_block=32,
+        logit_shift=True, qkv_bias=False,
+    )
+
+
+FORMAT = Format(family="diffullama", model_types=("llama",), tokenizer_fallback="llama",
+                build_config=build_config, map_tensor=map_hf_llama)

@@ -1,0 +1,96 @@
+"""Which slice of each parameter a tensor-parallel rank holds, decided by our module names.
+
+    dim = split_dim("layers.0.attn.wq.weight")        # 0: column-parallel (output rows)
+    part = shard(name, full_tensor, rank, world)      # this rank's slice (a view)
+    sl = slices(name, stored_shape, rank, world)      # the same cut as an index, for safetensors
+                                                      # get_slice: read only the slice from disk
+
+The Megatron / gpt-fast plan: q, k, v, gate, up (and GPT-2/DiT's fc) are column-parallel, split
+along their output features, so each rank owns whole heads (heads are contiguous rows of wq/wk/wv)
+and a slice of the MLP hidden units; the output projections wo, down (w2) and GPT-2/DiT's proj are
+row-parallel, split along their input features, and their partial outputs are summed by an
+all-reduce after the layer (model/parallel.py adds it). Embeddings, norms, adaLN and the LM head
+stay whole on every rank. A row-parallel bias would be added once per rank before the sum, so
+only rank 0 keeps it and the others hold zeros: the all-reduced output is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COLUMN = ("attn.wq", "attn.wk", "attn.wv", "mlp.w1", "mlp.w3", "mlp.fc")
+ROW = ("attn.wo", "mlp.w2", "mlp.proj")
+
+
+def _module_of(name: str) -> tuple[str, str]:
+    """'layers.3.attn.wq.weight' -> ('attn.wq', 'weight')."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[0] != "layers":
+        return "", parts[-1]
+    return ".".join(parts[2:-1]), parts[-1]
+
+
+def split_dim(name: str) -> int | None:
+    """Dimension this parameter is split along under TP, or None if replicated."""
+    mod, kind = _module_of(name)
+    if mod in COLUMN:
+        return 0
+    if mod in ROW and kind == "weight":
+        return 1
+    return None
+
+
+def is_row_bias(name: str) -> bool:
+    mod, kind = _module_of(name)
+    return mod in ROW and kind == "bias"
+
+
+def _bounds(n: int, rank: int, world: int, name: str) -> tuple[int, int]:
+    if n % world:
+        raise ValueError(f"{name}: {n} features do not split evenly over {world} ranks")
+    step = n // world
+    return rank * step, (rank + 1) * step
+
+
+def slices(name: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[slice, ...] | None:
+    """Index selecting this rank's part of a tensor of `shape`; None = whole, or rank-dependent
+    content that is not a slice (the zeroed row-parallel bias)."""
+    if world == 1:
+        return tuple(slice(None) for _ in shape)
+    if is_row_bias(name):
+        return None
+    dim = split_dim(name)
+    if dim is None:
+        return tuple(slice(None) for _ in shape)
+    lo, hi = _bounds(shape[dim], rank, world, name)
+    return tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(shape)))
+
+
+def shard(name: str, t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of the full tensor `t` (works on meta tensors, for expected shapes)."""
+    if world == 1:
+        return t
+    if is_row_bias(name):
+        return t if rank == 0 else torch.zeros_like(t)
+    return t[slices(name, tuple(t.shape), rank, world)]
+
+
+def check_divisible(n_heads: int, n_kv_heads: int, mlp_hidden: int, world: int) -> None:
+    for what, n in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("mlp_hidden", mlp_hidden)):
+        if n % world:
+            raise ValueError(f"tensor parallelism over {world} ranks needs {what} ({n}) "
+                             f"divisible by {world}")
+
+
+def finish_sharded_modules(net: nn.Module, world: int) -> None:
+    """After loading slices: make module attributes describe the local shapes (heads per rank,
+    Linear in/out features), as model/parallel.apply_tp leaves them."""
+    if world == 1:
+        return
+    for name, mod in net.named_modules():
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        if hasattr(mod, "n_heads") and hasattr(mod, "n_kv_heads") and hasattr(mod, "head_dim"):
+            mod.n_heads = mod.wq.weight.shape[0] // mod.head_dim
+            mod.n_kv_heads = mod.wk.weight.shape[0] // mod.head_dim
