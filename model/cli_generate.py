@@ -84,9 +84,12 @@ def main(argv=None) -> None:
     prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
     on_step = None
     if args.show_steps:
+        # On a terminal each step redraws the screen; piped output gets one frame per step.
+        clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
+
         def on_step(canvas, info):
             shown = "".join("\u2591" if t == cfg.mask_id else tok.decode([t]) for t in canvas)
-            sys.stdout.write(f"\x1b[2J\x1b[H-- block {info['block']} step {info['step']} "
+            sys.stdout.write(f"{clear}-- block {info['block']} step {info['step']} "
                              f"(total {info['steps']}) --\n{args.prompt}{shown}\n")
             sys.stdout.flush()
     try:
