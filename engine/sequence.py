@@ -194,7 +194,8 @@ class Sequence:
         if hit:
             reason = "stop"
         delta, ids = self.stream.flush(text, tokens[self.stream.n_tokens:])
-        events: list[Event] = [TextDelta(self.request_id, delta, ids)] if delta else []
+        # the last delta also carries tokens without text (a stop token), so deltas add up
+        events: list[Event] = [TextDelta(self.request_id, delta, ids)] if delta or ids else []
         self.finished = Finished(self.request_id, reason, len(self.prompt), len(tokens),
                                  self.total_steps, text=text)
         self.state = DONE
