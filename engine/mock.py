@@ -14,7 +14,8 @@ It behaves like the real engine where a server can notice it:
   the seed, so a test can predict them (`MockEngine.expected_words`);
 - `max_new_tokens`, `stop` strings (finish "stop", text cut before the stop) and an optional
   `eos_after` (finish "stop" after that many tokens) are honoured;
-- admission: at most `max_num_seqs` run; the rest wait in a FIFO queue;
+- admission: at most `max_num_seqs` run; the rest wait in a FIFO queue (QueueFullError beyond
+  `max_queued`, EngineClosedError after shutdown, as engine.Engine raises them);
 - a step costs `step_delay_s + token_cost_s * tokens in the batch`, so a loaded mock slows down
   the way a compute-bound engine does and `stats()` reports a real backlog and capacity;
 - `cancel(request_id)` (or closing the event iterator) frees the slot at the next step.
@@ -42,6 +43,15 @@ from engine.types import (
 )
 from model.sampling import transfer_schedule, truncate_at_stop
 
+try:  # the real engine's refusals, so a server treats both engines alike
+    from engine.engine import EngineClosedError, QueueFullError
+except ImportError:  # pragma: no cover - engine.py not there
+    class QueueFullError(RuntimeError):
+        pass
+
+    class EngineClosedError(RuntimeError):
+        pass
+
 log = logging.getLogger(__name__)
 
 # 64 short words: each fake token decodes to " <word>".
@@ -61,6 +71,7 @@ class MockEngineConfig:
     step_delay_s: float = 0.0  # fixed wall time of one batched step
     token_cost_s: float = 0.0  # extra wall time per token in the step batch (compute-bound cost)
     max_num_seqs: int = 64  # running slots; more requests queue
+    max_queued: int | None = None  # waiting requests beyond which submit raises QueueFullError
     eos_after: int | None = None  # finish with "stop" after this many tokens (None: never)
     # Capacity reported before anything ran (token-steps/s); 0 means "not measured yet".
     initial_capacity: float = 0.0
@@ -144,7 +155,9 @@ class MockEngine(EngineBase):
     def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
         request.params.validate()
         if not self._accepting:
-            raise RuntimeError("engine is shutting down")
+            raise EngineClosedError("the engine is shutting down")
+        if self.config.max_queued is not None and len(self._queue) >= self.config.max_queued:
+            raise QueueFullError(f"{len(self._queue)} requests are already queued")
         if request.request_id in self._by_id:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         p = request.params

@@ -1,0 +1,414 @@
+"""Pydantic models of the OpenAI HTTP protocol, plus the diffusion extensions.
+
+    req = ChatCompletionRequest.model_validate(json_body)      # ValidationError -> HTTP 400
+    ChatCompletionResponse(id=..., model=..., choices=[...], usage=Usage(...)).model_dump()
+
+Requests list their fields in the order of the OpenAI API reference (messages/model first, then
+alphabetical, as the reference does). Fields we accept but do not act on (penalties, logit_bias,
+metadata, store, user) are documented as ignored; features we cannot honour (logprobs, tools, a
+JSON response_format, best_of > n) are refused with a 400 rather than silently dropped.
+
+Unknown fields are accepted and ignored with a log line: popular clients send extras (IDE
+plug-ins add their own keys), and failing them would break them for nothing.
+
+Diffusion extensions, grouped at the end of every request model:
+  denoising_steps       pin the steps per block (1..block_length); bypasses the step router
+  quality               auto | max | balanced | fast: the rungs the step router may use
+                        (deployments/router.py says exactly which)
+  block_length          tokens per block (default: the model's)
+  remasking             low_confidence | margin | entropy | random: which predictions to commit
+  confidence_threshold  commit every prediction above it (Fast-dLLM); steps become a cap
+  diffusing             stream whole intermediate canvases (a `diffusion` object per chunk)
+Usage gains `denoising_steps` (forward passes spent over all choices) and
+`denoising_steps_per_block` (the router's choice, also sent as header `x-denoising-steps`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+MAX_N = 16
+RemaskingRule = Literal["low_confidence", "margin", "entropy", "random"]
+Quality = Literal["auto", "max", "balanced", "fast"]
+
+
+class OpenAIRequestModel(BaseModel):
+    """Accepts unknown fields (logged once per request, then ignored)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        extra = self.model_extra or {}
+        if extra:
+            log.info("%s: ignoring unknown fields %s", type(self).__name__, sorted(extra))
+        return self
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+class StreamOptions(OpenAIRequestModel):
+    include_usage: bool = False
+
+
+# The diffusion extension fields (see the module docstring), repeated at the end of each request
+# model so that the OpenAI fields keep the reference order (pydantic puts inherited fields first).
+DenoisingSteps = Annotated[int | None, Field(ge=1, le=1024)]
+BlockLength = Annotated[int | None, Field(ge=1, le=1024)]
+ConfidenceThreshold = Annotated[float | None, Field(gt=0.0, le=1.0)]
+EXTENSION_FIELDS = ("denoising_steps", "quality", "block_length", "remasking",
+                    "confidence_threshold", "diffusing")
+
+
+def _check_stop(v: str | list[str] | None) -> list[str]:
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else list(v)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must be non-empty")
+    return stops
+
+
+class _SamplingFields:
+    """Cross-field checks shared by the generation requests."""
+
+    def _check_common(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+# --- chat completions ------------------------------------------------------------------------
+class ContentPart(OpenAIRequestModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIRequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.type != "text" or p.text is None:
+                raise ValueError(f"content parts of type {p.type!r} are not supported "
+                                 "(text only)")
+            parts.append(p.text)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(OpenAIRequestModel, _SamplingFields):
+    # Fields in the order of the OpenAI reference (messages, model, then alphabetical).
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    logit_bias: dict[str, float] | None = None  # ignored
+    logprobs: bool | None = None  # refused when true
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated alias of the above
+    metadata: dict[str, str] | None = None  # ignored
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    store: bool | None = None  # ignored
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # default: greedy (0)
+    tool_choice: Any | None = None  # refused unless "none"
+    tools: list[Any] | None = None  # refused when non-empty
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None  # ignored
+    # --- diffusion extensions ---
+    denoising_steps: DenoisingSteps = None
+    quality: Quality = "auto"
+    block_length: BlockLength = None
+    remasking: RemaskingRule | None = None
+    confidence_threshold: ConfidenceThreshold = None
+    diffusing: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        _check_stop(v)
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        self._check_common()
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs are not supported by diffusion models")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice is not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise ValueError("max_tokens and max_completion_tokens disagree")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return _check_stop(self.stop)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# --- completions (with FIM through `suffix`) ------------------------------------------------
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(OpenAIRequestModel, _SamplingFields):
+    # Fields in the order of the OpenAI reference (model, prompt, then alphabetical).
+    model: str
+    prompt: Prompt
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # only best_of == n
+    echo: bool = False
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    logit_bias: dict[str, float] | None = None  # ignored
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # refused when set
+    max_tokens: int | None = Field(default=None, ge=1)  # default: the server's default
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None  # fill-in-the-middle: the text after the completion
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None  # ignored
+    # --- diffusion extensions ---
+    denoising_steps: DenoisingSteps = None
+    quality: Quality = "auto"
+    block_length: BlockLength = None
+    remasking: RemaskingRule | None = None
+    confidence_threshold: ConfidenceThreshold = None
+    diffusing: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        _check_stop(v)
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and len(v) > 64 and isinstance(v[0], (str, list)):
+            raise ValueError("at most 64 prompts per request")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        self._check_common()
+        if self.logprobs:
+            raise ValueError("logprobs are not supported by diffusion models")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of must equal n (no server-side ranking)")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return _check_stop(self.stop)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class FIMCompletionRequest(OpenAIRequestModel, _SamplingFields):
+    """POST /v1/fim/completions, as Mercury's API has it: prompt = prefix, suffix = after."""
+
+    model: str
+    prompt: str
+    suffix: str = ""
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None  # ignored
+    # --- diffusion extensions ---
+    denoising_steps: DenoisingSteps = None
+    quality: Quality = "auto"
+    block_length: BlockLength = None
+    remasking: RemaskingRule | None = None
+    confidence_threshold: ConfidenceThreshold = None
+    diffusing: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        _check_stop(v)
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        return self._check_common()
+
+    @property
+    def stop_list(self) -> list[str]:
+        return _check_stop(self.stop)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+# --- responses -------------------------------------------------------------------------------
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    # extensions
+    denoising_steps: int = 0  # forward passes spent, all choices together
+    denoising_steps_per_block: int = 0  # the steps chosen for this request
+
+
+class DiffusionState(ResponseModel):
+    """Extension in streamed choices of `diffusing` requests: the whole canvas after a step."""
+
+    canvas: str  # the generated region, engine.types.MASK_GLYPH where still masked
+    step: int  # denoising steps spent so far
+
+
+class ChatMessageOut(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    choices: list[ChatChoice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = None
+    usage: Usage
+
+
+class ChatDelta(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+    diffusion: DiffusionState | None = None  # extension (diffusing mode)
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    choices: list[ChatChunkChoice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class CompletionChoice(ResponseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: str | None = None
+    diffusion: DiffusionState | None = None  # extension (diffusing mode, streamed only)
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    choices: list[CompletionChoice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dllm-serve"
+    # extensions: what a client needs to pick parameters
+    max_model_len: int | None = None
+    block_length: int | None = None
+    attention: str | None = None
+    default_denoising_steps: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    """One server-sent event: `data: <json>\\n\\n`."""
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json(exclude_none=True)
+    elif isinstance(payload, dict):
+        import json
+
+        payload = json.dumps(payload)
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

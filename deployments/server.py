@@ -1,0 +1,361 @@
+"""The model-server deployment: one replica = one model + one continuous-batching engine.
+
+    server = ModelServer.options(ray_actor_options={"num_gpus": 1}).bind(server_config, board)
+    # the ingress calls it through a DeploymentHandle (RayBackend below):
+    async for event in handle.options(stream=True).generate.remote(request, routing): ...
+
+A replica loads the model named in its ServerConfig (a preset such as "tiny-coder" or a
+checkpoint directory, in the project's own or a published format; dtype and device from the
+config, the GPU from `num_gpus` in the deployment options), starts the engine (engine.Engine, or
+engine.mock.MockEngine for HTTP tests) and then:
+- streams each request's events back to the caller; when the caller goes away (client
+  disconnect -> Serve cancels this generator), the engine request is cancelled and its slot
+  frees at the next step;
+- pushes its load (ReplicaLoad) to the LoadBoard ~4 times a second for the step router, and
+  publishes the same numbers through `record_routing_stats` (for deployments/routing.py),
+  `record_autoscaling_stats` (for autoscaling/policy.py) and Serve metrics (dllm_engine_*);
+- `check_health` fails when the engine loop has died, so Serve replaces the replica;
+- on shutdown Serve first lets ongoing requests finish (graceful_shutdown_timeout_s), then
+  `__del__` drains the engine for `drain_timeout_s` and leaves the load board.
+Engine refusals travel as exceptions the ingress turns into statuses: ServerOverloaded (the
+engine queue is full: 503 + Retry-After), ServerDraining (503), InvalidRequest (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import serve
+
+from autoscaling.load import ClusterLoad, ReplicaLoad
+from deployments.openai_api import APIError, Backend, ModelInfo, overloaded
+from engine.types import EngineBase, Event, Finished, GenerationRequest
+
+log = logging.getLogger("ray.serve")
+
+
+class ServerOverloaded(RuntimeError):
+    """The replica's engine queue is full."""
+
+
+class ServerDraining(RuntimeError):
+    """The replica is shutting down."""
+
+
+class InvalidRequest(ValueError):
+    """The engine refused the request's parameters."""
+
+
+@dataclass
+class ServerConfig:
+    model: str = "tiny-coder"  # preset name or checkpoint directory
+    model_id: str | None = None  # the name clients use; default: the config's name
+    dtype: str = "float32"
+    device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
+    engine: str = "real"  # "real" | "mock"
+    engine_options: dict = field(default_factory=dict)  # engine.EngineConfig fields
+    mock_options: dict = field(default_factory=dict)  # engine.mock.MockEngineConfig fields
+    torch_threads: int | None = None  # CPU replicas: intra-op threads (None: torch default)
+    drain_timeout_s: float = 30.0
+    report_period_s: float = 0.25  # load pushes to the board (the router needs >= 1/s)
+    quality_window_s: float = 30.0  # window of below_best_fraction (autoscaling)
+
+
+# --- loading ---------------------------------------------------------------------------------
+def _torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(source: str, device: str = "auto", dtype: str = "float32"):
+    """-> (net, tokenizer, cfg). model.load_pretrained when present (every format), else the
+    project's own checkpoint format."""
+    device, tdtype = _device(device), _torch_dtype(dtype)
+    try:
+        from model.loaders import load_pretrained
+    except ImportError:
+        from model.checkpoint import EMBEDDED_DIR, load_checkpoint
+
+        path = EMBEDDED_DIR if source == "tiny-coder" else Path(source)
+        return load_checkpoint(path, device=device, dtype=tdtype)
+    return load_pretrained(source, device=device, dtype=tdtype)
+
+
+def load_config_and_tokenizer(source: str):
+    """-> (cfg, tokenizer) without weights (the mock engine): our own format only."""
+    from model.config import ModelConfig
+    from model.tokenizer import Tokenizer
+
+    path = Path(source)
+    if not path.is_dir() and source == "tiny-coder":
+        from model.checkpoint import EMBEDDED_DIR
+
+        path = EMBEDDED_DIR
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"the mock engine needs a directory with config.json and "
+                                f"tokenizer.json, got {source!r}")
+    return ModelConfig.load(path), Tokenizer.load(path)
+
+
+def describe(cfg, model_id: str | None) -> ModelInfo:
+    try:
+        from model.families import family_defaults
+
+        fam = family_defaults(cfg)
+        block_length, steps = fam.block_length, fam.steps_per_block or cfg.block_length
+        extra = dict(family=fam.family, remasking=fam.remasking, temperature=fam.temperature,
+                     top_p=fam.top_p, suppress_token_ids=tuple(fam.suppress_token_ids))
+    except ImportError:  # older model/ without families
+        block_length, steps, extra = cfg.block_length, cfg.default_steps_per_block, {}
+    return ModelInfo(id=model_id or cfg.name, max_seq_len=cfg.max_seq_len,
+                            block_length=block_length, attention=cfg.attention,
+                            default_steps=steps, vocab_size=cfg.vocab_size, **extra)
+
+
+def build_engine(config: ServerConfig) -> tuple[EngineBase, object, object]:
+    """-> (engine, tokenizer, cfg) for a ServerConfig."""
+    if config.engine == "mock":
+        from engine.mock import MockEngine, MockEngineConfig
+
+        cfg, tokenizer = load_config_and_tokenizer(config.model)
+        return MockEngine(MockEngineConfig(**config.mock_options)), tokenizer, cfg
+    if config.engine != "real":
+        raise ValueError(f"engine must be 'real' or 'mock', got {config.engine!r}")
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    from engine import Engine, EngineConfig
+
+    net, tokenizer, cfg = load_model(config.model, config.device, config.dtype)
+    return Engine(net, tokenizer, cfg, EngineConfig(**config.engine_options)), tokenizer, cfg
+
+
+def engine_alive(engine: EngineBase) -> bool:
+    if hasattr(engine, "alive"):
+        return bool(engine.alive)
+    task = getattr(engine, "_task", None)  # engine.Engine's scheduler task
+    return task is None or not task.done()
+
+
+# --- the deployment -----------------------------------------------------------------------------
+class _ServerMetrics:
+    def __init__(self):
+        from ray.serve import metrics
+
+        g = metrics.Gauge
+        self.gauges = {
+            "queued": g("dllm_engine_queued", description="Requests waiting for a slot."),
+            "running": g("dllm_engine_running", description="Sequences in the step batch."),
+            "token_backlog": g("dllm_engine_token_backlog",
+                               description="Work left on the replica, in token-steps."),
+            "capacity": g("dllm_engine_capacity_token_steps_per_s",
+                          description="Measured processing rate, token-steps/s."),
+            "step_latency_ms": g("dllm_engine_step_latency_ms",
+                                 description="Recent mean wall time of one batched step."),
+            "output_tokens_per_s": g("dllm_engine_output_tokens_per_s",
+                                     description="Recent committed tokens per second."),
+            "kv_pages_used": g("dllm_engine_kv_pages_used", description="KV pages in use."),
+        }
+        self.finished = metrics.Counter("dllm_requests_finished_total",
+                                        description="Engine requests by finish reason.",
+                                        tag_keys=("finish_reason",))
+        self.tokens = metrics.Counter("dllm_completion_tokens_total",
+                                      description="Tokens generated.")
+        self.steps = metrics.Counter("dllm_denoising_steps_total",
+                                     description="Denoising forward passes spent on requests.")
+
+    def set(self, stats) -> None:
+        for name in ("queued", "running", "token_backlog", "step_latency_ms",
+                     "output_tokens_per_s", "kv_pages_used"):
+            self.gauges[name].set(float(getattr(stats, name)))
+        self.gauges["capacity"].set(float(stats.capacity_token_steps_per_s))
+
+    def done(self, f: Finished) -> None:
+        self.finished.inc(tags={"finish_reason": f.finish_reason})
+        if f.completion_tokens:
+            self.tokens.inc(f.completion_tokens)
+        if f.steps:
+            self.steps.inc(f.steps)
+
+
+@serve.deployment(name="ModelServer", max_ongoing_requests=64, graceful_shutdown_timeout_s=30,
+                  health_check_period_s=5, ray_actor_options={"num_cpus": 1})
+class ModelServer:
+    async def __init__(self, config: ServerConfig | dict, board=None):
+        self.config = config if isinstance(config, ServerConfig) else ServerConfig(**config)
+        self.engine, self.tokenizer, self.cfg = build_engine(self.config)
+        self.description = describe(self.cfg, self.config.model_id)
+        await self.engine.start()
+        self.board = board
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (unit use)
+            self.replica_id = f"local-{id(self)}"
+        self.max_num_seqs = int(self.config.engine_options.get("max_num_seqs", 0)) or \
+            int(self.config.mock_options.get("max_num_seqs", 0))
+        self.metrics = _ServerMetrics()
+        self._quality: collections.deque[tuple[float, bool]] = collections.deque()
+        self._busy_mark = (time.monotonic(), self._iterations())
+        self._busy = 0.0
+        self._draining = False
+        self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+        log.info("model server %s ready: %s (%s engine)", self.replica_id, self.description.id,
+                 self.config.engine)
+
+    # --- requests ---------------------------------------------------------------------------
+    async def describe(self) -> tuple[ModelInfo, object]:
+        return self.description, self.tokenizer
+
+    async def generate(self, request: GenerationRequest, routing: dict | None = None
+                       ) -> AsyncIterator[Event]:
+        """Stream a request's events. routing: {"below_best": bool | None} from the router."""
+        if routing and routing.get("below_best") is not None:
+            self._quality.append((time.monotonic(), bool(routing["below_best"])))
+        if self._draining:
+            raise ServerDraining("the replica is shutting down")
+        try:
+            stream = self.engine.submit(request)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        except RuntimeError as e:  # QueueFullError / EngineClosedError / the mock's
+            name = type(e).__name__
+            if name == "QueueFullError":
+                raise ServerOverloaded(str(e)) from None
+            raise ServerDraining(str(e)) from None
+        finished = False
+        try:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    finished = True
+                    self.metrics.done(event)
+                yield event
+        finally:
+            if not finished:  # the caller went away (disconnect) or we are being torn down
+                await self.engine.cancel(request.request_id)
+            await stream.aclose()
+
+    # --- load and health --------------------------------------------------------------------
+    def _iterations(self) -> int:
+        extra = self.engine.stats().extra
+        return int(extra.get("iterations", extra.get("steps_run", 0)))
+
+    def replica_load(self) -> ReplicaLoad:
+        return ReplicaLoad.from_stats(self.replica_id, self.engine.stats(), self.max_num_seqs)
+
+    def _below_best_fraction(self) -> float:
+        cutoff = time.monotonic() - self.config.quality_window_s
+        while self._quality and self._quality[0][0] < cutoff:
+            self._quality.popleft()
+        return sum(b for _, b in self._quality) / len(self._quality) if self._quality else 0.0
+
+    def _update_busy(self, stats) -> None:
+        now, iters = time.monotonic(), self._iterations()
+        t0, i0 = self._busy_mark
+        if now - t0 >= 1.0:
+            self._busy = min(1.0, (iters - i0) * stats.step_latency_ms / 1e3 / (now - t0))
+            self._busy_mark = (now, iters)
+
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                stats = self.engine.stats()
+                self.metrics.set(stats)
+                self._update_busy(stats)
+                if self.board is not None:
+                    await asyncio.wait_for(self.board.report.remote(self.replica_load().to_dict()),
+                                           timeout=2.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("load report failed: %s", e)
+            await asyncio.sleep(self.config.report_period_s)
+
+    async def stats(self) -> dict:
+        return self.replica_load().to_dict()
+
+    def check_health(self) -> None:
+        if not engine_alive(self.engine):
+            raise RuntimeError("the engine loop has stopped")
+
+    def record_routing_stats(self) -> dict:
+        load = self.replica_load()
+        return {"token_backlog": load.token_backlog, "capacity": load.capacity,
+                "queued": load.queued, "running": load.running, "reported_at": load.reported_at}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {"token_backlog": float(stats.token_backlog),
+                "capacity_token_steps_per_s": float(stats.capacity_token_steps_per_s),
+                "below_best_fraction": float(self._below_best_fraction()),
+                "busy_fraction": float(self._busy)}
+
+    async def __del__(self):
+        self._draining = True
+        self._report_task.cancel()
+        if self.board is not None:
+            try:
+                await asyncio.wait_for(self.board.forget.remote(self.replica_id), timeout=2.0)
+            except Exception:
+                pass
+        await self.engine.shutdown(drain_timeout_s=self.config.drain_timeout_s)
+
+
+# --- the ingress' view of the servers ----------------------------------------------------------
+class RayBackend(Backend):
+    """openai_api.Backend over DeploymentHandles to ModelServer and the LoadBoard."""
+
+    def __init__(self, server_handle, board_handle, retry_after_s: float = 1.0):
+        self.server = server_handle.options(stream=True)
+        self.board = board_handle
+        self.retry_after_s = retry_after_s
+
+    def generate(self, request: GenerationRequest, routing: dict | None = None
+                 ) -> AsyncIterator[Event]:
+        return self._stream(request, routing)
+
+    async def _stream(self, request: GenerationRequest, routing: dict | None):
+        from ray.serve.exceptions import BackPressureError
+
+        gen = self.server.generate.remote(request, routing)
+        try:
+            async for event in gen:
+                yield event
+        except BackPressureError:
+            raise overloaded(503, "the model servers' queues are full; retry later",
+                             self.retry_after_s) from None
+        except ServerOverloaded:
+            raise overloaded(503, "the model server's queue is full; retry later",
+                             self.retry_after_s) from None
+        except ServerDraining:
+            raise overloaded(503, "the model server is shutting down; retry",
+                             self.retry_after_s) from None
+        except InvalidRequest as e:
+            raise APIError(400, str(e)) from None
+        finally:
+            gen.cancel()  # no-op once finished; on disconnect it cancels the replica's stream
+
+    def cancel_stream(self, stream) -> None:
+        asyncio.ensure_future(stream.aclose())
+
+    async def load(self) -> ClusterLoad:
+        return ClusterLoad.from_dict(await self.board.snapshot.remote())

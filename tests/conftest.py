@@ -1,0 +1,67 @@
+"""Shared fixtures. The one Ray instance of a pytest run lives here.
+
+    def test_something(ray_serve):            # starts Ray + Serve once per session
+        serve.run(app, name="mine", route_prefix="/mine")
+        httpx.get(f"{ray_serve.http_url}/mine/...")
+        serve.delete("mine")                  # leave the instance clean for the next test
+
+`ray_serve` is session-scoped: the first test that asks for it pays the start-up (Ray takes
+10-20 s on this 2-core machine), every later test reuses it, and it is shut down at the end of
+the run. It starts Ray with a fixed small logical CPU count (RAY_TEST_NUM_CPUS, default 4: a
+logical count, so replicas schedule without hogging the real cores), no dashboard, a fixed metrics
+export port (for Prometheus tests), and Serve's HTTP proxy on 127.0.0.1 with a free port.
+
+Tests must not call ray.init/ray.shutdown/serve.shutdown themselves; deploy applications under
+their own name and route prefix, and delete them when done (or use a module-scoped fixture that
+does). Tests that need a multi-node `ray.cluster_utils.Cluster` cannot share this instance: run
+them in a separate pytest process (e.g. mark them and select with -m).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayServeInstance:
+    address: str  # the Ray GCS address (ray.init(address=...) from a subprocess)
+    http_host: str
+    http_port: int
+    metrics_port: int  # Ray's Prometheus metrics export port on this node
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> RayServeInstance:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    if ray.is_initialized():
+        pytest.fail("Ray was already initialised: use the ray_serve fixture only")
+    metrics_port = free_port()
+    ctx = ray.init(num_cpus=int(os.environ.get("RAY_TEST_NUM_CPUS", "4")),
+                   include_dashboard=False, log_to_driver=False, namespace="dllm-tests",
+                   _metrics_export_port=metrics_port)
+    http_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    try:
+        yield RayServeInstance(address=ctx.address_info["gcs_address"], http_host="127.0.0.1",
+                               http_port=http_port, metrics_port=metrics_port)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
