@@ -67,6 +67,11 @@ class HFTokenizer:
         self.pad_id = int(pad_id) if pad_id is not None else self.eos_id
         self.eot_id = int(eot_id) if eot_id is not None else None
         self.bos_id = tok.bos_token_id
+        # Does the tokenizer start documents with BOS? Llama's tokenizer.json says so in its
+        # post-processor, a LlamaTokenizer in add_bos_token: ask the tokenizer itself.
+        probe = tok("a", add_special_tokens=True)["input_ids"]
+        self.adds_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id \
+            and tok("a", add_special_tokens=False)["input_ids"][:1] != [self.bos_id]
         self.fim_prefix_id = self.fim_suffix_id = self.fim_middle_id = None
         ids = {self.mask_id, self.eos_id, self.pad_id}
         ids.update(int(i) for i in tok.all_special_ids if i is not None)
@@ -98,9 +103,7 @@ class HFTokenizer:
         """A raw-text prompt as the model saw documents in training: BOS first when the
         tokenizer adds one (Llama, LLaDA), then the text."""
         ids = self.encode(text)
-        if self.bos_id is not None and getattr(self.hf, "add_bos_token", False):
-            ids = [self.bos_id] + ids
-        return ids
+        return [self.bos_id] + ids if self.adds_bos else ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
