@@ -29,17 +29,25 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_used = 0  # host-side bound on lengths, so reads need no device sync
 
-    def context(self, append: bool = False, query_valid: torch.Tensor | None = None) -> _CacheContext:
-        """query_valid: bool [B, Lq], False for padding in this call (neither attended nor stored)."""
-        return _CacheContext(self, append, query_valid)
+    def context(self, append: bool = False, query_valid: torch.Tensor | None = None,
+                commit_len: int = 0) -> _CacheContext:
+        """query_valid: bool [B, Lq], False for padding in this call (neither attended nor stored).
+
+        commit_len > 0 fuses a cache write into a denoising step: the call's first commit_len
+        tokens are a just-finished block (t=0) that is stored and attends only to the cache and
+        itself, and the rest (the next block) attends to everything. One forward instead of two:
+        with block length 1 this is what makes the autoregressive baseline one pass per token."""
+        return _CacheContext(self, append, query_valid, commit_len)
 
     def reset(self, row: int) -> None:
         self.lengths[row] = 0
 
 
 class _CacheContext:
-    def __init__(self, cache: KVCache, append: bool, query_valid: torch.Tensor | None):
+    def __init__(self, cache: KVCache, append: bool, query_valid: torch.Tensor | None,
+                 commit_len: int = 0):
         self.cache, self.append, self.query_valid = cache, append, query_valid
+        self.commit_len = commit_len
 
     def attend(self, layer, q, k, v):
         c = self.cache
@@ -50,11 +58,21 @@ class _CacheContext:
         new = self.query_valid if self.query_valid is not None else \
             torch.ones(B, Lq, dtype=torch.bool, device=dev)
         mask = torch.cat([cached, new], dim=1)[:, None, None, :].expand(B, 1, Lq, S + Lq)
+        n = self.commit_len
+        if n:
+            # rows of the finished block must not see the next block's (noisy) tokens
+            blocked = torch.zeros(Lq, S + Lq, dtype=torch.bool, device=dev)
+            blocked[:n, S + n:] = True
+            mask = mask & ~blocked
         k_all = torch.cat([c.k[layer, :, :, :S].to(k.dtype), k], dim=2)
         v_all = torch.cat([c.v[layer, :, :, :S].to(v.dtype), v], dim=2)
         out = attention(q, k_all, v_all, mask)
         if self.append:
             self._store(layer, k, v, new)
+        elif n:
+            stored = new.clone()
+            stored[:, n:] = False
+            self._store(layer, k, v, stored)
         return out
 
     def _store(self, layer, k, v, new):

@@ -55,6 +55,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # default: the model's EOS (and end-of-turn)
     suppress_token_ids: list[int] = field(default_factory=list)  # never predicted (LLaDA EOS/EoT)
     use_cache: bool = True
+    # Write a finished block's K/V in the same forward as the next block's first step (exact
+    # up to float rounding; saves one pass per block, half the passes at block length 1).
+    fused_commit: bool = False
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
@@ -198,6 +201,7 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
 
     total_steps, finish, end = 0, "length", N
     n_blocks = math.ceil(N / bl)
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # finished block not yet cached
     for b in range(n_blocks):
         lo, hi = b * bl, min(N, (b + 1) * bl)
         Lb = hi - lo
@@ -207,7 +211,15 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
         for s in range(steps):
             block = canvas[:, lo:hi]
             frac = (block == cfg.mask_id).float().mean(1)  # [1] the active block's noise level
-            if block_causal and cache is not None:
+            if block_causal and cache is not None and pending is not None:
+                prev_ids, prev_pos = pending
+                n = prev_ids.shape[1]
+                t_tok = torch.cat([torch.zeros(1, n, device=device), frac[:, None].expand(1, Lb)], 1)
+                logits = net(torch.cat([prev_ids, block], 1), positions=torch.cat([prev_pos, pos], 1),
+                             t=t_tok, attn=cache.context(commit_len=n),
+                             logits_slice=slice(n, n + Lb))
+                pending = None
+            elif block_causal and cache is not None:
                 logits = net(block, positions=pos, t=frac, attn=cache.context())
             elif block_causal:
                 ids = torch.cat([prompt, canvas[:, :hi]], dim=1)
@@ -243,7 +255,10 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
                 finish, end = "stop", hi
                 break
         if cache is not None and b < n_blocks - 1:  # the finished block becomes clean context
-            net(canvas[:, lo:hi], positions=pos, t=t0, attn=cache.context(append=True))
+            if params.fused_commit:
+                pending = (canvas[:, lo:hi].clone(), pos)
+            else:
+                net(canvas[:, lo:hi], positions=pos, t=t0, attn=cache.context(append=True))
     tokens = canvas[0, :end].tolist()
     text = None
     if tokenizer is not None:

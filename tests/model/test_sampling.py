@@ -30,8 +30,9 @@ def test_transfer_schedule_splits_evenly():
 def test_cache_and_recompute_give_same_tokens(net, kw):
     a = generate(net, PROMPT, SamplingParams(max_new_tokens=40, **kw))
     b = generate(net, PROMPT, SamplingParams(max_new_tokens=40, use_cache=False, **kw))
-    assert a.tokens == b.tokens
-    assert a.steps == b.steps
+    c = generate(net, PROMPT, SamplingParams(max_new_tokens=40, fused_commit=True, **kw))
+    assert a.tokens == b.tokens == c.tokens
+    assert a.steps == b.steps == c.steps
 
 
 def test_seed_determinism(net):
