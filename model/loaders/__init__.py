@@ -42,8 +42,15 @@ import torch
 
 from model.config import CONFIG_FILE, PRESETS, ModelConfig
 from model.loaders import bd3lm, dream, gpt2, llada, llama, native, tp
-from model.loaders.common import (Format, FormatError, build_on_meta, read_json, read_shapes,
-                                  stream_weights, weight_files)
+from model.loaders.common import (
+    Format,
+    FormatError,
+    build_on_meta,
+    read_json,
+    read_shapes,
+    stream_weights,
+    weight_files,
+)
 from model.transformer import DiffusionTransformer
 
 log = logging.getLogger(__name__)

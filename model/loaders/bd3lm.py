@@ -37,8 +37,16 @@ from __future__ import annotations
 import torch
 
 from model.config import ModelConfig
-from model.loaders.common import (Format, Target, chunk, first, require, special_id,
-                                  split_layer, strip_prefix)
+from model.loaders.common import (
+    Format,
+    Target,
+    chunk,
+    first,
+    require,
+    special_id,
+    split_layer,
+    strip_prefix,
+)
 
 PREFIXES = ("backbone.",)
 _TOP = {

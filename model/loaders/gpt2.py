@@ -29,8 +29,17 @@ from __future__ import annotations
 import logging
 
 from model.config import ModelConfig
-from model.loaders.common import (Format, Target, chunk, first, require, special_id,
-                                  split_layer, strip_prefix, transpose)
+from model.loaders.common import (
+    Format,
+    Target,
+    chunk,
+    first,
+    require,
+    special_id,
+    split_layer,
+    strip_prefix,
+    transpose,
+)
 
 log = logging.getLogger(__name__)
 

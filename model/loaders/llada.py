@@ -26,8 +26,16 @@ rather than silently mis-loaded.
 from __future__ import annotations
 
 from model.config import ModelConfig
-from model.loaders.common import (Format, Target, first, require, special_id, split_layer,
-                                  strip_prefix, token_id)
+from model.loaders.common import (
+    Format,
+    Target,
+    first,
+    require,
+    special_id,
+    split_layer,
+    strip_prefix,
+    token_id,
+)
 
 _LAYER = {
     "attn_norm.weight": "attn_norm.weight",

@@ -24,8 +24,16 @@ from __future__ import annotations
 import logging
 
 from model.config import ModelConfig
-from model.loaders.common import (Format, Target, first, require, rope_theta, special_id,
-                                  split_layer, strip_prefix)
+from model.loaders.common import (
+    Format,
+    Target,
+    first,
+    require,
+    rope_theta,
+    special_id,
+    split_layer,
+    strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def finish_sharded_modules(net: nn.Module, world: int) -> None:
     Linear in/out features), as model/parallel.apply_tp leaves them."""
     if world == 1:
         return
-    for name, mod in net.named_modules():
+    for mod in net.modules():
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
         if hasattr(mod, "n_heads") and hasattr(mod, "n_kv_heads") and hasattr(mod, "head_dim"):

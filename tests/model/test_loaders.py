@@ -194,7 +194,7 @@ def ref_qwen2_llama(W, c, ids, bias: bool):
     for i in range(c["num_hidden_layers"]):
         b = f"model.layers.{i}."
 
-        def proj(h, n):
+        def proj(h, n, b=b):
             y = h @ W[f"{b}self_attn.{n}_proj.weight"].T
             return y + W[f"{b}self_attn.{n}_proj.bias"] if bias else y
 
@@ -772,6 +772,19 @@ def test_tensor_parallel_slices_reassemble_and_give_the_same_logits(ckpts, fmt):
         want = full(x)
     for got in _all_reduce_forward(ranks, x):
         assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_tensor_parallel_through_model_parallel_equals_unsharded(ckpts):
+    """The real path: two gloo processes, load_pretrained slices + apply_tp's all-reduces."""
+    parallel = pytest.importorskip("model.parallel")
+    d = ckpts["diffugpt"][0]
+    full, _, cfg = load_pretrained(d, progress=False)
+    x = random_ids(cfg.vocab_size, seed=10)
+    with torch.no_grad():
+        want = full(x)
+    got = parallel.tp_forward(d, x, tensor_parallel=2)
+    assert (got - want).abs().max().item() < 1e-4
 
 
 def test_tensor_parallel_rejects_uneven_heads(ckpts):
