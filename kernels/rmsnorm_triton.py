@@ -28,21 +28,21 @@ def _rmsnorm_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     b = r // L
-    l = r % L
+    li = r % L
     cols = tl.arange(0, BLOCK_D)
     valid = cols < d
-    x = tl.load(x_ptr + b * sx_b + l * sx_l + cols, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sx_b + li * sx_l + cols, mask=valid, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
     y = x * rstd
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        sc = tl.load(scale_ptr + b * ssc_b + l * ssc_l + cols, mask=valid, other=0.0)
+        sc = tl.load(scale_ptr + b * ssc_b + li * ssc_l + cols, mask=valid, other=0.0)
         y = y * (1.0 + sc.to(tl.float32))
     if HAS_SHIFT:
-        sh = tl.load(shift_ptr + b * ssh_b + l * ssh_l + cols, mask=valid, other=0.0)
+        sh = tl.load(shift_ptr + b * ssh_b + li * ssh_l + cols, mask=valid, other=0.0)
         y = y + sh.to(tl.float32)
-    tl.store(y_ptr + b * sy_b + l * sy_l + cols, y.to(y_ptr.dtype.element_ty), mask=valid)
+    tl.store(y_ptr + b * sy_b + li * sy_l + cols, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 def _as_bld(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -21,18 +21,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(in_ptr, out_ptr, b, l, h0, n_heads, c1, c2, s1, s2,
+def _rotate(in_ptr, out_ptr, b, li, h0, n_heads, c1, c2, s1, s2,
             si_b, si_h, si_l, so_b, so_h, so_l, half,
             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     heads = h0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     valid = (heads[:, None] < n_heads) & (cols[None, :] < half)
-    src = in_ptr + b * si_b + l * si_l + heads[:, None].to(tl.int64) * si_h + cols[None, :]
+    src = in_ptr + b * si_b + li * si_l + heads[:, None].to(tl.int64) * si_h + cols[None, :]
     x1 = tl.load(src, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
     x2 = tl.load(src + half, mask=valid, other=0.0).to(tl.float32)
     o1 = x1 * c1[None, :] - x2 * s1[None, :]
     o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    dst = out_ptr + b * so_b + l * so_l + heads[:, None].to(tl.int64) * so_h + cols[None, :]
+    dst = out_ptr + b * so_b + li * so_l + heads[:, None].to(tl.int64) * so_h + cols[None, :]
     ty = out_ptr.dtype.element_ty
     tl.store(dst, o1.to(ty), mask=valid)
     tl.store(dst + half, o2.to(ty), mask=valid)
@@ -50,21 +50,21 @@ def _rotary_kernel(
     pos = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     b = pos // L
-    l = pos % L
+    li = pos % L
     cols = tl.arange(0, BLOCK_HALF)
     cm = cols < half
-    cbase = cos_ptr + b * sc_b + l * sc_l
-    sbase = sin_ptr + b * ss_b + l * ss_l
+    cbase = cos_ptr + b * sc_b + li * sc_l
+    sbase = sin_ptr + b * ss_b + li * ss_l
     c1 = tl.load(cbase + cols, mask=cm, other=0.0).to(tl.float32)
     c2 = tl.load(cbase + half + cols, mask=cm, other=0.0).to(tl.float32)
     s1 = tl.load(sbase + cols, mask=cm, other=0.0).to(tl.float32)
     s2 = tl.load(sbase + half + cols, mask=cm, other=0.0).to(tl.float32)
     n_q_groups = tl.cdiv(H, BLOCK_H)
     if g < n_q_groups:
-        _rotate(q_ptr, qo_ptr, b, l, g * BLOCK_H, H, c1, c2, s1, s2,
+        _rotate(q_ptr, qo_ptr, b, li, g * BLOCK_H, H, c1, c2, s1, s2,
                 sq_b, sq_h, sq_l, sqo_b, sqo_h, sqo_l, half, BLOCK_H, BLOCK_HALF)
     else:
-        _rotate(k_ptr, ko_ptr, b, l, (g - n_q_groups) * BLOCK_H, Hkv, c1, c2, s1, s2,
+        _rotate(k_ptr, ko_ptr, b, li, (g - n_q_groups) * BLOCK_H, Hkv, c1, c2, s1, s2,
                 sk_b, sk_h, sk_l, sko_b, sko_h, sko_l, half, BLOCK_H, BLOCK_HALF)
 
 
