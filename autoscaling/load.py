@@ -10,10 +10,16 @@
 
 The unit of load is *seconds of accepted work*: token backlog (token-steps still to run: every
 denoising step processes the whole active block, so a 32-token block at 8 steps is 256
-token-steps) divided by the processing rate the engines measured (token-steps/s). Both sides scale
-with the denoising steps, which is why it is the right signal for a step router: a burst raises
-the backlog at once, choosing fewer steps shrinks it. The cluster figure sums backlog and capacity
+token-steps) divided by the replica's capacity (token-steps/s). Both sides scale with the
+denoising steps, which is why it is the right signal for a step router: a burst raises the
+backlog at once, choosing fewer steps shrinks it. The cluster figure sums backlog and capacity
 over replicas (the request router spreads work by backlog, so it is close to each replica's own).
+
+Capacity is the *peak* rate a replica has shown recently (PeakRate), not its current rate: an
+engine running one sequence processes far fewer token-steps per second than with a full batch
+(tiny-coder on 2 CPU cores: ~320/s at batch 1, ~1700/s at batch 16), so dividing by the current
+rate would make a single long request on an idle replica look like several seconds of queue.
+At the peak rate, drain_s reads "seconds to clear the backlog running flat out".
 
 A replica that has not reported for `stale_after_s` is dropped (dead or removed). A replica that
 has not measured its capacity yet borrows the mean of those that have, or `fallback_capacity`.
@@ -40,21 +46,28 @@ class ReplicaLoad:
     queued: int = 0
     running: int = 0
     token_backlog: float = 0.0  # token-steps left, queued and running requests together
-    capacity: float = 0.0  # measured token-steps/s (0: not measured yet)
+    capacity: float = 0.0  # measured token-steps/s now (0: not measured yet)
+    peak_capacity: float = 0.0  # the best rate shown recently (PeakRate); preferred when > 0
     step_latency_ms: float = 0.0
     output_tokens_per_s: float = 0.0
     max_num_seqs: int = 0
     reported_at: float = field(default_factory=time.time)  # wall clock: crosses processes
 
     @classmethod
-    def from_stats(cls, replica_id: str, stats, max_num_seqs: int = 0) -> ReplicaLoad:
+    def from_stats(cls, replica_id: str, stats, max_num_seqs: int = 0,
+                   peak_capacity: float = 0.0) -> ReplicaLoad:
         """From an engine.types.EngineStats (duck-typed so this module needs no engine import)."""
         return cls(replica_id=replica_id, queued=int(stats.queued), running=int(stats.running),
                    token_backlog=float(stats.token_backlog),
                    capacity=float(stats.capacity_token_steps_per_s),
+                   peak_capacity=float(peak_capacity),
                    step_latency_ms=float(stats.step_latency_ms),
                    output_tokens_per_s=float(stats.output_tokens_per_s),
                    max_num_seqs=max_num_seqs)
+
+    @property
+    def effective_capacity(self) -> float:
+        return self.peak_capacity if self.peak_capacity > 0 else self.capacity
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,9 +103,9 @@ def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
     now = time.time() if now is None else now
     if not reports:
         return ClusterLoad(at=now)
-    measured = [r.capacity for r in reports if r.capacity > 0]
+    measured = [r.effective_capacity for r in reports if r.effective_capacity > 0]
     default_cap = sum(measured) / len(measured) if measured else fallback_capacity
-    caps = [r.capacity if r.capacity > 0 else default_cap for r in reports]
+    caps = [r.effective_capacity if r.effective_capacity > 0 else default_cap for r in reports]
     backlog = sum(r.token_backlog for r in reports)
     capacity = sum(caps)
     return ClusterLoad(
@@ -188,11 +201,22 @@ class LoadSnapshotCache:
         return time.time() - self.latest.at if self.latest.at else math.inf
 
 
-def replicas_for_load(load: ClusterLoad, current_replicas: int, target_drain_s: float) -> int:
-    """Replicas that would bring the drain time to `target_drain_s` (capacity scales linearly).
+class PeakRate:
+    """The highest rate seen recently: max(new, old decayed), halving every `half_life_s`.
 
-    A helper for an autoscaling policy: the backlog is work in seconds, so N replicas at drain
-    time d need about N * d / target replicas."""
-    if current_replicas <= 0 or load.replicas == 0:
-        return current_replicas
-    return max(1, math.ceil(current_replicas * load.drain_s / target_drain_s))
+    A replica's capacity (see the module docstring). The slow decay forgets a rate the replica
+    can no longer reach (a co-tenant on the GPU, thermal limits) within minutes, while a quiet
+    spell of a few seconds keeps the peak."""
+
+    def __init__(self, half_life_s: float = 600.0):
+        self.half_life_s = half_life_s
+        self.value = 0.0
+        self._at: float | None = None
+
+    def update(self, rate: float, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if self._at is not None:
+            self.value *= 0.5 ** ((now - self._at) / self.half_life_s)
+        self._at = now
+        self.value = max(self.value, float(rate))
+        return self.value

@@ -346,7 +346,8 @@ class OpenAIService:
             remasking=req.remasking or info.remasking,
             confidence_threshold=req.confidence_threshold, temperature=temperature,
             top_p=req.top_p if req.top_p is not None else info.top_p, seed=seed,
-            stop=req.stop_list, suppress_token_ids=list(info.suppress_token_ids))
+            stop=req.stop_list, suppress_token_ids=list(info.suppress_token_ids),
+            stop_token_ids=[] if req.ignore_eos else None)
         try:
             return params.validate()
         except ValueError as e:
@@ -591,7 +592,9 @@ class OpenAIService:
         body = {"status": "ok", "model": self.info.id, "load": load.to_dict(),
                 "rung": self.router.rung, "steps": self.router.ladder.steps[self.router.rung],
                 "inflight": self.inflight, "load_age_s": round(self.load_cache.age_s, 3)}
-        if load.replicas == 0 or self.load_cache.age_s > 10:
+        # Unavailable: no model server reports load, or the board has been silent for 30 s
+        # (a starved CPU can delay a refresh by seconds; that alone is not an outage).
+        if load.replicas == 0 or self.load_cache.age_s > 30:
             body["status"] = "unavailable"
             return 503, body
         return 200, body

@@ -19,6 +19,7 @@ Diffusion extensions, grouped at the end of every request model:
   remasking             low_confidence | margin | entropy | random: which predictions to commit
   confidence_threshold  commit every prediction above it (Fast-dLLM); steps become a cap
   diffusing             stream whole intermediate canvases (a `diffusion` object per chunk)
+  ignore_eos            keep denoising past end-of-text, for benchmarks (vLLM's ignore_eos)
 Usage gains `denoising_steps` (forward passes spent over all choices) and
 `denoising_steps_per_block` (the router's choice, also sent as header `x-denoising-steps`).
 """
@@ -70,7 +71,7 @@ DenoisingSteps = Annotated[int | None, Field(ge=1, le=1024)]
 BlockLength = Annotated[int | None, Field(ge=1, le=1024)]
 ConfidenceThreshold = Annotated[float | None, Field(gt=0.0, le=1.0)]
 EXTENSION_FIELDS = ("denoising_steps", "quality", "block_length", "remasking",
-                    "confidence_threshold", "diffusing")
+                    "confidence_threshold", "diffusing", "ignore_eos")
 
 
 def _check_stop(v: str | list[str] | None) -> list[str]:
@@ -149,6 +150,7 @@ class ChatCompletionRequest(OpenAIRequestModel, _SamplingFields):
     remasking: RemaskingRule | None = None
     confidence_threshold: ConfidenceThreshold = None
     diffusing: bool = False
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -212,6 +214,7 @@ class CompletionRequest(OpenAIRequestModel, _SamplingFields):
     remasking: RemaskingRule | None = None
     confidence_threshold: ConfidenceThreshold = None
     diffusing: bool = False
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -272,6 +275,7 @@ class FIMCompletionRequest(OpenAIRequestModel, _SamplingFields):
     remasking: RemaskingRule | None = None
     confidence_threshold: ConfidenceThreshold = None
     diffusing: bool = False
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ray import serve
 
-from autoscaling.load import ClusterLoad, ReplicaLoad
+from autoscaling.load import ClusterLoad, PeakRate, ReplicaLoad
 from deployments.openai_api import APIError, Backend, ModelInfo, overloaded
 from engine.types import EngineBase, Event, Finished, GenerationRequest
 
@@ -217,6 +217,7 @@ class ModelServer:
         self._quality: collections.deque[tuple[float, bool]] = collections.deque()
         self._busy_mark = (time.monotonic(), self._iterations())
         self._busy = 0.0
+        self._peak = PeakRate()
         self._draining = False
         self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
         log.info("model server %s ready: %s (%s engine)", self.replica_id, self.description.id,
@@ -260,7 +261,9 @@ class ModelServer:
         return int(extra.get("iterations", extra.get("steps_run", 0)))
 
     def replica_load(self) -> ReplicaLoad:
-        return ReplicaLoad.from_stats(self.replica_id, self.engine.stats(), self.max_num_seqs)
+        stats = self.engine.stats()
+        peak = self._peak.update(stats.capacity_token_steps_per_s)
+        return ReplicaLoad.from_stats(self.replica_id, stats, self.max_num_seqs, peak)
 
     def _below_best_fraction(self) -> float:
         cutoff = time.monotonic() - self.config.quality_window_s
@@ -299,13 +302,14 @@ class ModelServer:
 
     def record_routing_stats(self) -> dict:
         load = self.replica_load()
-        return {"token_backlog": load.token_backlog, "capacity": load.capacity,
+        return {"token_backlog": load.token_backlog, "capacity": load.effective_capacity,
                 "queued": load.queued, "running": load.running, "reported_at": load.reported_at}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        stats = self.engine.stats()
-        return {"token_backlog": float(stats.token_backlog),
-                "capacity_token_steps_per_s": float(stats.capacity_token_steps_per_s),
+        load = self.replica_load()
+        # capacity: the peak recent rate (autoscaling/load.py says why), not the current one
+        return {"token_backlog": float(load.token_backlog),
+                "capacity_token_steps_per_s": float(load.effective_capacity),
                 "below_best_fraction": float(self._below_best_fraction()),
                 "busy_fraction": float(self._busy)}
 

@@ -13,7 +13,8 @@ It behaves like the real engine where a server can notice it:
 - tokens are fake but deterministic: words picked from the prompt ids and (when temperature > 0)
   the seed, so a test can predict them (`MockEngine.expected_words`);
 - `max_new_tokens`, `stop` strings (finish "stop", text cut before the stop) and an optional
-  `eos_after` (finish "stop" after that many tokens) are honoured;
+  `eos_after` (finish "stop" after that many tokens; `stop_token_ids=[]` ignores it, as it
+  ignores EOS in the real engine) are honoured;
 - admission: at most `max_num_seqs` run; the rest wait in a FIFO queue (QueueFullError beyond
   `max_queued`, EngineClosedError after shutdown, as engine.Engine raises them);
 - a step costs `step_delay_s + token_cost_s * tokens in the batch`, so a loaded mock slows down
@@ -269,7 +270,8 @@ class MockEngine(EngineBase):
         # Block finished: commit it, check EOS / stop strings / length.
         new = seq.words[lo:hi]
         finish = None
-        if self.config.eos_after is not None and hi >= self.config.eos_after:
+        eos_on = p.stop_token_ids is None or len(p.stop_token_ids) > 0  # [] = ignore EOS
+        if self.config.eos_after is not None and eos_on and hi >= self.config.eos_after:
             new = new[: max(0, self.config.eos_after - lo)]
             finish = "stop"
         seq.committed += new
