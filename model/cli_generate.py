@@ -39,10 +39,10 @@ def build_prompt(tokenizer, cfg, prompt: str, suffix: str | None):
     """-> (prompt_ids, suffix_ids). Block-causal models read FIM from the prompt (PSM format they
     were trained on); full-attention models take the suffix after the canvas."""
     if suffix is None:
-        return tokenizer.encode(prompt), None
+        return tokenizer.completion_prompt(prompt), None
     if cfg.attention == "block_causal":
         return tokenizer.fim_prompt(prompt, suffix), None
-    return tokenizer.encode(prompt), tokenizer.encode(suffix)
+    return tokenizer.completion_prompt(prompt), tokenizer.encode(suffix)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

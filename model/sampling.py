@@ -54,6 +54,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # default: the model's EOS (and end-of-turn)
     suppress_token_ids: list[int] = field(default_factory=list)  # never predicted (LLaDA EOS/EoT)
+    # Predictions of these tokens are committed last (LLaDA's confidence_eos_eot_inf): they still
+    # fill a position when nothing else is left, but never win a step on confidence alone.
+    defer_token_ids: list[int] = field(default_factory=list)
     use_cache: bool = True
     # Write a finished block's K/V in the same forward as the next block's first step (exact
     # up to float rounding; saves one pass per block, half the passes at block length 1).
@@ -100,13 +103,15 @@ def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tens
                 step_idx: torch.Tensor, n_commit: torch.Tensor, *, mask_id: int,
                 rules: list[str], temperature: torch.Tensor, top_p: torch.Tensor,
                 seeds: torch.Tensor, threshold: torch.Tensor,
-                last_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                last_step: torch.Tensor,
+                defer_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising step's commit for B rows.
 
     logits [B, Lb, V]; block [B, Lb] current tokens (mask_id where still masked; rows may be
     padded with non-mask tokens); positions [B, Lb] absolute positions (key the noise);
     step_idx [B] step within the block; n_commit [B] scheduled commits; threshold [B] (NaN = off);
-    last_step [B] bool (commit everything left). Returns (new block [B, Lb], committed [B, Lb]).
+    last_step [B] bool (commit everything left); defer_ids: per row, tokens ranked last.
+    Returns (new block [B, Lb], committed [B, Lb]).
     """
     B, Lb, V = logits.shape
     masked = block == mask_id
@@ -126,6 +131,12 @@ def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tens
         else:  # random
             s = position_noise(flat(seeds), positions.reshape(-1), flat(step_idx))
         scores = torch.where(rows[:, None], s.view(B, Lb).float(), scores)
+    if defer_ids is not None and any(defer_ids):
+        # scores live in [-log V, 1]: shifting by 1e4 ranks deferred predictions below all others
+        for row, ids in enumerate(defer_ids):
+            if ids:
+                hit = torch.isin(tokens[row], torch.tensor(ids, device=tokens.device))
+                scores[row] = torch.where(hit, scores[row] - 1e4, scores[row])
     scores = scores.masked_fill(~masked, float("-inf"))
     # k per row: the schedule, or everything above the threshold (at least 1), or all at the end
     conf = cand.confidence.view(B, Lb).masked_fill(~masked, -1.0)
@@ -237,7 +248,8 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
             new_block, _ = commit_step(
                 logits, block, pos, rowvec(s, torch.long), rowvec(schedule[s], torch.long),
                 mask_id=cfg.mask_id, rules=[params.remasking], temperature=temp, top_p=topp,
-                seeds=seeds, threshold=thr, last_step=rowvec(s == steps - 1, torch.bool))
+                seeds=seeds, threshold=thr, last_step=rowvec(s == steps - 1, torch.bool),
+                defer_ids=[params.defer_token_ids])
             canvas[:, lo:hi] = new_block
             total_steps += 1
             if on_step is not None:

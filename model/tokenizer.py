@@ -87,6 +87,10 @@ class Tokenizer:
         return self.hf.id_to_token(int(i)) or ""
 
     # --- prompt formats -------------------------------------------------------------------
+    def completion_prompt(self, text: str) -> list[int]:
+        """A raw-text prompt. tiny-coder has no BOS; HF tokenizers add theirs here."""
+        return self.encode(text)
+
     def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
         """PSM order (prefix, suffix, middle), the format tiny-coder is trained on."""
         return ([self.fim_prefix_id] + self.encode(prefix) + [self.fim_suffix_id]

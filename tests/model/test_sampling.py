@@ -168,3 +168,25 @@ def test_stop_strings_cut_text(small_tokenizer):
                       SamplingParams(max_new_tokens=32, steps=4, stop=[stop]), tokenizer=tok)
         assert r2.finish_reason == "stop" and stop not in r2.text
         assert r.text.startswith(r2.text)
+
+
+def test_deferred_tokens_are_committed_last():
+    """A deferred token loses the step even when it is the most confident prediction, and is
+    still committed when nothing else is left."""
+    V = 20
+    logits = torch.full((1, 3, V), -5.0)
+    logits[0, 0, 5] = 9.0  # most confident: token 5 at position 0
+    logits[0, 1, 7] = 4.0
+    logits[0, 2, 8] = 3.0
+    block = torch.zeros(1, 3, dtype=torch.long)
+    kw = dict(mask_id=0, rules=["low_confidence"], temperature=torch.zeros(1), top_p=torch.ones(1),
+              seeds=torch.zeros(1, dtype=torch.long), threshold=torch.full((1,), float("nan")))
+    step = (logits, block, torch.arange(3)[None], torch.zeros(1, dtype=torch.long),
+            torch.ones(1, dtype=torch.long))
+    plain, _ = commit_step(*step, last_step=torch.zeros(1, dtype=torch.bool), **kw)
+    assert plain.tolist() == [[5, 0, 0]]
+    deferred, _ = commit_step(*step, last_step=torch.zeros(1, dtype=torch.bool),
+                              defer_ids=[[5]], **kw)
+    assert deferred.tolist() == [[0, 7, 0]]
+    final, _ = commit_step(*step, last_step=torch.ones(1, dtype=torch.bool), defer_ids=[[5]], **kw)
+    assert final.tolist() == [[5, 7, 8]]
