@@ -116,7 +116,7 @@ def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
         capacity=capacity,
         output_tokens_per_s=sum(r.output_tokens_per_s for r in reports),
         drain_s=backlog / capacity if capacity > 0 else (math.inf if backlog else 0.0),
-        max_replica_drain_s=max(r.token_backlog / c for r, c in zip(reports, caps)),
+        max_replica_drain_s=max(r.token_backlog / c for r, c in zip(reports, caps, strict=False)),
         at=now,
     )
 

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from ray import serve
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from autoscaling.load import ClusterLoad, LoadSnapshotCache, ReplicaLoad, cluster_load
@@ -258,6 +258,13 @@ class Job:
     steps_per_block: int
     prompt_tokens: int
     echo: list[str] = field(default_factory=list)  # per request: text to prepend (echo)
+    route: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def saw_text(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
 
     @property
     def routing(self) -> dict:
@@ -457,6 +464,8 @@ class OpenAIService:
             async for i, event in streams:
                 if isinstance(event, TextDelta):
                     texts[i] += event.text
+                    if event.text:
+                        job.saw_text()
                 elif isinstance(event, Finished):
                     finished[i] = event
                     self._finish_reason(event)
@@ -496,6 +505,7 @@ class OpenAIService:
         try:
             async for i, event in self._events(streams, first):
                 if isinstance(event, TextDelta) and event.text:
+                    job.saw_text()
                     yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=event.text))])
                 elif isinstance(event, CanvasUpdate):
                     yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), diffusion=(
@@ -525,6 +535,7 @@ class OpenAIService:
         try:
             async for i, event in self._events(streams, first):
                 if isinstance(event, TextDelta) and event.text:
+                    job.saw_text()
                     yield chunk([CompletionChoice(index=i, text=event.text)])
                 elif isinstance(event, CanvasUpdate):
                     yield chunk([CompletionChoice(index=i, text="", diffusion=DiffusionState(
@@ -545,8 +556,9 @@ class OpenAIService:
         yield SSE_DONE
 
     # --- HTTP-level handlers ------------------------------------------------------------------
-    async def respond(self, job: Job, req, kind: str):
+    async def respond(self, job: Job, req, kind: str, route: str = ""):
         """Run a job; JSON or SSE. `kind` is "chat" or "completion"."""
+        job.route = route
         self.admit()
         self.inflight += 1
         released = False
@@ -657,15 +669,18 @@ def build_openai_app(service: OpenAIService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        return await service.respond(service.chat_job(body), body, "chat")
+        return await service.respond(service.chat_job(body), body, "chat",
+                                     "/v1/chat/completions")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        return await service.respond(service.completion_job(body), body, "completion")
+        return await service.respond(service.completion_job(body), body, "completion",
+                                     "/v1/completions")
 
     @app.post("/v1/fim/completions")
     async def fim_completions(body: FIMCompletionRequest):
-        return await service.respond(service.completion_job(body), body, "completion")
+        return await service.respond(service.completion_job(body), body, "completion",
+                                     "/v1/fim/completions")
 
     app.add_middleware(_AuthMiddleware, service=service)
     return app
@@ -707,6 +722,14 @@ class IngressMetrics:
         self._steps = metrics.Histogram(
             "dllm_request_denoising_steps", description="Forward passes spent per request.",
             boundaries=[4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096])
+        seconds = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120]
+        self._ttft = metrics.Histogram(
+            "dllm_time_to_first_token_seconds",
+            description="Time from request to first streamed token.", boundaries=seconds,
+            tag_keys=("route",))
+        self._latency = metrics.Histogram(
+            "dllm_request_latency_seconds", description="End-to-end request latency at the API.",
+            boundaries=seconds, tag_keys=("route",))
 
     def rejected(self, status: int) -> None:
         self._rejected.inc(tags={"status": str(status)})
@@ -717,6 +740,10 @@ class IngressMetrics:
     def finished(self, job: Job, finished: dict[int, Finished]) -> None:
         for f in finished.values():
             self._steps.observe(f.steps)
+        tags = {"route": job.route}
+        if job.first_token_at is not None:
+            self._ttft.observe(job.first_token_at - job.started, tags=tags)
+        self._latency.observe(time.perf_counter() - job.started, tags=tags)
 
 
 @dataclass

@@ -55,12 +55,12 @@ class Ladder:
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 for s in self.steps):
             raise ValueError(f"ladder steps must be positive integers, got {self.steps}")
-        if any(a <= b for a, b in zip(self.steps, self.steps[1:])):
+        if any(a <= b for a, b in zip(self.steps, self.steps[1:], strict=False)):
             raise ValueError(f"ladder steps must decrease (best quality first), got {self.steps}")
         if len(self.thresholds_s) != len(self.steps) - 1:
             raise ValueError(f"a ladder of {len(self.steps)} rungs needs {len(self.steps) - 1} "
                              f"thresholds, got {len(self.thresholds_s)}")
-        if any(a >= b for a, b in zip(self.thresholds_s, self.thresholds_s[1:])):
+        if any(a >= b for a, b in zip(self.thresholds_s, self.thresholds_s[1:], strict=False)):
             raise ValueError(f"ladder thresholds must increase, got {self.thresholds_s}")
         if not 0.0 <= self.hysteresis < 1.0:
             raise ValueError("hysteresis must be in [0, 1)")

@@ -175,6 +175,7 @@ class _ServerMetrics:
             "output_tokens_per_s": g("dllm_engine_output_tokens_per_s",
                                      description="Recent committed tokens per second."),
             "kv_pages_used": g("dllm_engine_kv_pages_used", description="KV pages in use."),
+            "kv_pages_total": g("dllm_engine_kv_pages_total", description="KV pages in the pool."),
         }
         self.finished = metrics.Counter("dllm_requests_finished_total",
                                         description="Engine requests by finish reason.",
@@ -186,7 +187,7 @@ class _ServerMetrics:
 
     def set(self, stats) -> None:
         for name in ("queued", "running", "token_backlog", "step_latency_ms",
-                     "output_tokens_per_s", "kv_pages_used"):
+                     "output_tokens_per_s", "kv_pages_used", "kv_pages_total"):
             self.gauges[name].set(float(getattr(stats, name)))
         self.gauges["capacity"].set(float(stats.capacity_token_steps_per_s))
 

@@ -44,17 +44,41 @@ class RayServeInstance:
         return f"http://{self.http_host}:{self.http_port}"
 
 
+_START_FAILURE: list[BaseException] = []  # a failed start is not retried by every later test
+
+
+def _start_ray(ray, metrics_port: int, attempts: int = 2):
+    # Ray gives its raylet a hard-coded 30 s to register; on this shared 2-core machine under a
+    # training job that is sometimes not enough, so one more try before giving up.
+    for attempt in range(attempts):
+        try:
+            return ray.init(num_cpus=int(os.environ.get("RAY_TEST_NUM_CPUS", "4")),
+                            include_dashboard=False, log_to_driver=False,
+                            namespace="dllm-tests", _metrics_export_port=metrics_port,
+                            # no idle workers started ahead of need: fewer processes on 2 cores
+                            _system_config={"enable_worker_prestart": False,
+                                            "prestart_worker_first_driver": False})
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="session")
 def ray_serve() -> RayServeInstance:
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    if _START_FAILURE:
+        pytest.fail(f"Ray did not start earlier in this run: {_START_FAILURE[0]}")
     if ray.is_initialized():
         pytest.fail("Ray was already initialised: use the ray_serve fixture only")
     metrics_port = free_port()
-    ctx = ray.init(num_cpus=int(os.environ.get("RAY_TEST_NUM_CPUS", "4")),
-                   include_dashboard=False, log_to_driver=False, namespace="dllm-tests",
-                   _metrics_export_port=metrics_port)
+    try:
+        ctx = _start_ray(ray, metrics_port)
+    except Exception as e:
+        _START_FAILURE.append(e)
+        raise
     http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     try:

@@ -16,8 +16,13 @@ import httpx
 import pytest
 
 from autoscaling.load import ClusterLoad
-from deployments.openai_api import (LocalBackend, ModelInfo, OpenAIService, ServiceSettings,
-                                    build_openai_app)
+from deployments.openai_api import (
+    LocalBackend,
+    ModelInfo,
+    OpenAIService,
+    ServiceSettings,
+    build_openai_app,
+)
 from deployments.router import Ladder, StepRouter
 from engine.mock import MockEngine, MockEngineConfig
 from model.config import ModelConfig

@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 
-import pytest
-
 from engine.mock import MockEngine, mock_steps_used
 from engine.types import MASK_GLYPH
 

@@ -7,8 +7,14 @@ import math
 
 import pytest
 
-from autoscaling.load import (ClusterLoad, LoadBoard, LoadSnapshotCache, PeakRate, ReplicaLoad,
-                              cluster_load)
+from autoscaling.load import (
+    ClusterLoad,
+    LoadBoard,
+    LoadSnapshotCache,
+    PeakRate,
+    ReplicaLoad,
+    cluster_load,
+)
 from deployments.app import parse_args
 from deployments.router import Ladder, StepRouter
 from deployments.routing import rank_by_drain, replica_drain_s

@@ -1,0 +1,434 @@
+"""`dllm bench serve`: the OpenAI API under load on loopback, adaptive step router against fixed
+steps, side by side in one run -> benchmarks/results/serve.json + serve.png.
+
+    dllm bench serve                          # deploy serve_config.yaml's app on a local Ray
+    dllm bench serve --quick                  # short settings (64-token answers, fewer requests)
+    dllm bench serve --engine mock            # the mock engine (HTTP + Ray cost alone)
+    dllm bench serve --url http://127.0.0.1:8000 --model-id tiny-coder   # a running server
+
+For each mode (adaptive: the step router decides; best: every request pins the ladder's first
+rung; fastest: its last) and each concurrency C in 1, 4, 16, 64, C closed-loop workers send
+streaming chat requests back to back (`--rounds` each, at least `--min-requests` in all: a
+bounded load), every answer exactly `--max-tokens` long (ignore_eos), greedy. Reported per
+level: output tok/s, time to first token (first streamed text) p50/p95, latency p50/p95, the
+steps per block the server chose (header x-denoising-steps), errors by status. Between levels
+the run waits for an idle cluster at the best rung, so every level starts from the same state.
+
+Overhead: at concurrency 1, a 128-token answer at the best rung through HTTP + Ray against the
+same request on an engine in this process (same model, same EngineConfig), alternating, medians
+of `--overhead-repeats`. Goals the issue sets (on this CPU): HTTP+Ray overhead < 15 % of the
+end-to-end latency; under 4x overload (C=64 on 16 engine slots) the adaptive router keeps p95
+within 2x of the unloaded p95 (best rung, C=1) while fixed best quality goes past 4x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+from tqdm import tqdm
+
+log = logging.getLogger("dllm.bench.serve")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PROMPTS = [
+    "def fibonacci(n):", "Write a function that parses a CSV line.", "class LRUCache:",
+    "import json\n\ndef load(path):", "Sort a list of dicts by a key.", "def is_prime(n):",
+    "Read a file and count the words.", "async def fetch(url):",
+]
+
+
+@dataclass
+class Sample:
+    ok: bool
+    status: int
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    completion_tokens: int = 0
+    steps_per_block: int | None = None
+    steps: int = 0  # forward passes the request used (usage.denoising_steps)
+
+
+@dataclass
+class Level:
+    mode: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    ok: int
+    errors: dict[str, int]
+    output_tok_per_s: float
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_mean_s: float | None
+    steps_chosen: dict[str, int]  # steps per block -> requests
+    mean_steps_per_block: float | None
+    mean_forward_passes: float | None
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# --- the load generator ----------------------------------------------------------------------
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                      pin: int | None) -> Sample:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    if pin is not None:
+        body["denoising_steps"] = pin
+    t0 = time.perf_counter()
+    sample = Sample(ok=False, status=0)
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            sample.status = r.status_code
+            if r.status_code != 200:
+                await r.aread()
+                return sample
+            sample.steps_per_block = int(r.headers.get("x-denoising-steps", 0)) or None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return sample
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    if sample.ttft_s is None:
+                        sample.ttft_s = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    sample.completion_tokens = chunk["usage"]["completion_tokens"]
+                    sample.steps = chunk["usage"].get("denoising_steps", 0)
+        sample.latency_s = time.perf_counter() - t0
+        sample.ok = True
+    except httpx.HTTPError as e:
+        log.warning("request failed: %s", e)
+    return sample
+
+
+async def run_level(url: str, model: str, mode: str, concurrency: int, total: int,
+                    max_tokens: int, pin: int | None, bar: tqdm) -> Level:
+    samples: list[Sample] = []
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1200.0),
+                                 limits=limits) as client:
+        async def worker(w: int):
+            for i in counter:
+                prompt = PROMPTS[(w + i) % len(PROMPTS)] + f"  # {i}"
+                samples.append(await one_request(client, model, prompt, max_tokens, pin))
+                bar.update(1)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(w) for w in range(concurrency)])
+        wall = time.perf_counter() - t0
+    good = [s for s in samples if s.ok]
+    lat = [s.latency_s for s in good]
+    ttft = [s.ttft_s for s in good if s.ttft_s is not None]
+    steps = Counter(str(s.steps_per_block) for s in good)
+    return Level(
+        mode=mode, concurrency=concurrency, requests=len(samples), wall_s=wall, ok=len(good),
+        errors=dict(Counter(str(s.status) for s in samples if not s.ok)),
+        output_tok_per_s=sum(s.completion_tokens for s in good) / wall,
+        ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+        latency_p50_s=percentile(lat, 0.5), latency_p95_s=percentile(lat, 0.95),
+        latency_mean_s=statistics.fmean(lat) if lat else None, steps_chosen=dict(steps),
+        mean_steps_per_block=statistics.fmean(s.steps_per_block for s in good
+                                              if s.steps_per_block) if good else None,
+        mean_forward_passes=statistics.fmean(s.steps for s in good) if good else None)
+
+
+def wait_idle(url: str, best_rung_too: bool = True, max_s: float = 600.0) -> None:
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        try:
+            h = httpx.get(f"{url}/health", timeout=30).json()
+            load = h.get("load", {})
+            if h.get("inflight", 0) == 0 and load.get("running", 0) == 0 and \
+                    load.get("queued", 0) == 0 and (h.get("rung", 0) == 0 or not best_rung_too):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    log.warning("the cluster did not go idle within %.0f s", max_s)
+
+
+# --- deployment ------------------------------------------------------------------------------
+def app_args(config: Path, engine: str, ladder: list[int] | None,
+             thresholds: list[float] | None) -> dict:
+    apps = yaml.safe_load(config.read_text())["applications"]
+    args = dict(apps[0].get("args") or {})
+    args["model"] = {**args.get("model", {}), "engine": engine}
+    if engine == "mock":
+        args["model"]["mock"] = {"step_delay_s": 0.002, "token_cost_s": 5e-5,
+                                 "max_num_seqs": args.get("engine", {}).get("max_num_seqs", 16)}
+    args["auth"] = {"api_keys_env": None}
+    args["limits"] = {**args.get("limits", {}), "max_inflight": 4096, "max_drain_s": None}
+    args["engine"] = {**args.get("engine", {}), "max_queued": 4096}
+    args["server"] = {**args.get("server", {}), "max_ongoing_requests": 4200}
+    if ladder:
+        args["ladder"] = {**args.get("ladder", {}), "steps": ladder}
+    if thresholds:
+        args["ladder"] = {**args.get("ladder", {}), "thresholds_s": thresholds}
+    return args
+
+
+def deploy(args: dict) -> tuple[str, object]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="dllm-bench")
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="dllm-bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}", ray
+
+
+# --- overhead: HTTP + Ray against the engine alone ----------------------------------------------
+async def engine_alone_latency(args: dict, prompt_ids: list[int], max_tokens: int, steps: int,
+                               block_length: int):
+    """The engine the server runs, in this process: -> async callable timing one request."""
+    from deployments.app import parse_args
+    from deployments.server import ServerConfig, build_engine
+    from engine.types import GenerationRequest, TextDelta
+    from model.sampling import SamplingParams
+
+    a = parse_args(args)
+    engine, _, _ = build_engine(ServerConfig(
+        model=a.model.source, dtype=a.model.dtype, device=a.model.device, engine=a.model.engine,
+        engine_options=a.engine.engine_options(), mock_options=a.model.mock.model_dump(
+            exclude_none=True), torch_threads=a.model.torch_threads))
+    await engine.start()
+    count = {"n": 0}
+
+    async def timed() -> tuple[float, float | None]:
+        count["n"] += 1
+        params = SamplingParams(max_new_tokens=max_tokens, steps=steps, block_length=block_length,
+                                stop_token_ids=[])
+        t0, first = time.perf_counter(), None
+        async for ev in engine.submit(GenerationRequest(f"alone-{count['n']}", prompt_ids,
+                                                        params)):
+            if first is None and isinstance(ev, TextDelta) and ev.text:
+                first = time.perf_counter() - t0
+        return time.perf_counter() - t0, first
+
+    return engine, timed
+
+
+async def measure_overhead(url: str, model: str, args: dict | None, tokenizer, max_tokens: int,
+                           steps: int, block_length: int, repeats: int) -> dict:
+    prompt = PROMPTS[0]
+    http = []
+    out: dict = {"max_tokens": max_tokens, "steps_per_block": steps, "repeats": repeats}
+    engine = timed = None
+    if args is not None and tokenizer is not None:
+        ids = tokenizer.chat_prompt([{"role": "user", "content": prompt}])
+        engine, timed = await engine_alone_latency(args, ids, max_tokens, steps, block_length)
+    alone = []
+    async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
+        for _ in tqdm(range(repeats), desc="overhead (HTTP vs engine alone)"):
+            if timed is not None:
+                alone.append((await timed())[0])
+            s = await one_request(client, model, prompt, max_tokens, steps)
+            if s.ok:
+                http.append(s.latency_s)
+    if engine is not None:
+        await engine.shutdown()
+    out["http_latency_s"] = statistics.median(http) if http else None
+    out["http_samples_s"] = http
+    if alone:
+        out["engine_alone_latency_s"] = statistics.median(alone)
+        out["engine_alone_samples_s"] = alone
+        if http:
+            out["overhead_s"] = out["http_latency_s"] - out["engine_alone_latency_s"]
+            out["overhead_share"] = out["overhead_s"] / out["http_latency_s"]
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------
+def goals(levels: list[Level], overhead: dict) -> dict:
+    by = {(lv.mode, lv.concurrency): lv for lv in levels}
+    out: dict = {}
+    base = by.get(("best", 1)) or by.get(("adaptive", 1))
+    top = max((lv.concurrency for lv in levels), default=0)
+    if base and base.latency_p95_s:
+        out["unloaded_p95_s"] = base.latency_p95_s
+        for mode in ("adaptive", "best", "fastest"):
+            lv = by.get((mode, top))
+            if lv and lv.latency_p95_s:
+                out[f"{mode}_p95_at_c{top}_over_unloaded"] = lv.latency_p95_s / base.latency_p95_s
+    for mode in ("adaptive", "best", "fastest"):
+        a, b = by.get((mode, 1)), by.get((mode, 16))
+        if a and b and a.output_tok_per_s:
+            out[f"{mode}_throughput_c16_over_c1"] = b.output_tok_per_s / a.output_tok_per_s
+    if "overhead_share" in overhead:
+        out["http_ray_overhead_share_c1"] = overhead["overhead_share"]
+        out["overhead_under_15pct"] = overhead["overhead_share"] < 0.15
+    if f"adaptive_p95_at_c{top}_over_unloaded" in out:
+        out["adaptive_p95_within_2x"] = out[f"adaptive_p95_at_c{top}_over_unloaded"] <= 2.0
+    if f"best_p95_at_c{top}_over_unloaded" in out:
+        out["best_p95_past_4x"] = out[f"best_p95_at_c{top}_over_unloaded"] > 4.0
+    return out
+
+
+def plot(levels: list[Level], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [("output_tok_per_s", "output tokens/s"), ("latency_p95_s", "p95 latency (s)"),
+              ("ttft_p50_s", "time to first token p50 (s)"),
+              ("mean_steps_per_block", "steps per block chosen (mean)")]
+    for ax, (key, label) in zip(axes.flat, panels, strict=False):
+        for mode in dict.fromkeys(lv.mode for lv in levels):
+            pts = [(lv.concurrency, getattr(lv, key)) for lv in levels
+                   if lv.mode == mode and getattr(lv, key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=False), marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        if key in ("latency_p95_s", "ttft_p50_s"):
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="dllm bench serve", description=__doc__.split("\n")[0])
+    p.add_argument("--url", help="benchmark a running server instead of deploying one")
+    p.add_argument("--model-id", help="model name to send (default: the server's)")
+    p.add_argument("--config", default=str(REPO / "serve_config.yaml"))
+    p.add_argument("--engine", choices=("real", "mock"), default="real")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--modes", default="adaptive,best,fastest")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2, help="requests per worker per level")
+    p.add_argument("--min-requests", type=int, default=8, help="per level, at least")
+    p.add_argument("--ladder", help="steps per block, best first, e.g. 16,8,4,2")
+    p.add_argument("--thresholds", help="drain seconds per rung change, e.g. 2,4,8")
+    p.add_argument("--overhead-repeats", type=int, default=5)
+    p.add_argument("--overhead-tokens", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="64-token answers, 1 round, 4 minimum")
+    p.add_argument("--out", default=str(RESULTS / "serve"), help="path stem for .json/.png")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.quick:
+        a.max_tokens, a.rounds, a.min_requests = 64, 1, 4
+        a.overhead_repeats = min(a.overhead_repeats, 3)
+    levels_c = [int(x) for x in a.concurrency.split(",")]
+    modes = a.modes.split(",")
+
+    args = app_args(Path(a.config), a.engine,
+                    [int(x) for x in a.ladder.split(",")] if a.ladder else None,
+                    [float(x) for x in a.thresholds.split(",")] if a.thresholds else None)
+    ray = None
+    if a.url:
+        url, args_local = a.url.rstrip("/"), None
+    else:
+        url, ray = deploy(args)
+        args_local = args
+    model = a.model_id or httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
+    card = httpx.get(f"{url}/v1/models/{model}", timeout=60).json()
+    block_length = card.get("block_length") or 32
+    ladder = args.get("ladder", {}).get("steps", [16, 8, 4, 2])
+    pins = {"adaptive": None, "best": ladder[0], "fastest": ladder[-1]}
+    tokenizer = None
+    if args_local is not None:
+        from deployments.server import load_config_and_tokenizer
+
+        try:
+            _, tokenizer = load_config_and_tokenizer(args_local["model"]["source"])
+        except FileNotFoundError:
+            tokenizer = None
+
+    # Warm-up: a burst teaches the replica its peak rate (the router's capacity), then idle.
+    log.info("warm-up")
+    warm = tqdm(total=16, desc="warm-up")
+    asyncio.run(run_level(url, model, "warmup", 16, 16, 32, ladder[-1], warm))
+    warm.close()
+
+    levels: list[Level] = []
+    total_requests = sum(max(c * a.rounds, a.min_requests) for c in levels_c) * len(modes)
+    bar = tqdm(total=total_requests, desc="bench serve")
+    for mode in modes:
+        for c in levels_c:
+            wait_idle(url)
+            total = max(c * a.rounds, a.min_requests)
+            bar.set_postfix(mode=mode, c=c)
+            lv = asyncio.run(run_level(url, model, mode, c, total, a.max_tokens, pins[mode], bar))
+            log.info("%s c=%d: %.1f tok/s, p50 %.2fs p95 %.2fs, ttft p50 %s, steps %s, errors %s",
+                     mode, c, lv.output_tok_per_s, lv.latency_p50_s or -1, lv.latency_p95_s or -1,
+                     lv.ttft_p50_s, lv.steps_chosen, lv.errors)
+            levels.append(lv)
+    bar.close()
+
+    wait_idle(url)
+    overhead = asyncio.run(measure_overhead(url, model, args_local, tokenizer,
+                                            a.overhead_tokens, ladder[0], block_length,
+                                            a.overhead_repeats))
+    result = {
+        "benchmark": "serve",
+        "url": url,
+        "model": model,
+        "engine": a.engine if not a.url else "external",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "note": "shared 2-core CPU with a training job running"},
+        "settings": {"concurrency": levels_c, "modes": modes, "max_tokens": a.max_tokens,
+                     "rounds": a.rounds, "min_requests": a.min_requests, "ladder": ladder,
+                     "thresholds_s": args.get("ladder", {}).get("thresholds_s"),
+                     "pins": pins, "quick": a.quick},
+        "levels": [asdict(lv) for lv in levels],
+        "overhead": overhead,
+        "goals": goals(levels, overhead),
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(levels, out.with_suffix(".png"),
+         f"dllm bench serve: {model} ({result['engine']} engine), {a.max_tokens}-token answers")
+    log.info("wrote %s and %s", out.with_suffix(".json"), out.with_suffix(".png"))
+    print(json.dumps(result["goals"], indent=2))
+    if ray is not None:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
