@@ -80,12 +80,22 @@ class StepRunner:
             logits, blocks, pos, valid, n = self._block_causal_logits(seqs)
         else:
             logits, blocks, pos, valid, n = self._full_logits(seqs)
-        B, V = len(seqs), logits.shape[-1]
+        B, _, V = logits.shape
         dev, mask_id = self.device, self.cfg.mask_id
+        # Compact each row to its masked positions, in order: commit_step reads nothing else,
+        # and after a block's first step most positions are committed (on average 44% of the
+        # vocabulary work saved at 8 steps per block). Same commits: the masked positions keep
+        # their relative order, so its stable ranking breaks ties the same way.
+        masked = (blocks == mask_id) & valid  # [B, Lb]
+        counts = masked.sum(1)
+        M = int(counts.max())
+        order = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)[:, :M]  # [B, M]
+        in_row = torch.arange(M, device=dev)[None, :] < counts[:, None]  # [B, M]
+        logits = logits.gather(1, order[:, :, None].expand(B, M, V))  # [B, M, V]
         banned = torch.zeros(B, V, dtype=torch.bool, device=dev)
         for i, s in enumerate(seqs):
             banned[i, s.banned] = True
-        logits = logits.masked_fill(banned[:, None, :], float("-inf"))  # [B, Lb, V]
+        logits.masked_fill_(banned[:, None, :], float("-inf"))
         plans = [s.step_plan() for s in seqs]
         p = [s.params for s in seqs]
 
@@ -94,14 +104,16 @@ class StepRunner:
 
         thr = [x.confidence_threshold if x.confidence_threshold is not None else float("nan")
                for x in p]
-        new, committed = commit_step(
-            logits, blocks, pos, col([pl[0] for pl in plans], torch.long),
-            col([pl[1] for pl in plans], torch.long), mask_id=mask_id,
-            rules=[x.remasking for x in p], temperature=col([x.temperature for x in p], torch.float32),
+        new_c, committed_c = commit_step(
+            logits, torch.where(in_row, mask_id, self.fill_id), pos.gather(1, order),
+            col([pl[0] for pl in plans], torch.long), col([pl[1] for pl in plans], torch.long),
+            mask_id=mask_id, rules=[x.remasking for x in p],
+            temperature=col([x.temperature for x in p], torch.float32),
             top_p=col([x.top_p for x in p], torch.float32), seeds=col([x.seed for x in p], torch.long),
             threshold=col(thr, torch.float32), last_step=col([pl[2] for pl in plans], torch.bool))
-        left = ((new == mask_id) & valid).sum(1)
-        outcome = [tuple(r) for r in torch.stack([left, committed.sum(1)], 1).tolist()]
+        new = blocks.scatter(1, order, torch.where(committed_c, new_c, blocks.gather(1, order)))
+        left = counts - committed_c.sum(1)
+        outcome = [tuple(r) for r in torch.stack([left, committed_c.sum(1)], 1).tolist()]
         spans = [s.block_span() for s in seqs]
 
         def apply() -> None:

@@ -61,6 +61,7 @@ class _Iteration:
     events: list[tuple[Sequence, Event]] = field(default_factory=list)
     token_steps: int = 0  # real tokens through the forwards
     committed: int = 0  # tokens committed by the step
+    cache_write_s: float = 0.0  # time in the cache-write forward (prefill, finished blocks)
 
 
 class Engine(EngineBase):
@@ -94,6 +95,8 @@ class Engine(EngineBase):
         self._committed_log: collections.deque[tuple[float, int]] = collections.deque()
         self._capacity = 0.0
         self._iterations = 0
+        self._busy_s = 0.0  # total iteration time, and the part spent writing the cache
+        self._cache_write_s = 0.0
         self._window_start = float("inf")  # set by the first iteration
 
     # --- public API -----------------------------------------------------------------------
@@ -159,8 +162,9 @@ class Engine(EngineBase):
             capacity_token_steps_per_s=self._capacity,
             kv_pages_used=self.pool.used_pages if self.pool else 0,
             kv_pages_total=self.pool.num_pages if self.pool else 0,
-            extra={"iterations": self._iterations, "max_num_seqs": self.config.max_num_seqs,
-                   "page_size": self.config.page_size},
+            extra={"iterations": self._iterations, "busy_s": self._busy_s,
+                   "cache_write_s": self._cache_write_s,
+                   "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size},
         )
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -287,6 +291,8 @@ class Engine(EngineBase):
         dt = t1 - t0
         self._window_start = min(self._window_start, t0)
         self._iterations += 1
+        self._busy_s += dt
+        self._cache_write_s += it.cache_write_s
         self._step_times.append(dt)
         self._committed_log.append((t0, it.committed))
         self._trim_committed(t1)
@@ -305,9 +311,11 @@ class Engine(EngineBase):
         with torch.no_grad():
             writes = [s for s in batch if s.pending_append is not None]
             if writes:
+                t0 = time.perf_counter()
                 for n, apply in self._isolated(writes, self.runner.cache_write, failed):
                     it.token_steps += n
                     apply()
+                it.cache_write_s = time.perf_counter() - t0
             stepping = [s for s in batch if s.request_id not in failed]
             outcomes: dict[str, tuple[int, int]] = {}
             if stepping:

@@ -1,0 +1,172 @@
+"""`dllm bench engine`: engine output tok/s at 1, 4, 16 concurrent sequences vs one after another.
+
+    dllm bench engine                                  # tiny-coder, 16 requests x 64 new tokens
+    python -m benchmarks.bench_engine --threads 1 --new-tokens 64 --concurrency 1 4 16
+
+The same set of requests (distinct code prompts, the same sampling settings, EOS not stopping
+them so every setting does the same work) goes through a fresh Engine with c clients, each
+submitting its next request when the previous one finishes (closed loop). Concurrency 1 is the
+"one after another" baseline through the engine; `generate` one after another (no engine) is
+shown beside it, so the engine's own overhead is visible. Output tok/s = completion tokens /
+wall time. Writes benchmarks/results/bench_engine.json and .png; read the ratios, not the
+absolute numbers (a shared 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine import Engine, EngineConfig
+from engine.types import Finished, GenerationRequest
+from model.sampling import SamplingParams, generate
+
+RESULTS = Path(__file__).parent / "results"
+
+SNIPPETS = [
+    "import os\n\n\ndef read_config(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import json\n\n\ndef load(path):\n    with open(path) as f:\n",
+    "def is_prime(n):\n",
+    "from collections import Counter\n\n\ndef most_common_words(text, k):\n",
+    "def merge_sorted(a, b):\n    out = []\n",
+    "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
+]
+
+
+def make_requests(tok, n: int, params: SamplingParams) -> list[GenerationRequest]:
+    out = []
+    for i in range(n):
+        prompt = f"# task {i}\n" + SNIPPETS[i % len(SNIPPETS)]
+        out.append(GenerationRequest(f"bench-{i}", tok.encode(prompt), params))
+    return out
+
+
+async def run_engine(net, tok, reqs: list[GenerationRequest], concurrency: int,
+                     max_num_seqs: int) -> dict:
+    engine = Engine(net, tok, net.cfg, EngineConfig(max_num_seqs=max_num_seqs))
+    await engine.start()
+    todo = list(reqs)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client():
+        nonlocal tokens
+        while todo:
+            req = todo.pop(0)
+            t0 = time.perf_counter()
+            async for ev in engine.submit(req):
+                if isinstance(ev, Finished):
+                    assert ev.error is None, ev.error
+                    tokens += ev.completion_tokens
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    seconds = time.perf_counter() - t0
+    stats = engine.stats()
+    await engine.shutdown()
+    it = stats.extra["iterations"]
+    return {"concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "mean_latency_s": statistics.mean(latencies),
+            "p50_latency_s": statistics.median(latencies),
+            "iterations": it, "mean_iteration_ms": 1000 * stats.extra["busy_s"] / max(it, 1),
+            "cache_write_share": stats.extra["cache_write_s"] / max(stats.extra["busy_s"], 1e-9),
+            "capacity_token_steps_per_s": stats.capacity_token_steps_per_s}
+
+
+def run_generate(net, tok, reqs: list[GenerationRequest]) -> dict:
+    t0 = time.perf_counter()
+    tokens = sum(len(generate(net, r.prompt_ids, r.params).tokens) for r in reqs)
+    seconds = time.perf_counter() - t0
+    return {"requests": len(reqs), "output_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="dllm bench engine", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-coder", help="preset name or checkpoint directory")
+    p.add_argument("--requests", type=int, default=16, help="requests per setting")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8, help="denoising steps per block")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--no-generate", action="store_true", help="skip the generate() baseline")
+    p.add_argument("--out", default=str(RESULTS / "bench_engine.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from model.cli_generate import load_model
+
+    net, tok, cfg = load_model(args.model)
+    params = SamplingParams(max_new_tokens=args.new_tokens, block_length=args.block_length,
+                            steps=args.steps, stop_token_ids=[])
+    reqs = make_requests(tok, args.requests, params)
+    asyncio.run(run_engine(net, tok, reqs[:2], 2, 2))  # warm-up (allocator, thread pool)
+    rows = []
+    for c in tqdm(args.concurrency, desc="concurrency"):
+        rows.append(asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency))))
+    base = next((r for r in rows if r["concurrency"] == 1), rows[0])["tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_sequential"] = r["tokens_per_s"] / base
+    ref = None if args.no_generate else run_generate(net, tok, reqs)
+    result = {"model": args.model, "settings": {"new_tokens": args.new_tokens,
+                                                "block_length": args.block_length,
+                                                "steps_per_block": args.steps,
+                                                "requests": args.requests},
+              "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "rows": rows, "generate_sequential": ref}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(rows, ref, out.with_suffix(".png"), result)
+    print(f"{'concurrency':>12}{'tok/s':>10}{'x seq':>8}{'iter ms':>9}{'write %':>9}{'p50 s':>8}")
+    for r in rows:
+        print(f"{r['concurrency']:>12}{r['tokens_per_s']:>10.1f}{r['speedup_vs_sequential']:>8.2f}"
+              f"{r['mean_iteration_ms']:>9.1f}{100 * r['cache_write_share']:>9.1f}"
+              f"{r['p50_latency_s']:>8.2f}")
+    if ref:
+        print(f"{'generate()':>12}{ref['tokens_per_s']:>10.1f}  (one after another, no engine)")
+
+
+def _plot(rows, ref, path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [str(r["concurrency"]) for r in rows]
+    bars = ax.bar(xs, [r["tokens_per_s"] for r in rows], color="tab:blue", label="engine")
+    for b, r in zip(bars, rows, strict=True):
+        ax.annotate(f"{r['speedup_vs_sequential']:.1f}x", (b.get_x() + b.get_width() / 2,
+                    b.get_height()), ha="center", va="bottom")
+    if ref:
+        ax.axhline(ref["tokens_per_s"], color="k", ls=":", label="generate(), one after another")
+    s = result["settings"]
+    ax.set_xlabel("concurrent sequences")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{result['model']} engine: {s['requests']} requests x {s['new_tokens']} tokens, "
+                 f"block {s['block_length']}, {s['steps_per_block']} steps/block "
+                 f"({result['threads']} threads)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
