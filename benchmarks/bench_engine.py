@@ -102,6 +102,9 @@ def main(argv=None) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="denoising steps per block")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per concurrency, interleaved (1, 4, 16, 1, 4, 16, ...) so that a "
+                        "busy machine slows every setting alike; the median run is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate() baseline")
     p.add_argument("--out", default=str(RESULTS / "bench_engine.json"))
@@ -116,9 +119,14 @@ def main(argv=None) -> None:
                             steps=args.steps, stop_token_ids=[])
     reqs = make_requests(tok, args.requests, params)
     asyncio.run(run_engine(net, tok, reqs[:2], 2, 2))  # warm-up (allocator, thread pool)
+    runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+    plan = [c for _ in range(args.repeats) for c in args.concurrency]
+    for c in tqdm(plan, desc="engine runs"):
+        runs[c].append(asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency))))
     rows = []
-    for c in tqdm(args.concurrency, desc="concurrency"):
-        rows.append(asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency))))
+    for rs in runs.values():
+        med = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
+        rows.append({**med, "all_tokens_per_s": [r["tokens_per_s"] for r in rs]})
     base = next((r for r in rows if r["concurrency"] == 1), rows[0])["tokens_per_s"]
     for r in rows:
         r["speedup_vs_sequential"] = r["tokens_per_s"] / base
@@ -126,7 +134,8 @@ def main(argv=None) -> None:
     result = {"model": args.model, "settings": {"new_tokens": args.new_tokens,
                                                 "block_length": args.block_length,
                                                 "steps_per_block": args.steps,
-                                                "requests": args.requests},
+                                                "requests": args.requests,
+                                                "repeats": args.repeats},
               "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "rows": rows, "generate_sequential": ref}
     out = Path(args.out)

@@ -13,8 +13,15 @@ import pytest
 
 from model.sampling import generate
 
-from .conftest import (assert_like_reference, collect, make_engine, request, streamed_text,
-                       tiny_config, tiny_net)
+from .conftest import (
+    assert_like_reference,
+    collect,
+    make_engine,
+    request,
+    streamed_text,
+    tiny_config,
+    tiny_net,
+)
 
 PROMPT = list(range(20, 44))
 
@@ -45,7 +52,7 @@ def mixed_requests(prefix: str, with_suffix: bool = False):
     """Different prompt lengths, canvases, block lengths, steps, rules, temperatures, seeds."""
     out = []
     for i in range(8):
-        kw = dict(max_new_tokens=[16, 40, 7, 33, 24, 64, 12, 30][i],
+        kw = dict(max_new_tokens=[16, 28, 7, 33, 20, 40, 12, 24][i],
                   block_length=[4, 8, 16, 32, 1, 8, 4, 16][i], steps=[2, 8, 3, 4, 1, 5, 4, 6][i],
                   remasking=["low_confidence", "margin", "entropy", "random"][i % 4],
                   temperature=[0.0, 0.7, 0.0, 1.2][i % 4], top_p=[1.0, 1.0, 0.8, 0.95][i % 4],

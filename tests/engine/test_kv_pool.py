@@ -84,7 +84,7 @@ def test_batched_step_logits_match_reference_float32(tok):
             s.block = n_done
         logits, *_ = runner._block_causal_logits(seqs)
         worst = 0.0
-        for i, (seq, (prompt, bl, _)) in enumerate(zip(seqs, specs, strict=True)):
+        for i, (prompt, bl, _) in enumerate(specs):
             last = blocks[i][-1]
             t = sum(x == cfg.mask_id for x in last) / bl
             ref = reference_logits(net, prompt, blocks[i], t)
