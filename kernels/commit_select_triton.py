@@ -8,7 +8,7 @@ keeps, per lane of the chunk, an online softmax (running max m, sum s = sum e^(x
 w = sum e^(x-m) (x-m) for the entropy), the top-1 value/index and the top-2 value, and at T > 0
 the running Gumbel-max of x/T + g with the hash noise of kernels/noise.py (the same lowbias32 bits,
 so the sample equals the reference's). The lanes are merged once at the end:
-    entropy = log S - W / S,  confidence = e^(x_tok - M) / S,  margin = (e^(t1-M) - e^(t2-M)) / S.
+    entropy = log S - W / S,  confidence = e^(x_tok - M) / S,  margin = (1 - e^(t2-M)) / S.
 Each element costs one exp (e^-|x-m| serves both the rescale and the new term) and, when the row
 samples, one hash and two logs.
 
@@ -111,56 +111,50 @@ def _commit_select_kernel(
         key = _hash32(key ^ pos)
         key = _hash32(key ^ step)
 
-    # per-lane state; lane j sees indices j, j + BLOCK_V, j + 2 BLOCK_V, ...
-    m = tl.full([BLOCK_V], NEG_BIG, tl.float32)  # running max
-    s = tl.zeros([BLOCK_V], tl.float32)  # sum e^(x - m)
-    w = tl.zeros([BLOCK_V], tl.float32)  # sum e^(x - m) (x - m)
-    t1 = tl.full([BLOCK_V], float("-inf"), tl.float32)  # top-1 value, its index, top-2 value
+    # per-lane state; lane j sees indices j, j + BLOCK_V, j + 2 BLOCK_V, ... The top-1 value is
+    # also the online-softmax max: starting it at a finite NEG_BIG keeps (x - t1) free of
+    # inf - inf. State is 7 values per element of the chunk: registers decide occupancy here.
+    t1 = tl.full([BLOCK_V], NEG_BIG, tl.float32)  # top-1 value (= running max), its index
     i1 = tl.zeros([BLOCK_V], tl.int32)
-    t2 = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)  # Gumbel-max score, index, logit
+    t2 = tl.full([BLOCK_V], NEG_BIG, tl.float32)  # top-2 value
+    s = tl.zeros([BLOCK_V], tl.float32)  # sum e^(x - t1)
+    w = tl.zeros([BLOCK_V], tl.float32)  # sum e^(x - t1) (x - t1)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)  # Gumbel-max score and its index
     bi = tl.zeros([BLOCK_V], tl.int32)
-    bx = tl.full([BLOCK_V], float("-inf"), tl.float32)
 
     for start in range(0, V, BLOCK_V):
         idx = start + offs
         x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-        d = x - m
-        e = tl.exp(-tl.abs(d))  # e^(m-x) when x is the new max, else e^(x-m); 0 for x = -inf
-        up = d > 0.0
+        d = x - t1
+        e = tl.exp(-tl.abs(d))  # e^(t1-x) when x is the new max, else e^(x-t1); 0 for x = -inf
+        up = d > 0.0  # strict: a lane keeps the first index of a tie, as torch.argmax does
         w = tl.where(up, e * (w - s * d), w + tl.where(e > 0.0, e * d, 0.0))
         s = tl.where(up, s * e + 1.0, s + e)
-        m = tl.maximum(m, x)
-        gt1 = x > t1  # strict: a lane keeps the first index of a tie, as torch.argmax does
-        t2 = tl.where(gt1, t1, tl.maximum(t2, x))
-        i1 = tl.where(gt1, idx, i1)
-        t1 = tl.where(gt1, x, t1)
+        t2 = tl.where(up, t1, tl.maximum(t2, x))
+        i1 = tl.where(up, idx, i1)
+        t1 = tl.where(up, x, t1)
         if MAY_SAMPLE:
             if sampling:
                 score = tl.math.div_rn(x, temp) + _gumbel(idx, key, ACCURATE_LOG)
                 better = score > best
                 best = tl.where(better, score, best)
                 bi = tl.where(better, idx, bi)
-                bx = tl.where(better, x, bx)
 
     # merge the lanes
-    M = tl.max(m, axis=0)
-    r = tl.exp(m - M)  # 0 for lanes that saw only -inf (m = NEG_BIG)
+    M = tl.max(t1, axis=0)
+    r = tl.exp(t1 - M)  # 0 for lanes that saw only -inf (t1 = NEG_BIG)
     S = tl.sum(s * r, axis=0)
-    W = tl.sum(r * (w + s * (m - M)), axis=0)
+    W = tl.sum(r * (w + s * (t1 - M)), axis=0)
     entropy = tl.log(S) - W / S
-    T1 = tl.max(t1, axis=0)
-    I1 = tl.min(tl.where(t1 == T1, i1, 2147483647), axis=0)
-    T2 = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(i1 == I1, float("-inf"), t1), axis=0))
-    margin = (tl.exp(T1 - M) - tl.exp(T2 - M)) / S
+    I1 = tl.min(tl.where(t1 == M, i1, 2147483647), axis=0)
+    T2 = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(i1 == I1, NEG_BIG, t1), axis=0))
+    margin = (1.0 - tl.exp(T2 - M)) / S
     token = I1
-    x_tok = T1
 
     if MAY_SAMPLE:
         if sampling:
             B = tl.max(best, axis=0)
             token = tl.min(tl.where(best == B, bi, 2147483647), axis=0)
-            x_tok = tl.max(tl.where(bi == token, bx, float("-inf")), axis=0)
             if MAY_TOPP:
                 if topp < 1.0:
                     # ---- nucleus: search the boundary in the tempered values z = x / T ----
@@ -203,10 +197,10 @@ def _commit_select_kernel(
                         hi = new_hi
                         it += 1
                     # kept: z > lo. The first pass's winner is the answer when it is kept.
+                    x_tok = tl.load(base + token).to(tl.float32)
                     if tl.math.div_rn(x_tok, temp) <= lo:
                         best = tl.full([BLOCK_V], float("-inf"), tl.float32)
                         bi = tl.zeros([BLOCK_V], tl.int32)
-                        bx = tl.full([BLOCK_V], float("-inf"), tl.float32)
                         for start in range(0, V, BLOCK_V):
                             idx = start + offs
                             x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
@@ -216,11 +210,10 @@ def _commit_select_kernel(
                             better = score > best
                             best = tl.where(better, score, best)
                             bi = tl.where(better, idx, bi)
-                            bx = tl.where(better, x, bx)
                         B = tl.max(best, axis=0)
                         token = tl.min(tl.where(best == B, bi, 2147483647), axis=0)
-                        x_tok = tl.max(tl.where(bi == token, bx, float("-inf")), axis=0)
 
+    x_tok = tl.load(base + token).to(tl.float32)  # one reload beats a logit per lane in registers
     tl.store(tok_ptr + row, token.to(tl.int64))
     tl.store(conf_ptr + row, tl.exp(x_tok - M) / S)
     tl.store(margin_ptr + row, margin)

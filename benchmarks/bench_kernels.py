@@ -1,0 +1,262 @@
+"""Each fused kernel against its torch reference: median time, ratio, and the error between them.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py            # CUDA if present, else CPU
+    PYTHONPATH=. python benchmarks/bench_kernels.py --quick    # fewer cases
+
+On CUDA both sides are timed with triton.testing.do_bench (CUDA events, median; inputs larger than
+L2 where it matters: 512 x 126464 bf16 logits are 130 MB against H100's 50 MB). On the CPU only
+the torch reference is timed: Triton runs there only under TRITON_INTERPRET=1, a numpy emulation
+whose speed means nothing, so the CPU table is the baseline a GPU run is compared with.
+Writes benchmarks/results/bench_kernels_<device>.json (+ .png on CUDA); gpu_check.py calls
+`run()` and puts the rows into its own report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels.commit_select import commit_candidates_reference
+from kernels.rmsnorm import rms_norm_reference
+from kernels.rotary import apply_rotary_reference, rotary_cos_sin
+
+log = logging.getLogger(__name__)
+RESULTS = Path(__file__).parent / "results"
+LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
+
+
+@dataclass
+class Case:
+    kernel: str
+    shape: str
+    make: Callable[[], tuple[Callable, Callable, Callable]]  # -> (reference, triton, compare)
+    cuda_only: bool = False
+    notes: dict = field(default_factory=dict)
+
+
+def _commit_case(n: int, v: int, dtype, temperature: float, top_p: float, device: str,
+                 block_v: int | None = None):
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(n + v)
+        logits = (torch.randn(n, v, generator=g) * 3).to(dtype).to(device)
+        seeds = torch.arange(n, device=device) + 1
+        pos = torch.arange(n, device=device) + 1000
+        steps = torch.zeros(n, dtype=torch.long, device=device)
+        # per-row tensors, as model/sampling.commit_step passes them
+        temp = torch.full((n,), temperature, device=device)
+        topp = torch.full((n,), top_p, device=device)
+
+        def ref():
+            return commit_candidates_reference(logits, temp, topp, seeds, pos, steps)
+
+        def fast():
+            from kernels import commit_select_triton
+
+            return commit_select_triton.commit_candidates(logits, temp, topp, seeds, pos, steps,
+                                                          block_v=block_v)
+
+        def compare(a, b):
+            return {"tokens_equal": float((a.tokens == b.tokens).float().mean()),
+                    "confidence_max_err": float((a.confidence - b.confidence).abs().max()),
+                    "entropy_max_err": float((a.entropy - b.entropy).abs().max())}
+
+        return ref, fast, compare
+
+    name = f"{n}x{v} {str(dtype).replace('torch.', '')} T={temperature:g}" + \
+        (f" top_p={top_p:g}" if top_p < 1 else "") + (f" BLOCK_V={block_v}" if block_v else "")
+    return Case("commit_select", name, make)
+
+
+def _rmsnorm_case(rows_b: int, rows_l: int, d: int, dtype, adaln: bool, device: str):
+    def make():
+        x = torch.randn(rows_b, rows_l, d, device=device).to(dtype)
+        w = torch.randn(d, device=device).to(dtype)
+        sh = torch.randn(rows_b, 1, d, device=device).to(dtype) if adaln else None
+        sc = (torch.randn(rows_b, 1, d, device=device) * 0.1).to(dtype) if adaln else None
+
+        def fast():
+            from kernels import rmsnorm_triton
+
+            return rmsnorm_triton.rms_norm(x, w, 1e-5, sh, sc)
+
+        return (lambda: rms_norm_reference(x, w, 1e-5, sh, sc), fast,
+                lambda a, b: {"max_err": float((a.float() - b.float()).abs().max())})
+
+    return Case("rmsnorm_adaln" if adaln else "rmsnorm",
+                f"[{rows_b},{rows_l},{d}] {str(dtype).replace('torch.', '')}", make)
+
+
+def _rotary_case(b: int, h: int, hkv: int, L: int, hd: int, dtype, device: str):
+    def make():
+        q = torch.randn(b, L, h, hd, device=device).to(dtype).transpose(1, 2)
+        k = torch.randn(b, L, hkv, hd, device=device).to(dtype).transpose(1, 2)
+        pos = torch.arange(1000, 1000 + L, device=device)[None].expand(b, L)
+        cos, sin = rotary_cos_sin(pos, hd, 500000.0, dtype=dtype)
+
+        def fast():
+            from kernels import rotary_triton
+
+            return rotary_triton.apply_rotary(q, k, cos, sin)
+
+        return (lambda: apply_rotary_reference(q, k, cos, sin), fast,
+                lambda a, b_: {"max_err": max(float((a[i].float() - b_[i].float()).abs().max())
+                                              for i in range(2))})
+
+    return Case("rotary_qk", f"q[{b},{h},{L},{hd}] k[{b},{hkv},{L},{hd}] "
+                f"{str(dtype).replace('torch.', '')}", make)
+
+
+def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
+    bf16 = torch.bfloat16
+    if tiny:  # gpu_check --tiny: every code path, small enough for the Triton interpreter
+        return [
+            _commit_case(8, 5003, bf16, 0.0, 1.0, device),
+            _commit_case(8, 5003, bf16, 1.0, 1.0, device),
+            _commit_case(4, 5003, torch.float32, 0.7, 0.9, device),
+            _commit_case(8, 5003, bf16, 0.0, 1.0, device, block_v=1024),
+            _rmsnorm_case(2, 8, 256, bf16, True, device),
+            _rotary_case(2, 4, 2, 8, 64, bf16, device),
+        ]
+    out = [
+        # the issue's goal: the batch-16 engine step on LLaDA's vocabulary
+        _commit_case(512, LLADA_VOCAB, bf16, 0.0, 1.0, device),
+        _commit_case(32, LLADA_VOCAB, bf16, 0.0, 1.0, device),  # batch 1: one block of 32
+    ]
+    if device == "cuda":  # (on the CPU the sampled 512-row references take seconds each)
+        out += [_commit_case(512, LLADA_VOCAB, bf16, 1.0, 1.0, device),
+                _commit_case(512, LLADA_VOCAB, torch.float32, 0.7, 0.9, device)]
+    if not quick:
+        out += [
+            _commit_case(512, DREAM_VOCAB, bf16, 0.0, 1.0, device),
+            _commit_case(2048, 4096, torch.float32, 0.0, 1.0, device),  # tiny-coder batch
+        ]
+        if device == "cuda":  # chunk width sweep for the headline case (the default is 2048)
+            out += [_commit_case(512, LLADA_VOCAB, bf16, 0.0, 1.0, device, block_v=bv)
+                    for bv in (1024, 4096)]
+    out += [
+        _rmsnorm_case(16, 32, 4096, bf16, True, device),  # LLaDA width, one step at batch 16
+        _rmsnorm_case(1, 1000, 4096, bf16, False, device),  # a 1000-token prefill
+        _rotary_case(16, 32, 32, 32, 128, bf16, device),
+        _rotary_case(1, 32, 32, 1000, 128, bf16, device),
+    ]
+    return out
+
+
+def _time_cpu(fn: Callable, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _time_cuda(fn: Callable) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def run(device: str | None = None, quick: bool = False, tiny: bool = False,
+        progress: bool = True) -> list[dict]:
+    """Time every case -> rows {kernel, shape, torch_ms, triton_ms, speedup, errors...}.
+    On the CPU the Triton side runs only under TRITON_INTERPRET=1 (a code-path check)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with_triton = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    rows = []
+    todo = cases(device, quick, tiny)
+    try:
+        from tqdm import tqdm
+
+        todo = tqdm(todo, desc="kernels", disable=not progress)
+    except ImportError:  # pragma: no cover
+        pass
+    for case in todo:
+        row = {"kernel": case.kernel, "shape": case.shape, "device": device}
+        try:
+            ref, fast, compare = case.make()
+            with torch.no_grad():
+                if device == "cuda":
+                    row["torch_ms"] = _time_cuda(ref)
+                    row["triton_ms"] = _time_cuda(fast)
+                    row["speedup"] = row["torch_ms"] / row["triton_ms"]
+                    row.update(compare(ref(), fast()))
+                else:
+                    row["torch_ms"] = _time_cpu(ref)
+                    if with_triton:
+                        row["triton_ms"] = _time_cpu(fast, reps=1)
+                        row["speedup"] = row["torch_ms"] / row["triton_ms"]
+                        row["interpreted"] = True
+                        row.update(compare(ref(), fast()))
+        except Exception as e:  # one failing case must not hide the others' numbers
+            log.exception("case %s %s failed", case.kernel, case.shape)
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'kernel':<15}{'shape':<44}{'torch ms':>10}{'triton ms':>11}{'x':>7}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<15}{r['shape']:<44}  ERROR {r['error'][:60]}")
+            continue
+        t = f"{r['triton_ms']:>11.3f}{r['speedup']:>7.2f}" if "triton_ms" in r else f"{'-':>11}{'-':>7}"
+        lines.append(f"{r['kernel']:<15}{r['shape']:<44}{r['torch_ms']:>10.3f}{t}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "speedup" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    labels = [f"{r['kernel']} {r['shape']}" for r in rows]
+    ax.barh(labels, [r["speedup"] for r in rows])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("speed-up of the Triton kernel over the torch reference (median times)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    rows = run(args.device, args.quick)
+    device = rows[0]["device"] if rows else "cpu"
+    info = {"device": device, "torch": torch.__version__,
+            "card": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "rows": rows}
+    out = Path(args.out or RESULTS / f"bench_kernels_{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2) + "\n")
+    if device == "cuda":
+        plot(rows, out.with_suffix(".png"))
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

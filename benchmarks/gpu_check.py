@@ -1,0 +1,228 @@
+"""The one GPU check: kernel correctness on CUDA, kernels against their torch references, and
+the engine-style decode of a LLaDA-8B-shaped model; JSON + PNG out, a short table printed last.
+
+    bash benchmarks/gpu_check.sh                          # on a GPU machine, from the repo root
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --tiny   # the same code paths, small, on the CPU
+
+Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-decode):
+1. correctness: pytest tests/kernels on the device (CUDA-marked tests included), summary kept;
+2. kernels: benchmarks/bench_kernels.py rows (median times, speed-up, errors);
+3. decode: benchmarks/gpu_decode.py on ModelConfig.from_name("llada-8b") with random bf16
+   weights: 1000-token prompt, 1000 new tokens (32 blocks of 32), 4 and 8 steps per block,
+   batch 1 and 16, eager and CUDA-graph modes (+ torch.compile with --compile), tok/s, peak
+   memory, the weight-bandwidth bound; plus model/sampling.generate at batch 1 for contrast.
+Needs torch + triton only (no ray, flash-attn, deepspeed, tokenizers, network). Output goes to
+$OUT when set, else benchmarks/results/, as gpu_check_<card>_<date>.json: commit that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL_COMMIT_SPEEDUP = 3.0  # issue 4: >= 3x the torch reference at N=512, V=126464
+GOAL_TOK_S_BATCH1 = 1109.0  # Mercury Coder Mini on one H100, batch 1
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda_available": torch.cuda.is_available(), "host": platform.node(),
+           "dllm_kernels": os.environ.get("DLLM_KERNELS", "auto"),
+           "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        import flash_attn  # noqa: F401
+
+        env["flash_attn"] = True
+    except ImportError:
+        env["flash_attn"] = False
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(card=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                   memory_gib=p.total_memory / 2**30, cuda=torch.version.cuda,
+                   l2_mib=getattr(p, "L2_cache_size", 0) / 2**20)
+    else:
+        env["card"] = "cpu"
+    return env
+
+
+def run_tests(tiny: bool, out_dir: Path, timeout_s: int) -> dict:
+    """pytest tests/kernels in a subprocess (its own TRITON_INTERPRET decision), log to out_dir."""
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-s", "-p", "no:cacheprovider",
+           "-W", "ignore::pytest.PytestConfigWarning"]
+    if tiny:  # the interpreter is slow: skip the LLaDA-vocabulary cases
+        cmd += ["-k", "not 126464 and not large_vocab"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=timeout_s)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -1
+        out += f"\n[timed out after {timeout_s} s]"
+    (out_dir / "gpu_check_pytest.log").write_text(out)
+    summary = next((ln for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", ln)),
+                   out.splitlines()[-1] if out else "")
+    errs = [ln for ln in out.splitlines() if "max abs err" in ln]
+    return {"returncode": rc, "summary": summary.strip("= "), "seconds": time.perf_counter() - t0,
+            "error_lines": errs[:200]}
+
+
+def goals(kernel_rows: list[dict], decode: dict | None) -> dict:
+    g = {}
+    head = next((r for r in kernel_rows if r["kernel"] == "commit_select"
+                 and r["shape"] == "512x126464 bfloat16 T=0" and "speedup" in r), None)
+    if head:
+        g["commit_select_512x126464_speedup"] = head["speedup"]
+        g["commit_select_goal_met"] = head["speedup"] >= GOAL_COMMIT_SPEEDUP and \
+            not head.get("interpreted", False)
+    if decode:
+        rows = [r for r in decode["rows"] if "error" not in r and r.get("batch") == 1
+                and r.get("tokens_per_step") == 8 and not r["mode"].startswith("sampling")]
+        if rows:
+            best = max(rows, key=lambda r: r["tokens_per_s"])
+            g["batch1_8_per_step_best_tok_s"] = best["tokens_per_s"]
+            g["batch1_8_per_step_best_mode"] = best["mode"]
+            g["batch1_goal_met"] = best["tokens_per_s"] > GOAL_TOK_S_BATCH1 and \
+                decode["device"] == "cuda"
+            if "fraction_of_weight_bound" in best:
+                g["batch1_fraction_of_weight_bound"] = best["fraction_of_weight_bound"]
+    return g
+
+
+def plot_decode(decode: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in decode["rows"] if "error" not in r]
+    if not rows:
+        return
+    labels = [f"B{r['batch']} spb{r['steps_per_block']} {r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.6))
+    ax.barh(labels, [r["tokens_per_s"] for r in rows], label="measured")
+    bounds = [r.get("bound_tokens_per_s_weights") for r in rows]
+    if any(bounds):
+        ax.scatter([b or 0 for b in bounds], labels, color="k", marker="|", s=200,
+                   label="weight-bandwidth bound", zorder=3)
+    ax.axvline(GOAL_TOK_S_BATCH1, color="r", ls=":", label="Mercury Coder Mini (batch 1)")
+    ax.set_xscale("log")
+    ax.set_xlabel("output tokens / s")
+    ax.set_title(f"{decode['model']} decode, {decode.get('card', decode['device'])}")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="small shapes on the CPU (Triton under its interpreter): a dry run")
+    p.add_argument("--quick", action="store_true", help="fewer kernel cases, one decode repeat")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(mode='reduce-overhead') (minutes to compile)")
+    p.add_argument("--test-timeout", type=int, default=420)
+    p.add_argument("--out", default=None, help="output folder (default $OUT, else results/)")
+    args = p.parse_args(argv)
+    if args.tiny:  # before anything defines a Triton kernel
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from benchmarks import bench_kernels, gpu_decode
+
+    if args.tiny:  # a dry run: one thread avoids OpenMP barrier stalls on a busy shared CPU
+        torch.set_num_threads(1)
+
+    if not args.tiny and not torch.cuda.is_available():
+        print("no CUDA device: run with --tiny for the CPU dry run", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    card = re.sub(r"[^A-Za-z0-9]+", "-", env["card"]).strip("-").lower()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "tiny": args.tiny, "environment": env}
+    t_start = time.perf_counter()
+    device = "cpu" if args.tiny else "cuda"
+
+    if not args.skip_tests:
+        print("== 1. kernel correctness (pytest tests/kernels)", flush=True)
+        report["tests"] = run_tests(args.tiny, out_dir, args.test_timeout)
+        print("  ", report["tests"]["summary"], flush=True)
+    kernel_rows = []
+    if not args.skip_kernels:
+        print("== 2. kernels against their torch references", flush=True)
+        kernel_rows = bench_kernels.run(device, quick=args.quick, tiny=args.tiny)
+        report["kernels"] = kernel_rows
+        if device == "cuda":
+            bench_kernels.plot(kernel_rows, out_dir / f"gpu_check_kernels_{card}_{stamp}.png")
+    decode = None
+    if not args.skip_decode:
+        print("== 3. decode throughput", flush=True)
+        if args.tiny:
+            decode = gpu_decode.run_all(True, [1, 4], [4, 8], ["eager", "static"], repeats=1,
+                                        new_tokens=96, prompt_len=64, with_reference=True)
+        else:
+            modes = ["eager", "graph"] + (["compile"] if args.compile else [])
+            decode = gpu_decode.run_all(False, [1, 16], [4, 8], modes,
+                                        repeats=1 if args.quick else 2, new_tokens=1000,
+                                        prompt_len=1000, with_reference=True)
+        report["decode"] = decode
+        try:
+            plot_decode(decode, out_dir / f"gpu_check_decode_{card}_{stamp}.png")
+        except Exception:  # matplotlib missing: the JSON still has everything
+            logging.exception("decode plot failed")
+    report["goals"] = goals(kernel_rows, decode)
+    report["seconds"] = time.perf_counter() - t_start
+    path = out_dir / f"gpu_check_{card}_{stamp}{'_tiny' if args.tiny else ''}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    # ---- the short table, last ----
+    print(f"\n== gpu_check on {env['card']} (torch {env['torch']}, triton {env['triton']}), "
+          f"{report['seconds']:.0f} s -> {path}")
+    if "tests" in report:
+        print(f"tests: {report['tests']['summary']}")
+    if kernel_rows:
+        print(bench_kernels.format_table(kernel_rows))
+    if decode:
+        bw = decode.get("hbm_bandwidth_measured")
+        print(f"decode {decode['model']} ({decode['params'] / 1e9:.2f} B params, "
+              f"{decode['weight_bytes_read_per_forward'] / 1e9:.1f} GB read per forward"
+              + (f", HBM {bw / 1e12:.2f} TB/s measured" if bw else "") + ")")
+        print(gpu_decode.format_table(decode))
+        if "tiny_matches_reference" in decode:
+            print("decode loop == model/sampling.generate:", decode["tiny_matches_reference"])
+    print("goals:", json.dumps(report["goals"]))
+    failed = "tests" in report and report["tests"]["returncode"] not in (0, 5)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
