@@ -471,8 +471,12 @@ def run_all(tiny: bool, batches, steps_list, modes, repeats: int, new_tokens: in
             continue
         tokens = row.pop("tokens")
         key = (b, s)
-        if key in first_tokens:  # graph / compile must give the eager tokens
-            row["same_tokens_as_first_mode"] = bool(torch.equal(tokens.cpu(), first_tokens[key]))
+        if key in first_tokens:
+            # Informational on CUDA: the graph path's masked attention rounds differently from
+            # eager flash attention, and random bf16 weights give near-tied logits, so one flip
+            # changes the rest of a sequence. The exact check is --tiny (fp32, CPU).
+            row["token_agreement_with_first_mode"] = float(
+                (tokens.cpu() == first_tokens[key]).float().mean())
         else:
             first_tokens[key] = tokens.cpu()
         if bw:
