@@ -75,27 +75,31 @@ class StepRunner:
 
     # --- one denoising step ---------------------------------------------------------------
     def denoise(self, seqs: list[Sequence]) -> tuple[int, list[tuple[int, int]], Callable[[], None]]:
-        """-> (tokens processed, [(masks left in the block, tokens committed)] per row, apply)."""
+        """-> (tokens processed, [(masks left in the block, tokens committed)] per row, apply).
+
+        Only the masked positions of each row get logits, compacted to [B, M, V] (M = most
+        masks in a row) in position order: commit_step reads nothing else, and after a block's
+        first step most of it is committed (at 8 steps per block, 44% of the LM head and of
+        the vocabulary work saved). Same commits as on the whole block: the masked positions
+        keep their relative order, so its stable ranking breaks ties the same way."""
+        dev, mask_id, B = self.device, self.cfg.mask_id, len(seqs)
         if self.cfg.attention == "block_causal":
-            logits, blocks, pos, valid, n = self._block_causal_logits(seqs)
+            logits, order, start, pos, counts, n = self._block_causal_logits(seqs)
         else:
-            logits, blocks, pos, valid, n = self._full_logits(seqs)
-        B, _, V = logits.shape
-        dev, mask_id = self.device, self.cfg.mask_id
-        # Compact each row to its masked positions, in order: commit_step reads nothing else,
-        # and after a block's first step most positions are committed (on average 44% of the
-        # vocabulary work saved at 8 steps per block). Same commits: the masked positions keep
-        # their relative order, so its stable ranking breaks ties the same way.
-        masked = (blocks == mask_id) & valid  # [B, Lb]
-        counts = masked.sum(1)
-        M = int(counts.max())
-        order = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)[:, :M]  # [B, M]
+            logits, order, start, pos, counts, n = self._full_logits(seqs)
+        M, V = logits.shape[1], logits.shape[2]
         in_row = torch.arange(M, device=dev)[None, :] < counts[:, None]  # [B, M]
-        logits = logits.gather(1, order[:, :, None].expand(B, M, V))  # [B, M, V]
         banned = torch.zeros(B, V, dtype=torch.bool, device=dev)
         for i, s in enumerate(seqs):
             banned[i, s.banned] = True
         logits.masked_fill_(banned[:, None, :], float("-inf"))
+        rel = order - start[:, None]  # [B, M] position in the block
+        for i, s in enumerate(seqs):
+            first = getattr(s.params, "first_token_ids", None)  # token healing
+            if first and s.block == 0 and s.canvas[0] == mask_id:  # then rel[i, 0] == 0
+                keep = torch.zeros(V, dtype=torch.bool, device=dev)
+                keep[torch.tensor(first, device=dev)] = True
+                logits[i, 0].masked_fill_(~keep, float("-inf"))
         plans = [s.step_plan() for s in seqs]
         p = [s.params for s in seqs]
 
@@ -105,22 +109,32 @@ class StepRunner:
         thr = [x.confidence_threshold if x.confidence_threshold is not None else float("nan")
                for x in p]
         new_c, committed_c = commit_step(
-            logits, torch.where(in_row, mask_id, self.fill_id), pos.gather(1, order),
+            logits, torch.where(in_row, mask_id, self.fill_id), pos,
             col([pl[0] for pl in plans], torch.long), col([pl[1] for pl in plans], torch.long),
             mask_id=mask_id, rules=[x.remasking for x in p],
             temperature=col([x.temperature for x in p], torch.float32),
             top_p=col([x.top_p for x in p], torch.float32), seeds=col([x.seed for x in p], torch.long),
-            threshold=col(thr, torch.float32), last_step=col([pl[2] for pl in plans], torch.bool))
-        new = blocks.scatter(1, order, torch.where(committed_c, new_c, blocks.gather(1, order)))
-        left = counts - committed_c.sum(1)
-        outcome = [tuple(r) for r in torch.stack([left, committed_c.sum(1)], 1).tolist()]
-        spans = [s.block_span() for s in seqs]
+            threshold=col(thr, torch.float32), last_step=col([pl[2] for pl in plans], torch.bool),
+            defer_ids=[list(x.defer_token_ids) for x in p])
+        n_committed = committed_c.sum(1)
+        outcome = [tuple(r) for r in torch.stack([counts - n_committed, n_committed], 1).tolist()]
+        lows = [s.block_span()[0] for s in seqs]
 
         def apply() -> None:
-            for i, (s, (lo, hi)) in enumerate(zip(seqs, spans, strict=True)):
-                s.canvas[lo:hi] = new[i, :hi - lo]
+            for i, (s, lo) in enumerate(zip(seqs, lows, strict=True)):
+                hit = committed_c[i]
+                s.canvas[lo + rel[i][hit]] = new_c[i][hit]
 
         return n, outcome, apply
+
+    def _select_masked(self, ids: torch.Tensor, region: torch.Tensor, B: int):
+        """Masked positions of each row inside `region` (bool [Bp, L]), in order, as the
+        logits_slice index [Bp, M]; and the counts [B]."""
+        masked = (ids == self.cfg.mask_id) & region
+        counts = masked.sum(1)
+        M = int(counts[:B].max())
+        order = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)[:, :M]  # [Bp, M]
+        return order, counts[:B]
 
     def _block_causal_logits(self, seqs: list[Sequence]):
         dev, B = self.device, len(seqs)
@@ -142,8 +156,11 @@ class StepRunner:
         tables = [s.pages for s in seqs] + [[] for _ in range(Bp - B)]
         cached = [s.cached_len for s in seqs] + [0] * (Bp - B)
         ctx = self.pool.context(tables, cached, valid, append=False)
-        logits = self.net(ids, positions=pos, t=t, attn=ctx)[:B]  # [B, L, V]
-        return logits, ids[:B], pos[:B], valid[:B], sum(lens[:B])
+        order, counts = self._select_masked(ids, valid, B)
+        logits = self.net(ids, positions=pos, t=t, attn=ctx, logits_slice=order)[:B]  # [B, M, V]
+        order = order[:B]
+        return logits, order, torch.zeros(B, dtype=torch.long, device=dev), \
+            pos[:B].gather(1, order), counts, sum(lens[:B])
 
     def _full_logits(self, seqs: list[Sequence]):
         dev, B = self.device, len(seqs)
@@ -162,18 +179,14 @@ class StepRunner:
             t = torch.stack([(s.canvas == self.cfg.mask_id).float().mean() for s in seqs]
                             + [torch.zeros((), device=dev)] * (Bp - B))
         spans = [s.block_span() for s in seqs]
-        starts = [len(s.prompt) + lo for s, (lo, _) in zip(seqs, spans, strict=True)]
-        ends = [len(s.prompt) + hi for s, (_, hi) in zip(seqs, spans, strict=True)]
-        s0, e0 = min(starts), max(ends)
+        start = torch.tensor([len(s.prompt) + lo for s, (lo, _) in zip(seqs, spans, strict=True)]
+                             + [0] * (Bp - B), device=dev)
+        end = torch.tensor([len(s.prompt) + hi for s, (_, hi) in zip(seqs, spans, strict=True)]
+                           + [0] * (Bp - B), device=dev)
+        in_block = (ar[None, :] >= start[:, None]) & (ar[None, :] < end[:, None])  # [Bp, L]
+        order, counts = self._select_masked(ids, in_block, B)
+        # positions default to 0..L-1 per row, as the reference's unpadded rows
         logits = self.net(ids, t=t, attn=DenseAttention(valid_keys[:, None, None, :]),
-                          logits_slice=slice(s0, e0))[:B]  # [B, e0 - s0, V]
-        blens = [hi - lo for lo, hi in spans]
-        Lb = max(blens)
-        start = torch.tensor(starts, device=dev)
-        ab = torch.arange(Lb, device=dev)
-        pos = start[:, None] + ab  # [B, Lb] absolute positions of the active blocks
-        in_block = ab[None, :] < torch.tensor(blens, device=dev)[:, None]
-        gather = (pos - s0).clamp(max=e0 - s0 - 1)
-        logits = logits.gather(1, gather[:, :, None].expand(B, Lb, logits.shape[-1]))
-        blocks = ids[:B].gather(1, pos.clamp(max=L - 1)).masked_fill(~in_block, self.fill_id)
-        return logits, blocks, pos, in_block, sum(lens[:B])
+                          logits_slice=order)[:B]  # [B, M, V]
+        order = order[:B]
+        return logits, order, start[:B], order, counts, sum(lens[:B])

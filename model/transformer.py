@@ -191,10 +191,11 @@ class DiffusionTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 t: torch.Tensor | None = None, attn: AttentionContext | None = None,
-                logits_slice: slice | None = None) -> torch.Tensor:
+                logits_slice: slice | torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, L]; positions: [B, L] (default 0..L-1); t: [B] or [B, L] noise level of
         each token (0 = clean; required for time-conditioned models). Returns logits [B, L, V]
-        (or [B, L', V] for `logits_slice`, to skip the LM head on positions nobody reads)."""
+        (or [B, L', V] for `logits_slice`, to skip the LM head on positions nobody reads: a slice,
+        or a long tensor [B, L'] of positions per row, as the engine's batches need)."""
         B, L = input_ids.shape
         cfg = self.cfg
         if positions is None:
@@ -222,6 +223,8 @@ class DiffusionTransformer(nn.Module):
         if cfg.logit_shift:
             # hidden state i-1 predicts token i (AR-adapted models); position 0 keeps its own.
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
-        if logits_slice is not None:
+        if isinstance(logits_slice, torch.Tensor):
+            x = x.gather(1, logits_slice[:, :, None].expand(-1, -1, x.shape[-1]))
+        elif logits_slice is not None:
             x = x[:, logits_slice]
         return self.lm_head(x)

@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from model.sampling import generate
+from model.sampling import SamplingParams, generate
 
 from .conftest import (
     assert_like_reference,
@@ -19,6 +19,7 @@ from .conftest import (
     make_engine,
     request,
     streamed_text,
+    streamed_tokens,
     tiny_config,
     tiny_net,
 )
@@ -94,6 +95,27 @@ async def test_time_conditioned_full_attention_equals_reference(tok):
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(net, tok, req, events)
+
+
+async def test_deferred_and_first_token_constraints_equal_reference(bc_net, tok):
+    """defer_token_ids (LLaDA's EOS-last rule) and first_token_ids (token healing) in a batch
+    with unconstrained rows."""
+    free = generate(bc_net, PROMPT, request("x", PROMPT, max_new_tokens=16, steps=4,
+                                            block_length=8).params)
+    extra = {}
+    if "first_token_ids" in SamplingParams.__dataclass_fields__:
+        extra["first_token_ids"] = [free.tokens[3], free.tokens[5]]
+    reqs = [request("defer", PROMPT, max_new_tokens=16, steps=4, block_length=8,
+                    defer_token_ids=free.tokens[:4]),
+            request("plain", PROMPT[:9], max_new_tokens=16, steps=4, block_length=8),
+            request("first", PROMPT[2:], max_new_tokens=16, steps=2, block_length=8, **extra)]
+    engine = make_engine(bc_net, tok)
+    results = await asyncio.gather(*[collect(engine, r) for r in reqs])
+    await engine.shutdown()
+    for req, events in zip(reqs, results, strict=True):
+        assert_like_reference(bc_net, tok, req, events)
+    if extra:
+        assert streamed_tokens(results[2])[0] in extra["first_token_ids"]
 
 
 async def test_stop_token_ends_early_like_reference(bc_net, tok):
