@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from model.healing import heal_prompt
 from model.sampling import REMASKING_RULES, SamplingParams, generate
 
 log = logging.getLogger("dllm.generate")
@@ -82,6 +83,9 @@ def main(argv=None) -> None:
         confidence_threshold=args.confidence_threshold, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
     prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
+    healed = ""
+    if args.suffix is None:
+        prompt_ids, healed, params.first_token_ids = heal_prompt(tok, prompt_ids)
     on_step = None
     if args.show_steps:
         # On a terminal each step redraws the screen; piped output gets one frame per step.
@@ -99,7 +103,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     if args.show_steps:
         print(f"-- done: {result.steps} steps, finish {result.finish_reason} --")
-    print(result.text)
+    print(result.text[len(healed):] if result.text.startswith(healed) else result.text)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ class SamplingParams:
     # Predictions of these tokens are committed last (LLaDA's confidence_eos_eot_inf): they still
     # fill a position when nothing else is left, but never win a step on confidence alone.
     defer_token_ids: list[int] = field(default_factory=list)
+    # Token healing (model/healing.py): the first generated token must be one of these.
+    first_token_ids: list[int] | None = None
     use_cache: bool = True
     # Write a finished block's K/V in the same forward as the next block's first step (exact
     # up to float rounding; saves one pass per block, half the passes at block length 1).
@@ -160,6 +162,13 @@ def _prepare_logits(logits: torch.Tensor, cfg: ModelConfig, suppress: list[int])
     return logits
 
 
+def constrain_first_position(logits: torch.Tensor, allowed: list[int]) -> None:
+    """In place: only `allowed` tokens at the first position of the block (logits [B, Lb, V])."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[torch.tensor(allowed, device=logits.device)] = True
+    logits[:, 0].masked_fill_(~keep, float("-inf"))
+
+
 def _first_stop(tokens: list[int], stop_ids: set[int]) -> int | None:
     for i, tok in enumerate(tokens):
         if tok in stop_ids:
@@ -245,6 +254,8 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
                 logits = net(ids, t=t_full if cfg.time_conditioning else None,
                              logits_slice=slice(P + lo, P + hi))
             logits = _prepare_logits(logits, cfg, params.suppress_token_ids)
+            if b == 0 and params.first_token_ids:
+                constrain_first_position(logits, params.first_token_ids)
             new_block, _ = commit_step(
                 logits, block, pos, rowvec(s, torch.long), rowvec(schedule[s], torch.long),
                 mask_id=cfg.mask_id, rules=[params.remasking], temperature=temp, top_p=topp,

@@ -190,3 +190,20 @@ def test_deferred_tokens_are_committed_last():
     assert deferred.tolist() == [[0, 7, 0]]
     final, _ = commit_step(*step, last_step=torch.ones(1, dtype=torch.bool), defer_ids=[[5]], **kw)
     assert final.tolist() == [[5, 7, 8]]
+
+
+def test_token_healing_backs_off_trailing_whitespace(small_tokenizer):
+    from model.healing import heal_prompt
+
+    tok = small_tokenizer
+    ids = tok.encode("def f(x):\n")
+    healed_ids, text, allowed = heal_prompt(tok, ids)
+    assert text and not text.strip() and healed_ids == ids[:len(healed_ids)]
+    assert tok.decode(healed_ids) + text == "def f(x):\n"
+    assert all(tok.decode([i]).startswith(text) for i in allowed)
+    assert heal_prompt(tok, tok.encode("x = 1")) == (tok.encode("x = 1"), "", None)
+    cfg = tiny_config(tok)
+    net = tiny_net(cfg)
+    r = generate(net, healed_ids, SamplingParams(max_new_tokens=8, steps=8, block_length=8,
+                                                 first_token_ids=allowed), tokenizer=tok)
+    assert r.tokens[0] in allowed
