@@ -9,7 +9,7 @@ Per steps-per-block setting (1, 2, 4, 8, 16, 32 with block length 32) it measure
 - fim_edit_similarity: 1 - Levenshtein distance / longer length, averaged over the same cases;
 - parse_rate: a held-out function's header (its def line and docstring) is completed; the
   completion, cut where the function's indentation ends, replaces the original body and the whole
-  file must still parse with `ast`.
+  file must still parse with `ast` (an empty completion counts as a failure).
 Writes benchmarks/results/quality.json (`rows`, one per setting, plus an autoregressive baseline:
 block 1, one step) and quality.png.
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.data import python_corpus, split_files
+from model.healing import heal_prompt
 from model.sampling import SamplingParams, generate
 
 log = logging.getLogger("dllm.eval")
@@ -147,9 +148,15 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
         sim += edit_similarity(got.rstrip(), c.middle.rstrip())
     ok = 0
     for c in tqdm(parses_, desc=f"parse spb={steps:>2}", leave=False):
-        params = SamplingParams(max_new_tokens=parse_tokens, steps=steps, block_length=block_length)
-        r = generate(net, tok.encode(c.before)[-prompt_tokens:], params, tokenizer=tok)
-        ok += parses(c.before + cut_function_body(r.text, c.indent) + c.after)
+        # the header ends in a newline: heal it as the server does (model/healing.py)
+        ids, healed, allowed = heal_prompt(tok, tok.encode(c.before)[-prompt_tokens:])
+        params = SamplingParams(max_new_tokens=parse_tokens, steps=steps,
+                                block_length=block_length, first_token_ids=allowed)
+        text = generate(net, ids, params, tokenizer=tok).text
+        text = text[len(healed):] if text.startswith(healed) else text
+        body = cut_function_body(text, c.indent)
+        # an empty body would leave a docstring-only function, which parses: count it as a miss
+        ok += bool(body.strip()) and parses(c.before + body + c.after)
     return {"fim_exact_match": em / max(1, len(fims)),
             "fim_edit_similarity": sim / max(1, len(fims)),
             "parse_rate": ok / max(1, len(parses_)),

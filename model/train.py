@@ -43,6 +43,9 @@ BLOCK_WEIGHTS = {32: 0.55, 16: 0.1, 8: 0.1, 4: 0.1, 1: 0.15}
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/tiny-coder", help="run directory (checkpoints, logs)")
     p.add_argument("--export", default=None, help="also write the shipped format here")
+    p.add_argument("--init-from", default=None,
+                   help="start from an exported checkpoint's weights and tokenizer (a fresh "
+                        "optimizer): continue training the shipped model in a later session")
     p.add_argument("--preset", default="tiny-coder")
     p.add_argument("--corpus", default=None, help="folder of .py files (default: the stdlib)")
     p.add_argument("--max-steps", type=int, default=2000)
@@ -69,9 +72,14 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine to 10%
 
 
-def _get_tokenizer(out: Path, train_files: dict[str, str], vocab_size: int) -> Tokenizer:
+def _get_tokenizer(out: Path, train_files: dict[str, str], vocab_size: int,
+                   init_from: str | None = None) -> Tokenizer:
     if (out / "tokenizer.json").exists():
         return Tokenizer.load(out)
+    if init_from:
+        tok = Tokenizer.load(init_from)
+        tok.save(out)
+        return tok
     log.info("training tokenizer (%d files)", len(train_files))
     tok = Tokenizer.train(train_files.values(), vocab_size=vocab_size)
     tok.save(out)
@@ -105,7 +113,7 @@ def train(args) -> Path:
     train_files, held_files = split_files(files)
     log.info("corpus: %d train files, %d held-out files", len(train_files), len(held_files))
     preset = ModelConfig.from_name(args.preset)
-    tok = _get_tokenizer(out, train_files, preset.vocab_size)
+    tok = _get_tokenizer(out, train_files, preset.vocab_size, args.init_from)
     cfg = ModelConfig.from_dict({**preset.to_dict(), "vocab_size": tok.vocab_size,
                                  "mask_id": tok.mask_id, "eos_id": tok.eos_id,
                                  "pad_id": tok.pad_id, "eot_id": tok.eot_id})
@@ -119,6 +127,14 @@ def train(args) -> Path:
                             lr=args.lr, betas=(0.9, 0.95))
     state = {"step": 0, "tokens": 0, "wall_s": 0.0}
     ckpt = out / "ckpt.pt"
+    if args.init_from and not ckpt.exists():
+        from model.checkpoint import load_checkpoint
+
+        init, _, init_cfg = load_checkpoint(args.init_from, device=device)
+        if init_cfg.to_dict() != cfg.to_dict():
+            raise ValueError(f"--init-from config differs from preset {args.preset!r}")
+        net.load_state_dict(init.state_dict())
+        log.info("initialised from %s", args.init_from)
     if ckpt.exists():
         saved = torch.load(ckpt, map_location=device, weights_only=False)
         net.load_state_dict(saved["model"])

@@ -129,3 +129,11 @@ def test_train_cli_resumes_and_exports(tmp_path, toy_files):
     net, tok, cfg = load_checkpoint(export)
     assert cfg.attention == "block_causal" and cfg.time_conditioning
     assert json.loads((export / "train_state.json").read_text())["step"] == 3
+    # a later session continues from the shipped weights with a fresh optimizer
+    run2 = tmp_path / "run2"
+    train_main(["--out", str(run2), "--corpus", str(corpus), "--batch-size", "2", "--seq-len", "64",
+                "--eval-every", "1", "--eval-batches", "2", "--init-from", str(export),
+                "--max-steps", "1"])
+    cont = json.loads((run2 / "log.jsonl").read_text().splitlines()[0])
+    assert cont["held_out_loss"] < rows[0]["loss"] * 1.5
+    assert (run2 / "tokenizer.json").read_text() == (export / "tokenizer.json").read_text()
