@@ -104,6 +104,7 @@ def _variants_worker(rank, world_size, device, ckpt_dir, ids, t, full_cfg, gpt2_
     return out
 
 
+@pytest.mark.slow
 def test_tp2_logits_and_tokens_match_tp1(ckpt, small_tokenizer):
     d, net, _ = ckpt
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
@@ -144,6 +145,7 @@ def test_tp2_logits_and_tokens_match_tp1(ckpt, small_tokenizer):
         attn_full, PROMPT, SamplingParams(max_new_tokens=16, steps=4, block_length=8)).tokens
 
 
+@pytest.mark.slow
 def test_cli_tensor_parallel_prints_the_same_completion(ckpt, capsys):
     from model.cli_generate import main
 
