@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,6 +328,25 @@ class ModelServer:
 
 
 # --- the ingress' view of the servers ----------------------------------------------------------
+def _own_internal_request_id() -> None:
+    """Give the handle call about to be made its own Serve internal request id.
+
+    Serve 2.60 stamps every handle call made while serving an HTTP request with that request's
+    internal_request_id, and its request router indexes pending requests by that id: the n engine
+    requests of one `n > 1` call shadowed each other and were dispatched one per routing backoff
+    (seen here: one every ~10 s). Runs inside the stream's own task, so the HTTP request's
+    context is untouched; the user-facing request_id (logs) stays the same."""
+    try:
+        from ray.serve import context as serve_context
+
+        current = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+    except Exception as e:  # private API: if it moves, fall back to Serve's behaviour
+        log.debug("could not set a fresh internal request id: %s", e)
+
+
+
 class RayBackend(Backend):
     """openai_api.Backend over DeploymentHandles to ModelServer and the LoadBoard."""
 
@@ -341,6 +362,7 @@ class RayBackend(Backend):
     async def _stream(self, request: GenerationRequest, routing: dict | None):
         from ray.serve.exceptions import BackPressureError
 
+        _own_internal_request_id()
         gen = self.server.generate.remote(request, routing)
         try:
             async for event in gen:

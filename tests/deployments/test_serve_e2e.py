@@ -176,6 +176,12 @@ def test_chat(e2e):
     if e2e.engine == "mock":
         assert choice.message.content == "".join(
             " " + w for w in MockEngine.expected_words(prompt, 20))
+    # n choices fan out to n engine requests from one HTTP request
+    several = c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x"}],
+                                        max_tokens=8, n=3, temperature=0.9, seed=5,
+                                        extra_body={"ignore_eos": True})
+    assert [ch.index for ch in several.choices] == [0, 1, 2]
+    assert several.usage.completion_tokens == 24
 
 
 def test_streaming_chat(e2e):
