@@ -87,16 +87,23 @@ async def test_cancel_frees_the_slot_and_pages_for_the_queue(bc_net, tok):
     assert (stats.running, stats.queued, stats.kv_pages_used) == (0, 0, 0)
 
 
-@pytest.mark.parametrize("how", ["aclose", "task_cancelled"])
+@pytest.mark.parametrize("how", ["aclose", "task_cancelled", "dropped"])
 async def test_disconnected_consumer_frees_its_slot(bc_net, tok, how):
     engine = make_engine(bc_net, tok, max_num_seqs=2)
     req = request("gone", PROMPT, max_new_tokens=64, steps=8, block_length=8, diffusing=True)
-    stream = engine.submit(req)
-    if how == "aclose":
+    if how == "dropped":
+        async def read_one():
+            async for _ in engine.submit(req):
+                break  # the stream is dropped: asyncio's async-generator finalizer closes it
+        await read_one()
+    elif how == "aclose":
+        stream = engine.submit(req)
         async for _ in stream:
             break  # the client stops reading ...
         await stream.aclose()  # ... and its response generator is closed
     else:
+        stream = engine.submit(req)
+
         async def consume():
             async for _ in stream:
                 pass
