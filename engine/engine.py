@@ -101,9 +101,14 @@ class Engine(EngineBase):
 
     # --- public API -----------------------------------------------------------------------
     async def start(self) -> None:
+        self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        """Start the scheduler loop on the running event loop (RuntimeError outside one)."""
         if self._task is None or self._task.done():
+            loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dllm-engine")
+            self._task = loop.create_task(self._loop(), name="dllm-engine")
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Queue a request and return its event stream. Raises ValueError for a request that can
@@ -121,10 +126,7 @@ class Engine(EngineBase):
             if need > self.pool.num_pages:
                 raise ValueError(f"the request needs {need} KV pages, the pool has "
                                  f"{self.pool.num_pages}")
-        if self._task is None or self._task.done():
-            asyncio.get_running_loop()  # raises outside a loop: submit is for async callers
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dllm-engine")
+        self._ensure_started()
         self._by_id[request.request_id] = seq
         self._queues[request.request_id] = asyncio.Queue()
         self._waiting.append(seq)
