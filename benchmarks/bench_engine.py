@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -118,6 +119,7 @@ def main(argv=None) -> None:
     params = SamplingParams(max_new_tokens=args.new_tokens, block_length=args.block_length,
                             steps=args.steps, stop_token_ids=[])
     reqs = make_requests(tok, args.requests, params)
+    load_before = os.getloadavg()[0]  # a busy machine lowers every number; recorded with them
     asyncio.run(run_engine(net, tok, reqs[:2], 2, 2))  # warm-up (allocator, thread pool)
     runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     plan = [c for _ in range(args.repeats) for c in args.concurrency]
@@ -137,7 +139,9 @@ def main(argv=None) -> None:
                                                 "requests": args.requests,
                                                 "repeats": args.repeats},
               "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "rows": rows, "generate_sequential": ref}
+              "threads": torch.get_num_threads(),
+              "load_average_1m": [load_before, os.getloadavg()[0]],
+              "rows": rows, "generate_sequential": ref}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -170,7 +174,7 @@ def _plot(rows, ref, path: Path, result: dict) -> None:
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"{result['model']} engine: {s['requests']} requests x {s['new_tokens']} tokens, "
                  f"block {s['block_length']}, {s['steps_per_block']} steps/block "
-                 f"({result['threads']} threads)", fontsize=9)
+                 f"({result['threads']} torch thread{'s' if result['threads'] > 1 else ''})", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
