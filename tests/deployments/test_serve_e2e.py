@@ -27,7 +27,7 @@ API_KEY = "e2e-secret"
 LADDER_STEPS = [16, 8, 4, 2]
 MAX_INFLIGHT = 20
 MAX_NUM_SEQS = 16
-MAX_QUEUED = 16
+MAX_QUEUED = 24  # > MAX_INFLIGHT: a flood of single requests never fills the engine queue
 
 
 def engine_kind() -> str:
@@ -187,11 +187,12 @@ def test_chat(e2e):
 def test_streaming_chat(e2e):
     c = e2e.client()
     messages = [{"role": "user", "content": "import os"}]
+    pinned = {"ignore_eos": True, "denoising_steps": 16}  # the router may move between calls
     full = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=40,
-                                     extra_body={"ignore_eos": True})
+                                     extra_body=pinned)
     stream = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=40,
                                        stream=True, stream_options={"include_usage": True},
-                                       extra_body={"ignore_eos": True})
+                                       extra_body=pinned)
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == full.choices[0].message.content  # greedy: streaming changes nothing
@@ -205,10 +206,12 @@ def test_completions_and_fim_both_ways(e2e):
     r = c.completions.create(model=MODEL_ID, prompt="def fib(n):", max_tokens=16)
     assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
     prefix, suffix = "def area(r):\n    ", "\n    return a\n"
-    legacy = c.completions.create(model=MODEL_ID, prompt=prefix, suffix=suffix, max_tokens=12)
+    legacy = c.completions.create(model=MODEL_ID, prompt=prefix, suffix=suffix, max_tokens=12,
+                                  extra_body={"denoising_steps": 8})
     with e2e.http() as h:
         mercury = h.post("/v1/fim/completions", json={
-            "model": MODEL_ID, "prompt": prefix, "suffix": suffix, "max_tokens": 12})
+            "model": MODEL_ID, "prompt": prefix, "suffix": suffix, "max_tokens": 12,
+            "denoising_steps": 8})
     assert mercury.status_code == 200, mercury.text
     assert mercury.json()["choices"][0]["text"] == legacy.choices[0].text
     if e2e.engine == "mock":
@@ -307,11 +310,15 @@ async def test_disconnects_free_slots_and_inflight_cap_is_429(e2e):
 
 async def test_engine_queue_full_is_503_with_retry_after(e2e):
     await asyncio.to_thread(e2e.wait_idle)
-    tasks = await hold_streams(e2e.url, [heavy_body(n=16)])
+    tasks = await hold_streams(e2e.url, [heavy_body(n=MAX_NUM_SEQS)])
     try:
         await wait_async(e2e, "a full step batch", lambda h: h["load"]["running"] == MAX_NUM_SEQS)
-        tasks += await hold_streams(e2e.url, [heavy_body(n=16)])
-        await wait_async(e2e, "a full engine queue", lambda h: h["load"]["queued"] == MAX_QUEUED)
+        queued = 0
+        while queued < MAX_QUEUED:  # fill the queue with n > 1 requests (one in-flight slot each)
+            n = min(16, MAX_QUEUED - queued)
+            tasks += await hold_streams(e2e.url, [heavy_body(n=n)])
+            queued += n
+            await wait_async(e2e, f"{queued} queued", lambda h, q=queued: h["load"]["queued"] == q)
         with pytest.raises(openai.InternalServerError) as unavailable:
             e2e.client().chat.completions.create(
                 model=MODEL_ID, messages=[{"role": "user", "content": "x"}], max_tokens=2)
