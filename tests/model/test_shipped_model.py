@@ -1,6 +1,7 @@
 """The embedded tiny-coder: in the repo, within its size cap, and able to complete code."""
 
 from model.checkpoint import EMBEDDED_DIR, load_checkpoint
+from model.healing import heal_prompt
 from model.sampling import SamplingParams, generate
 
 
@@ -18,11 +19,15 @@ def test_block_causal_with_time_conditioning():
 
 
 def test_completes_code_as_text():
+    """A prompt ending in a newline (the usual case) is healed and gets a non-empty body."""
     net, tok, cfg = load_checkpoint(EMBEDDED_DIR)
-    prompt = "import os\n\n\ndef main():\n"
-    r = generate(net, tok.encode(prompt), SamplingParams(max_new_tokens=64, steps=8), tokenizer=tok)
-    assert r.text and cfg.mask_id not in r.tokens
-    assert r.steps <= 16
+    prompt = "class Point:\n"
+    ids, healed, allowed = heal_prompt(tok, tok.encode(prompt))
+    assert healed == "\n"
+    r = generate(net, ids, SamplingParams(max_new_tokens=64, steps=8, first_token_ids=allowed),
+                 tokenizer=tok)
+    assert r.text.startswith("\n") and r.text[1:].strip()
+    assert cfg.mask_id not in r.tokens and r.steps <= 16
 
 
 def test_fim_prompt_is_served():
