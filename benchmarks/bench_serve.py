@@ -14,6 +14,11 @@ level: output tok/s, time to first token (first streamed text) p50/p95, latency 
 steps per block the server chose (header x-denoising-steps), errors by status. Between levels
 the run waits for an idle cluster at the best rung, so every level starts from the same state.
 
+Overload (open loop): requests arrive as a Poisson process at `--overload-factor` (4) times the
+best rung's saturated rate (requests/s measured at the highest concurrency of the `best` mode in
+this run), `--overload-requests` in all, for each mode; p95 is compared with the unloaded p95.
+Closed-loop clients cannot overload a server (they wait), which is why this phase exists.
+
 Overhead: at concurrency 1, a 128-token answer at the best rung through HTTP + Ray against the
 same request on an engine in this process (same model, same EngineConfig), alternating, medians
 of `--overhead-repeats`. Goals the issue sets (on this CPU): HTTP+Ray overhead < 15 % of the
@@ -130,6 +135,48 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return sample
 
 
+async def run_open_loop(url: str, model: str, mode: str, rate: float, total: int,
+                        max_tokens: int, pin: int | None, seed: int, bar: tqdm) -> Level:
+    """Poisson arrivals at `rate` requests/s, `total` requests, each on its own connection."""
+    import random
+
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=total + 4, max_keepalive_connections=total)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1200.0),
+                                 limits=limits) as client:
+        async def fire(i: int):
+            prompt = PROMPTS[i % len(PROMPTS)] + f"  # {i}"
+            samples.append(await one_request(client, model, prompt, max_tokens, pin))
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            tasks.append(asyncio.create_task(fire(i)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    return summarize(samples, mode, -1, wall)
+
+
+def summarize(samples: list[Sample], mode: str, concurrency: int, wall: float) -> Level:
+    good = [s for s in samples if s.ok]
+    lat = [s.latency_s for s in good]
+    ttft = [s.ttft_s for s in good if s.ttft_s is not None]
+    steps = Counter(str(s.steps_per_block) for s in good)
+    return Level(
+        mode=mode, concurrency=concurrency, requests=len(samples), wall_s=wall, ok=len(good),
+        errors=dict(Counter(str(s.status) for s in samples if not s.ok)),
+        output_tok_per_s=sum(s.completion_tokens for s in good) / wall,
+        ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+        latency_p50_s=percentile(lat, 0.5), latency_p95_s=percentile(lat, 0.95),
+        latency_mean_s=statistics.fmean(lat) if lat else None, steps_chosen=dict(steps),
+        mean_steps_per_block=statistics.fmean(s.steps_per_block for s in good
+                                              if s.steps_per_block) if good else None,
+        mean_forward_passes=statistics.fmean(s.steps for s in good) if good else None)
+
+
 async def run_level(url: str, model: str, mode: str, concurrency: int, total: int,
                     max_tokens: int, pin: int | None, bar: tqdm) -> Level:
     samples: list[Sample] = []
@@ -146,20 +193,7 @@ async def run_level(url: str, model: str, mode: str, concurrency: int, total: in
         t0 = time.perf_counter()
         await asyncio.gather(*[worker(w) for w in range(concurrency)])
         wall = time.perf_counter() - t0
-    good = [s for s in samples if s.ok]
-    lat = [s.latency_s for s in good]
-    ttft = [s.ttft_s for s in good if s.ttft_s is not None]
-    steps = Counter(str(s.steps_per_block) for s in good)
-    return Level(
-        mode=mode, concurrency=concurrency, requests=len(samples), wall_s=wall, ok=len(good),
-        errors=dict(Counter(str(s.status) for s in samples if not s.ok)),
-        output_tok_per_s=sum(s.completion_tokens for s in good) / wall,
-        ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
-        latency_p50_s=percentile(lat, 0.5), latency_p95_s=percentile(lat, 0.95),
-        latency_mean_s=statistics.fmean(lat) if lat else None, steps_chosen=dict(steps),
-        mean_steps_per_block=statistics.fmean(s.steps_per_block for s in good
-                                              if s.steps_per_block) if good else None,
-        mean_forward_passes=statistics.fmean(s.steps for s in good) if good else None)
+    return summarize(samples, mode, concurrency, wall)
 
 
 def wait_idle(url: str, best_rung_too: bool = True, max_s: float = 600.0) -> None:
@@ -274,7 +308,7 @@ async def measure_overhead(url: str, model: str, args: dict | None, tokenizer, m
 
 
 # --- report ------------------------------------------------------------------------------------
-def goals(levels: list[Level], overhead: dict) -> dict:
+def goals(levels: list[Level], overhead: dict, overload: list[Level] | None = None) -> dict:
     by = {(lv.mode, lv.concurrency): lv for lv in levels}
     out: dict = {}
     base = by.get(("best", 1)) or by.get(("adaptive", 1))
@@ -296,20 +330,29 @@ def goals(levels: list[Level], overhead: dict) -> dict:
         out["adaptive_p95_within_2x"] = out[f"adaptive_p95_at_c{top}_over_unloaded"] <= 2.0
     if f"best_p95_at_c{top}_over_unloaded" in out:
         out["best_p95_past_4x"] = out[f"best_p95_at_c{top}_over_unloaded"] > 4.0
+    for lv in overload or []:
+        if base and base.latency_p95_s and lv.latency_p95_s:
+            out[f"overload_{lv.mode}_p95_over_unloaded"] = lv.latency_p95_s / base.latency_p95_s
+    if "overload_adaptive_p95_over_unloaded" in out:
+        out["overload_adaptive_p95_within_2x"] = out["overload_adaptive_p95_over_unloaded"] <= 2.0
+    if "overload_best_p95_over_unloaded" in out:
+        out["overload_best_p95_past_4x"] = out["overload_best_p95_over_unloaded"] > 4.0
     return out
 
 
-def plot(levels: list[Level], path: Path, title: str) -> None:
+def plot(levels: list[Level], overload: list[Level], unloaded_p95: float | None, path: Path,
+         title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     panels = [("output_tok_per_s", "output tokens/s"), ("latency_p95_s", "p95 latency (s)"),
               ("ttft_p50_s", "time to first token p50 (s)"),
               ("mean_steps_per_block", "steps per block chosen (mean)")]
-    for ax, (key, label) in zip(axes.flat, panels, strict=False):
+    flat = list(axes.flat)
+    for ax, (key, label) in zip(flat[:4], panels, strict=False):
         for mode in dict.fromkeys(lv.mode for lv in levels):
             pts = [(lv.concurrency, getattr(lv, key)) for lv in levels
                    if lv.mode == mode and getattr(lv, key) is not None]
@@ -322,6 +365,27 @@ def plot(levels: list[Level], path: Path, title: str) -> None:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
+    ax = flat[4]
+    if overload:
+        names = [lv.mode for lv in overload]
+        ax.bar(names, [lv.latency_p95_s or 0 for lv in overload], color="tab:orange",
+               label="p95")
+        ax.bar(names, [lv.latency_p50_s or 0 for lv in overload], color="tab:blue", label="p50")
+        if unloaded_p95:
+            ax.axhline(unloaded_p95, color="k", ls="--", label="unloaded p95")
+            ax.axhline(2 * unloaded_p95, color="g", ls=":", label="2x unloaded")
+        ax.set_ylabel("latency (s)")
+        ax.set_title("open-loop overload")
+        ax.legend()
+    else:
+        ax.axis("off")
+    ax = flat[5]
+    if overload:
+        ax.bar([lv.mode for lv in overload], [lv.mean_steps_per_block or 0 for lv in overload])
+        ax.set_ylabel("steps per block (mean)")
+        ax.set_title("open-loop overload: steps chosen")
+    else:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -341,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-requests", type=int, default=8, help="per level, at least")
     p.add_argument("--ladder", help="steps per block, best first, e.g. 16,8,4,2")
     p.add_argument("--thresholds", help="drain seconds per rung change, e.g. 2,4,8")
+    p.add_argument("--overload-factor", type=float, default=4.0)
+    p.add_argument("--overload-requests", type=int, default=48)
     p.add_argument("--overhead-repeats", type=int, default=5)
     p.add_argument("--overhead-tokens", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="64-token answers, 1 round, 4 minimum")
@@ -350,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.max_tokens, a.rounds, a.min_requests = 64, 1, 4
         a.overhead_repeats = min(a.overhead_repeats, 3)
+        a.overload_requests = min(a.overload_requests, 32)
     levels_c = [int(x) for x in a.concurrency.split(",")]
     modes = a.modes.split(",")
 
@@ -397,6 +464,22 @@ def main(argv: list[str] | None = None) -> None:
             levels.append(lv)
     bar.close()
 
+    # Open-loop overload at factor x the best rung's saturated rate.
+    overload: list[Level] = []
+    best_rates = [lv.ok / lv.wall_s for lv in levels if lv.mode == "best" and lv.wall_s > 0]
+    saturated = max(best_rates, default=0.0)
+    rate = a.overload_factor * saturated
+    if rate > 0 and a.overload_requests > 0:
+        bar = tqdm(total=a.overload_requests * len(modes), desc=f"overload {rate:.2f} req/s")
+        for mode in modes:
+            wait_idle(url)
+            lv = asyncio.run(run_open_loop(url, model, mode, rate, a.overload_requests,
+                                           a.max_tokens, pins[mode], seed=0, bar=bar))
+            log.info("overload %s: p50 %.2fs p95 %.2fs, steps %s, errors %s", mode,
+                     lv.latency_p50_s or -1, lv.latency_p95_s or -1, lv.steps_chosen, lv.errors)
+            overload.append(lv)
+        bar.close()
+
     wait_idle(url)
     overhead = asyncio.run(measure_overhead(url, model, args_local, tokenizer,
                                             a.overhead_tokens, ladder[0], block_length,
@@ -413,13 +496,15 @@ def main(argv: list[str] | None = None) -> None:
                      "thresholds_s": args.get("ladder", {}).get("thresholds_s"),
                      "pins": pins, "quick": a.quick},
         "levels": [asdict(lv) for lv in levels],
+        "overload": {"factor": a.overload_factor, "best_saturated_req_per_s": saturated,
+                     "rate_req_per_s": rate, "levels": [asdict(lv) for lv in overload]},
         "overhead": overhead,
-        "goals": goals(levels, overhead),
+        "goals": goals(levels, overhead, overload),
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(levels, out.with_suffix(".png"),
+    plot(levels, overload, result["goals"].get("unloaded_p95_s"), out.with_suffix(".png"),
          f"dllm bench serve: {model} ({result['engine']} engine), {a.max_tokens}-token answers")
     log.info("wrote %s and %s", out.with_suffix(".json"), out.with_suffix(".png"))
     print(json.dumps(result["goals"], indent=2))

@@ -66,7 +66,7 @@ from deployments.protocol import (
     Usage,
     sse,
 )
-from deployments.router import StepChoice, StepRouter
+from deployments.router import StepChoice, StepRouter, estimate_token_steps
 from engine.types import CanvasUpdate, EngineBase, Event, Finished, GenerationRequest, TextDelta
 from model.sampling import SamplingParams
 
@@ -561,6 +561,10 @@ class OpenAIService:
         job.route = route
         self.admit()
         self.inflight += 1
+        block_causal = self.info.attention == "block_causal"
+        ledger_key = self.router.admitted(sum(estimate_token_steps(
+            len(r.prompt_ids) + len(r.suffix_ids or []), r.params.max_new_tokens,
+            r.params.steps, r.params.block_length, block_causal) for r in job.requests))
         released = False
 
         def release():
@@ -568,6 +572,7 @@ class OpenAIService:
             if not released:
                 released = True
                 self.inflight -= 1
+                self.router.done(ledger_key)
 
         try:
             if req.stream:

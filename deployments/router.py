@@ -21,6 +21,13 @@ thresholds_s[i-1]. Hysteresis keeps it from flapping: the router drops to a fast
 (bursts must be absorbed now), but climbs back only one rung at a time, and only after the load
 has stayed below `(1 - hysteresis) * threshold` for `up_hold_s` seconds.
 
+Bursts: the snapshot is up to ~0.5 s old (replica report + board pull), and 64 requests arriving
+together would all be decided on the idle snapshot. So the router also keeps a ledger of the
+work it admitted itself in the last `ledger_horizon_s` (by then the snapshot counts it) and adds
+it to the snapshot's drain time when choosing: each request of a burst sees the ones before it.
+A request that finishes leaves the ledger at once (its work no longer loads anyone), so a client
+sending short requests one after another is not mistaken for a burst.
+
 Per request: `denoising_steps` pins the steps (the router is bypassed; quality is then ignored);
 `quality` bounds the rungs the router may use:
   auto      every rung (follow the load)
@@ -33,7 +40,10 @@ Metrics: `dllm_router_steps` (histogram of chosen steps, tagged by quality and p
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,13 +106,45 @@ class StepRouter:
     """Holds the current rung; `observe` moves it with hysteresis, `choose` reads it."""
 
     def __init__(self, ladder: Ladder, clock: Callable[[], float] = time.monotonic,
-                 metrics: RouterMetrics | None = None):
+                 metrics: RouterMetrics | None = None, ledger_horizon_s: float = 1.0):
         self.ladder = ladder
         self.clock = clock
         self.metrics = metrics
+        self.ledger_horizon_s = ledger_horizon_s
         self.rung = 0
         self.load = ClusterLoad()
         self._below_since: float | None = None  # when the load fell below the climb-back level
+        self._ledger: collections.OrderedDict[int, tuple[float, float]] = \
+            collections.OrderedDict()
+        self._ledger_keys = itertools.count()
+
+    # --- the burst ledger ---------------------------------------------------------------------
+    def admitted(self, token_steps: float) -> int:
+        """Record work this router just sent to the cluster (see the module docstring).
+        Returns a key for `done(key)` when that work finishes early."""
+        key = next(self._ledger_keys)
+        self._ledger[key] = (self.clock(), float(token_steps))
+        return key
+
+    def done(self, key: int) -> None:
+        """The work is finished (or cancelled): it no longer loads the cluster."""
+        self._ledger.pop(key, None)
+
+    def ledger_token_steps(self) -> float:
+        cutoff = self.clock() - self.ledger_horizon_s
+        while self._ledger:
+            key, (t, _) = next(iter(self._ledger.items()))
+            if t >= cutoff:
+                break
+            del self._ledger[key]
+        return sum(w for _, w in self._ledger.values())
+
+    def effective_drain_s(self) -> float:
+        """The snapshot's drain time plus the work admitted since it was taken."""
+        extra = self.ledger_token_steps()
+        if extra and self.load.capacity > 0:
+            return self.load.drain_s + extra / self.load.capacity
+        return self.load.drain_s
 
     def observe(self, load: ClusterLoad) -> int:
         now = self.clock()
@@ -132,6 +174,12 @@ class StepRouter:
         if pinned is not None:
             choice = StepChoice(steps=pinned, rung=None, reason="pinned")
         else:
+            target = self.ladder.target_rung(self.effective_drain_s())
+            if target > self.rung:  # a burst through this ingress: drop now, climb back as usual
+                log.info("burst: steps %d -> %d", self.ladder.steps[self.rung],
+                         self.ladder.steps[target])
+                self.rung = target
+                self._below_since = None
             lo, hi = self.ladder.window(quality)
             rung = min(max(self.rung, lo), hi)
             choice = StepChoice(steps=self.ladder.steps[rung], rung=rung,
@@ -139,6 +187,19 @@ class StepRouter:
         if self.metrics is not None:
             self.metrics.observe_choice(choice, quality)
         return choice
+
+
+def estimate_token_steps(prompt_tokens: int, max_new_tokens: int, steps: int,
+                         block_length: int, block_causal: bool = True) -> float:
+    """Work of one request in token-steps, as engine stats count it (an upper bound: every block
+    takes all its steps). Block-causal: each step runs the active block; the prompt and each
+    finished block are written to the KV cache once. Full attention: each step runs the prompt
+    and the whole canvas."""
+    blocks = math.ceil(max_new_tokens / block_length)
+    per_block = min(steps, block_length)
+    if block_causal:
+        return blocks * per_block * block_length + prompt_tokens + max_new_tokens
+    return blocks * per_block * (prompt_tokens + max_new_tokens)
 
 
 class RouterMetrics:

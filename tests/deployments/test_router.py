@@ -16,7 +16,7 @@ from autoscaling.load import (
     cluster_load,
 )
 from deployments.app import parse_args
-from deployments.router import Ladder, StepRouter
+from deployments.router import Ladder, StepRouter, estimate_token_steps
 from deployments.routing import rank_by_drain, replica_drain_s
 from engine.types import EngineStats
 
@@ -98,6 +98,38 @@ def test_a_dip_resets_the_hold_timer():
     clock.t += 1.5
     r.observe(load(0.1))
     assert r.rung == 0
+
+
+def test_a_burst_is_seen_before_the_next_snapshot():
+    """64 requests at once on an idle snapshot: each sees the work admitted before it."""
+    clock = Clock()
+    r = StepRouter(LADDER, clock=clock, ledger_horizon_s=1.0)
+    r.observe(ClusterLoad(replicas=1, drain_s=0.0, capacity=2000.0, at=1.0))
+    chosen = []
+    for _ in range(64):
+        c = r.choose()
+        chosen.append(c.steps)
+        r.admitted(estimate_token_steps(10, 128, c.steps, 32))
+    assert chosen[0] == 32 and chosen[-1] == 4
+    assert chosen == sorted(chosen, reverse=True)  # quality only goes down within the burst
+    # finished work leaves the ledger at once: one client's back-to-back requests are no burst
+    r2 = StepRouter(LADDER, clock=clock)
+    r2.observe(ClusterLoad(replicas=1, drain_s=0.0, capacity=2000.0, at=1.0))
+    for _ in range(10):
+        c = r2.choose()
+        r2.done(r2.admitted(estimate_token_steps(10, 128, c.steps, 32)))
+        assert c.steps == 32
+    # the ledger is forgotten after the horizon (by then the snapshot holds that work)
+    clock.t += 1.5
+    assert r.ledger_token_steps() == 0
+    assert r.effective_drain_s() == 0.0
+
+
+def test_token_step_estimates():
+    # 128 tokens in 32-token blocks at 8 steps: 4 blocks x 8 steps x 32 tokens + cache writes
+    assert estimate_token_steps(10, 128, 8, 32) == 4 * 8 * 32 + 10 + 128
+    assert estimate_token_steps(10, 20, 64, 32) == 1 * 32 * 32 + 30  # steps capped by the block
+    assert estimate_token_steps(10, 64, 8, 64, block_causal=False) == 8 * 74
 
 
 def test_pins_and_quality_bounds():
