@@ -84,7 +84,8 @@ async def run_engine(net, tok, reqs: list[GenerationRequest], concurrency: int,
             "p50_latency_s": statistics.median(latencies),
             "iterations": it, "mean_iteration_ms": 1000 * stats.extra["busy_s"] / max(it, 1),
             "cache_write_share": stats.extra["cache_write_s"] / max(stats.extra["busy_s"], 1e-9),
-            "capacity_token_steps_per_s": stats.capacity_token_steps_per_s}
+            "capacity_token_steps_per_s": stats.capacity_token_steps_per_s,
+            "worker_share": stats.extra["worker_s"] / max(stats.extra["busy_s"], 1e-9)}
 
 
 def run_generate(net, tok, reqs: list[GenerationRequest]) -> dict:
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8, help="denoising steps per block")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs per concurrency, interleaved (1, 4, 16, 1, 4, 16, ...) so that a "
+                   help="runs per setting, interleaved (1, 4, 16, generate, 1, ...) so that a "
                         "busy machine slows every setting alike; the median run is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate() baseline")
@@ -121,18 +122,22 @@ def main(argv=None) -> None:
     reqs = make_requests(tok, args.requests, params)
     load_before = os.getloadavg()[0]  # a busy machine lowers every number; recorded with them
     asyncio.run(run_engine(net, tok, reqs[:2], 2, 2))  # warm-up (allocator, thread pool)
-    runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
-    plan = [c for _ in range(args.repeats) for c in args.concurrency]
-    for c in tqdm(plan, desc="engine runs"):
-        runs[c].append(asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency))))
-    rows = []
-    for rs in runs.values():
+    settings = list(args.concurrency) + ([] if args.no_generate else ["generate"])
+    runs: dict = {c: [] for c in settings}
+    plan = [c for _ in range(args.repeats) for c in settings]
+    for c in tqdm(plan, desc="runs"):
+        runs[c].append(run_generate(net, tok, reqs) if c == "generate" else
+                       asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency))))
+
+    def median(rs):
         med = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
-        rows.append({**med, "all_tokens_per_s": [r["tokens_per_s"] for r in rs]})
+        return {**med, "all_tokens_per_s": [r["tokens_per_s"] for r in rs]}
+
+    rows = [median(runs[c]) for c in args.concurrency]
+    ref = median(runs["generate"]) if "generate" in runs else None
     base = next((r for r in rows if r["concurrency"] == 1), rows[0])["tokens_per_s"]
     for r in rows:
         r["speedup_vs_sequential"] = r["tokens_per_s"] / base
-    ref = None if args.no_generate else run_generate(net, tok, reqs)
     result = {"model": args.model, "settings": {"new_tokens": args.new_tokens,
                                                 "block_length": args.block_length,
                                                 "steps_per_block": args.steps,

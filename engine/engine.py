@@ -66,6 +66,7 @@ class _Iteration:
     token_steps: int = 0  # real tokens through the forwards
     committed: int = 0  # tokens committed by the step
     cache_write_s: float = 0.0  # time in the cache-write forward (prefill, finished blocks)
+    worker_s: float = 0.0  # time inside the worker thread (the rest is handing over)
 
 
 class Engine(EngineBase):
@@ -101,6 +102,7 @@ class Engine(EngineBase):
         self._iterations = 0
         self._busy_s = 0.0  # total iteration time, and the part spent writing the cache
         self._cache_write_s = 0.0
+        self._worker_s = 0.0
         self._window_start = float("inf")  # set by the first iteration
 
     # --- public API -----------------------------------------------------------------------
@@ -169,7 +171,7 @@ class Engine(EngineBase):
             kv_pages_used=self.pool.used_pages if self.pool else 0,
             kv_pages_total=self.pool.num_pages if self.pool else 0,
             extra={"iterations": self._iterations, "busy_s": self._busy_s,
-                   "cache_write_s": self._cache_write_s,
+                   "cache_write_s": self._cache_write_s, "worker_s": self._worker_s,
                    "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size},
         )
 
@@ -299,6 +301,7 @@ class Engine(EngineBase):
         self._iterations += 1
         self._busy_s += dt
         self._cache_write_s += it.cache_write_s
+        self._worker_s += it.worker_s
         self._step_times.append(dt)
         self._committed_log.append((t0, it.committed))
         self._trim_committed(t1)
@@ -312,6 +315,7 @@ class Engine(EngineBase):
 
     # --- one iteration, in the worker thread ----------------------------------------------
     def _iterate(self, batch: list[Sequence]) -> _Iteration:
+        t_start = time.perf_counter()
         it = _Iteration()
         failed: dict[str, str] = {}
         with torch.no_grad():
@@ -345,6 +349,7 @@ class Engine(EngineBase):
                 it.events.append((seq, seq.canvas_event()))
             if block_done:
                 it.events += [(seq, ev) for ev in seq.finish_block()]
+        it.worker_s = time.perf_counter() - t_start
         return it
 
     def _isolated(self, rows, fn, failed):
