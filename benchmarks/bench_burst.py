@@ -202,6 +202,7 @@ async def run_load(url: str, schedule: Schedule, app_name: str | None, max_token
 
         launch = asyncio.create_task(launcher())
         bar = tqdm(total=len(seconds), desc=desc, unit="s")
+        sampled = 0
         for sec in seconds:
             # Sample at the end of each second.
             await asyncio.sleep(max(0.0, start + sec.t + 1 - time.monotonic()))
@@ -213,6 +214,7 @@ async def run_load(url: str, schedule: Schedule, app_name: str | None, max_token
             if sec.replicas is None:
                 sec.replicas = (health.get("load") or {}).get("replicas")
             bar.update(1)
+            sampled = sec.t + 1
             if launch.done() and all(t.done() for t in tasks) and sec.t >= schedule.total_s:
                 break
         bar.close()
@@ -248,7 +250,7 @@ async def run_load(url: str, schedule: Schedule, app_name: str | None, max_token
     unfinished = sum(1 for o in outcomes if not o.done_at or o.status == 0)
     if unfinished:
         log.warning("%s: %d requests unfinished or failed at the end of the run", desc, unfinished)
-    return [s for s in seconds if s.t < schedule.total_s + grace_s]
+    return seconds[:sampled]
 
 
 def summarize(seconds: list[Second], schedule: Schedule) -> dict:
