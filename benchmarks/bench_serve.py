@@ -277,20 +277,43 @@ async def engine_alone_latency(args: dict, prompt_ids: list[int], max_tokens: in
     return engine, timed
 
 
+async def handle_latency(app_name: str, prompt_ids: list[int], max_tokens: int, steps: int,
+                         block_length: int, i: int) -> float:
+    """The same request straight to the ModelServer through a DeploymentHandle (Ray, no HTTP)."""
+    from ray import serve
+
+    from engine.types import GenerationRequest
+    from model.sampling import SamplingParams
+
+    h = serve.get_deployment_handle("ModelServer", app_name=app_name).options(stream=True)
+    params = SamplingParams(max_new_tokens=max_tokens, steps=steps, block_length=block_length,
+                            stop_token_ids=[])
+    t0 = time.perf_counter()
+    async for _ in h.generate.remote(GenerationRequest(f"handle-{i}", prompt_ids, params)):
+        pass
+    return time.perf_counter() - t0
+
+
 async def measure_overhead(url: str, model: str, args: dict | None, tokenizer, max_tokens: int,
-                           steps: int, block_length: int, repeats: int) -> dict:
+                           steps: int, block_length: int, repeats: int,
+                           app_name: str | None = None) -> dict:
+    """Alternating, medians: HTTP (streaming, as clients call it), the ModelServer through a
+    Ray handle, and the same engine in this process."""
     prompt = PROMPTS[0]
-    http = []
+    http, alone, handle = [], [], []
     out: dict = {"max_tokens": max_tokens, "steps_per_block": steps, "repeats": repeats}
     engine = timed = None
+    ids = None
     if args is not None and tokenizer is not None:
         ids = tokenizer.chat_prompt([{"role": "user", "content": prompt}])
         engine, timed = await engine_alone_latency(args, ids, max_tokens, steps, block_length)
-    alone = []
     async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
-        for _ in tqdm(range(repeats), desc="overhead (HTTP vs engine alone)"):
+        for i in tqdm(range(repeats), desc="overhead (HTTP vs handle vs engine alone)"):
             if timed is not None:
                 alone.append((await timed())[0])
+            if app_name is not None and ids is not None:
+                handle.append(await handle_latency(app_name, ids, max_tokens, steps,
+                                                   block_length, i))
             s = await one_request(client, model, prompt, max_tokens, steps)
             if s.ok:
                 http.append(s.latency_s)
@@ -298,12 +321,19 @@ async def measure_overhead(url: str, model: str, args: dict | None, tokenizer, m
         await engine.shutdown()
     out["http_latency_s"] = statistics.median(http) if http else None
     out["http_samples_s"] = http
+    if handle:
+        out["ray_handle_latency_s"] = statistics.median(handle)
+        out["ray_handle_samples_s"] = handle
     if alone:
         out["engine_alone_latency_s"] = statistics.median(alone)
         out["engine_alone_samples_s"] = alone
         if http:
             out["overhead_s"] = out["http_latency_s"] - out["engine_alone_latency_s"]
             out["overhead_share"] = out["overhead_s"] / out["http_latency_s"]
+            if handle:
+                # HTTP + ingress alone: what the API layer adds on top of a Ray call
+                out["http_ingress_share"] = (out["http_latency_s"] - out["ray_handle_latency_s"]
+                                             ) / out["http_latency_s"]
     return out
 
 
@@ -323,6 +353,8 @@ def goals(levels: list[Level], overhead: dict, overload: list[Level] | None = No
         a, b = by.get((mode, 1)), by.get((mode, 16))
         if a and b and a.output_tok_per_s:
             out[f"{mode}_throughput_c16_over_c1"] = b.output_tok_per_s / a.output_tok_per_s
+    if "http_ingress_share" in overhead:
+        out["http_ingress_share_c1"] = overhead["http_ingress_share"]
     if "overhead_share" in overhead:
         out["http_ray_overhead_share_c1"] = overhead["overhead_share"]
         out["overhead_under_15pct"] = overhead["overhead_share"] < 0.15
@@ -483,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     wait_idle(url)
     overhead = asyncio.run(measure_overhead(url, model, args_local, tokenizer,
                                             a.overhead_tokens, ladder[0], block_length,
-                                            a.overhead_repeats))
+                                            a.overhead_repeats,
+                                            app_name=None if a.url else "dllm-bench"))
     result = {
         "benchmark": "serve",
         "url": url,

@@ -235,6 +235,7 @@ class ModelServer:
         """Stream a request's events. routing: {"below_best": bool | None} from the router."""
         if routing and routing.get("below_best") is not None:
             self._quality.append((time.monotonic(), bool(routing["below_best"])))
+            self._below_best_fraction()  # trims the window (Serve polls it only when autoscaling)
         if self._draining:
             raise ServerDraining("the replica is shutting down")
         try:
