@@ -134,10 +134,11 @@ def parses(source: str) -> bool:
 
 
 def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
-             prompt_tokens: int = 320, parse_tokens: int = 64) -> dict:
+             prompt_tokens: int = 320, parse_tokens: int = 64, defer: list[int] | None = None) -> dict:
     em = sim = 0.0
     for c in tqdm(fims, desc=f"fim  spb={steps:>2}", leave=False):
-        params = SamplingParams(max_new_tokens=64, steps=steps, block_length=block_length)
+        params = SamplingParams(max_new_tokens=64, steps=steps, block_length=block_length,
+                                defer_token_ids=list(defer or []))
         if cfg.attention == "block_causal":
             r = generate(net, tok.fim_prompt(c.prefix, c.suffix), params, tokenizer=tok)
         else:
@@ -151,7 +152,8 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
         # the header ends in a newline: heal it as the server does (model/healing.py)
         ids, healed, allowed = heal_prompt(tok, tok.encode(c.before)[-prompt_tokens:])
         params = SamplingParams(max_new_tokens=parse_tokens, steps=steps,
-                                block_length=block_length, first_token_ids=allowed)
+                                block_length=block_length, first_token_ids=allowed,
+                                defer_token_ids=list(defer or []))
         text = generate(net, ids, params, tokenizer=tok).text
         text = text[len(healed):] if text.startswith(healed) else text
         body = cut_function_body(text, c.indent)
@@ -199,6 +201,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the autoregressive row")
     p.add_argument("--out", default=str(RESULTS / "quality.json"))
     p.add_argument("--corpus", default=None, help="folder of .py files (default: the stdlib)")
+    p.add_argument("--defer-eos", action="store_true",
+                   help="commit EOS/end-of-turn last (LLaDA's confidence_eos_eot_inf): without it, "
+                        "one token per step fills blocks with EOS from the end (see quality.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from model.cli_generate import load_model
@@ -210,19 +215,21 @@ def main(argv=None) -> None:
     log.info("%d held-out files: %d FIM cases, %d parse cases", len(held), len(fims), len(pcs))
     rows = []
     t0 = time.time()
+    defer = [t for t in (cfg.eos_id, cfg.eot_id) if t is not None] if args.defer_eos else None
     for s in args.steps:
         row = {"steps_per_block": s, "block_length": args.block_length,
-               **evaluate(net, tok, cfg, fims, pcs, s, args.block_length)}
+               **evaluate(net, tok, cfg, fims, pcs, s, args.block_length, defer=defer)}
         log.info("%s", row)
         rows.append(row)
     baseline = None
     if not args.no_baseline:
         baseline = {"steps_per_block": 1, "block_length": 1,
-                    **evaluate(net, tok, cfg, fims, pcs, 1, 1)}
+                    **evaluate(net, tok, cfg, fims, pcs, 1, 1, defer=defer)}
         log.info("autoregressive: %s", baseline)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model, "rows": rows, "autoregressive": baseline,
+    result = {"model": args.model, "defer_eos": args.defer_eos, "rows": rows,
+              "autoregressive": baseline,
               "wall_s": round(time.time() - t0, 1),
               "notes": "held-out = stdlib files whose path hash falls in the 3% split"}
     out.write_text(json.dumps(result, indent=2) + "\n")
