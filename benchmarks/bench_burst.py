@@ -1,7 +1,7 @@
 """`dllm bench burst`: a quiet / 4x burst / quiet load against the app, two serving set-ups
 side by side.
 
-    dllm bench burst                                   # both variants, ~4 minutes
+    dllm bench burst                                   # both variants, ~6 minutes
     dllm bench burst --quiet-s 10 --burst-s 20 --after-s 20      # shorter
     dllm bench burst --url http://127.0.0.1:8000 --variants adaptive   # an app already running
 
@@ -55,7 +55,7 @@ class Schedule:
     burst_factor: float = 4.0
     quiet_s: float = 20.0
     burst_s: float = 40.0
-    after_s: float = 40.0
+    after_s: float = 60.0  # long enough to see the replicas come back down
     seed: int = 0
 
     @property
@@ -104,6 +104,7 @@ class VariantResult:
     name: str
     description: str
     seconds: list[Second] = field(default_factory=list)
+    app_args: dict | None = None
     summary: dict = field(default_factory=dict)
 
 
@@ -121,7 +122,8 @@ def variant_args(name: str, engine: str, max_replicas: int, upscale_delay_s: flo
                    "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
                    "metrics_interval_s": 0.5, "look_back_period_s": 3.0}
     if name == "adaptive":
-        ladder = {"steps": [16, 8, 4, 2], "thresholds_s": [1.0, 2.0, 4.0], "up_hold_s": 3.0}
+        # serve_config.yaml's ladder: 1 replica at the quiet load (~50% busy) stays at rung 0.
+        ladder = {"steps": [16, 8, 4, 2], "thresholds_s": [2.0, 4.0, 8.0], "up_hold_s": 3.0}
         autoscaling["policy"] = {"policy_function": "autoscaling.policy:TokenBacklogPolicy",
                                  "policy_kwargs": {"target_backlog_s": 1.0,
                                                    "quality_debt_s": 5.0}}
@@ -299,7 +301,7 @@ def run_variants(args) -> dict:
             secs = asyncio.run(run_load(args.url.rstrip("/"), schedule, None, args.max_tokens,
                                         args.grace_s, name))
             results.append(VariantResult(name, f"{name} (app at {args.url})", secs,
-                                         summarize(secs, schedule)))
+                                         summary=summarize(secs, schedule)))
     else:
         import ray
         from ray import serve
@@ -320,7 +322,8 @@ def run_variants(args) -> dict:
                 secs = asyncio.run(run_load(f"http://127.0.0.1:{port}{prefix}", schedule,
                                             app_name, args.max_tokens, args.grace_s, name))
                 results.append(VariantResult(name, DESCRIPTIONS[name], secs,
-                                             summarize(secs, schedule)))
+                                             summary=summarize(secs, schedule),
+                                             app_args=app_args))
                 serve.delete(app_name)
         finally:
             serve.shutdown()
@@ -335,6 +338,7 @@ def run_variants(args) -> dict:
                      "latency_window_s": LATENCY_WINDOW_S},
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "variants": {r.name: {"description": r.description, "summary": r.summary,
+                              "app_args": r.app_args,
                               "seconds": [asdict(s) for s in r.seconds]} for r in results},
     }
 
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--burst-factor", type=float, default=4.0)
     p.add_argument("--quiet-s", type=float, default=20.0)
     p.add_argument("--burst-s", type=float, default=40.0)
-    p.add_argument("--after-s", type=float, default=40.0)
+    p.add_argument("--after-s", type=float, default=60.0)
     p.add_argument("--grace-s", type=float, default=15.0,
                    help="wait this long after the schedule for stragglers, then stop")
     p.add_argument("--max-tokens", type=int, default=64)
