@@ -6,8 +6,8 @@
     from monitoring.dashboard import build_dashboard, dashboard_json, query_metric_names
     query_metric_names(dashboard_json())   # every Prometheus series the panels query
 
-Rows: traffic (requests, rejections, output tokens), latency (end to end at Serve's proxy,
-time on a replica), quality (steps the router chooses, its rung, passes per request), load and
+Rows: traffic (requests, rejections, output tokens), latency (time to first token, end to end
+at the API and at Serve's proxy, time on a replica), quality (steps the router chooses, its rung, passes per request), load and
 autoscaling (cluster drain time and backlog, healthy/target replicas, handle queues), engine
 (per replica: batch size, queue, backlog, capacity, step time, KV pages). Every query names a
 metric from monitoring/metrics.py, i.e. one the app or Ray exports; the Prometheus test checks
@@ -154,10 +154,10 @@ def build_dashboard() -> dash.Dashboard:
     d = d.with_panel(
         single(
             "p95 latency",
-            "End to end at Serve's proxy.",
+            "End to end at the API.",
             f"histogram_quantile(0.95, sum by (le) (rate("
-            f"{M.HTTP_LATENCY.series('bucket')}{{{APP}}}[{RATE}])))",
-            "ms",
+            f"{M.REQUEST_LATENCY.series('bucket')}{{{APP}}}[{RATE}])))",
+            "s",
         )
     )
     d = d.with_panel(
@@ -230,11 +230,25 @@ def build_dashboard() -> dash.Dashboard:
     d = d.with_row(dash.Row("Latency"))
     d = d.with_panel(
         ts(
+            "Time to first token",
+            "From request to the first streamed token, by route.",
+            quantiles(M.TIME_TO_FIRST_TOKEN, APP, by="route", qs=(0.5, 0.95)),
+            "s",
+        )
+    )
+    d = d.with_panel(
+        ts(
             "End-to-end latency",
-            "At Serve's proxy; a stream counts until its last chunk.",
-            quantiles(M.HTTP_LATENCY, APP),
-            "ms",
-            width=12,
+            "At the API (until the last token), and at Serve's proxy for comparison.",
+            quantiles(M.REQUEST_LATENCY, APP)
+            + [
+                q(
+                    f"histogram_quantile(0.95, sum by (le) (rate("
+                    f"{M.HTTP_LATENCY.series('bucket')}{{{APP}}}[{RATE}]))) / 1000",
+                    "p95 at the proxy",
+                )
+            ],
+            "s",
         )
     )
     d = d.with_panel(
@@ -243,7 +257,6 @@ def build_dashboard() -> dash.Dashboard:
             "Serve's processing latency of ModelServer calls.",
             quantiles(M.PROCESSING_LATENCY, SRV),
             "ms",
-            width=12,
         )
     )
 
@@ -356,7 +369,18 @@ def build_dashboard() -> dash.Dashboard:
         )
     )
     d = d.with_panel(
-        ts("KV cache", "KV pages in use.", [q(f"{M.ENGINE_KV_USED.prom}{{{SRV}}}", per)])
+        ts(
+            "KV cache use",
+            "Fraction of the paged KV pool in use.",
+            [
+                q(
+                    f"{M.ENGINE_KV_USED.prom}{{{SRV}}} / "
+                    f"clamp_min({M.ENGINE_KV_TOTAL.prom}{{{SRV}}}, 1)",
+                    per,
+                )
+            ],
+            "percentunit",
+        )
     )
     return d
 

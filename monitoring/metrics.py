@@ -159,9 +159,9 @@ DENOISING_STEPS = Metric(
 )
 
 
-# Time to first token and end-to-end latency as the API sees
-# them (Ray's proxy latency below counts a stream until its end, not its first token), and the
-# KV pool size so KV use can be shown as a fraction.
+# Time to first token and end-to-end latency as the API sees them (Ray's proxy latency below
+# counts a stream until its end, not its first token), and the KV pool size so KV use can be
+# shown as a fraction.
 TIME_TO_FIRST_TOKEN = Metric(
     "dllm_time_to_first_token_seconds",
     "histogram",

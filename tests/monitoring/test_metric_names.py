@@ -90,16 +90,18 @@ def test_dashboard_queries_only_known_metrics():
     families = metric_families(query_metric_names(dashboard_json()))
     known = {m.prom for m in M.ALL_METRICS}
     assert families and families <= known, sorted(families - known)
-    # The list: requests, latency, output tokens, steps, cluster load, backlog,
-    # engine batch size, KV-cache use are all on it.
+    # The list: requests, time to first token, latency, output tokens, steps, cluster
+    # load, backlog, engine batch size, KV-cache use are all on it.
     for m in (
         M.HTTP_REQUESTS,
-        M.HTTP_LATENCY,
+        M.TIME_TO_FIRST_TOKEN,
+        M.REQUEST_LATENCY,
         M.COMPLETION_TOKENS,
         M.ROUTER_STEPS,
         M.CLUSTER_DRAIN,
         M.ENGINE_BACKLOG,
         M.ENGINE_RUNNING,
         M.ENGINE_KV_USED,
+        M.ENGINE_KV_TOTAL,
     ):
         assert m.prom in families, m.name
