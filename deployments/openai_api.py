@@ -446,7 +446,8 @@ class OpenAIService:
                      denoising_steps_per_block=job.steps_per_block)
 
     def headers(self, job: Job) -> dict[str, str]:
-        return {"x-denoising-steps": str(job.steps_per_block), "x-request-id": job.id}
+        # (no x-request-id of ours: Serve's proxy sets one; the body carries the completion id)
+        return {"x-denoising-steps": str(job.steps_per_block)}
 
     @staticmethod
     def _finish_reason(f: Finished) -> str:
