@@ -380,7 +380,13 @@ class RayBackend(Backend):
         except InvalidRequest as e:
             raise APIError(400, str(e)) from None
         finally:
-            gen.cancel()  # no-op once finished; on disconnect it cancels the replica's stream
+            # No-op once finished; on disconnect it cancels the replica's stream. cancel()
+            # re-raises a request's routing error (BackPressureError), which would replace the
+            # 503 APIError above with Serve's plain-text 503 without Retry-After.
+            try:
+                gen.cancel()
+            except Exception:  # noqa: BLE001 - already reported above
+                pass
 
     def cancel_stream(self, stream) -> None:
         asyncio.ensure_future(stream.aclose())
