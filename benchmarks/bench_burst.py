@@ -109,34 +109,48 @@ class VariantResult:
 
 
 # --- variants ----------------------------------------------------------------------------------
-def variant_args(name: str, engine: str, max_replicas: int, upscale_delay_s: float,
-                 downscale_delay_s: float) -> dict:
+def variant_args(
+    name: str, engine: str, max_replicas: int, upscale_delay_s: float, downscale_delay_s: float
+) -> dict:
     """deployments.app args for a variant (the same engine, bounds and delays for both)."""
     if engine == "mock":
         # ~2000 token-steps/s per replica; a 64-token answer at 16 steps/block = 1024 of them.
-        model = {"source": "tiny-coder", "engine": "mock",
-                 "mock": {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32}}
+        model = {
+            "source": "tiny-coder",
+            "engine": "mock",
+            "mock": {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32},
+        }
     else:
         model = {"source": "tiny-coder", "engine": "real", "device": "cpu", "torch_threads": 1}
-    autoscaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
-                   "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
-                   "metrics_interval_s": 0.5, "look_back_period_s": 3.0}
+    autoscaling = {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": max_replicas,
+        "upscale_delay_s": upscale_delay_s,
+        "downscale_delay_s": downscale_delay_s,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 3.0,
+    }
     if name == "adaptive":
         # serve_config.yaml's ladder: 1 replica at the quiet load (~50% busy) stays at rung 0.
         ladder = {"steps": [16, 8, 4, 2], "thresholds_s": [2.0, 4.0, 8.0], "up_hold_s": 3.0}
-        autoscaling["policy"] = {"policy_function": "autoscaling.policy:TokenBacklogPolicy",
-                                 "policy_kwargs": {"target_backlog_s": 1.0,
-                                                   "quality_debt_s": 5.0}}
+        autoscaling["policy"] = {
+            "policy_function": "autoscaling.policy:TokenBacklogPolicy",
+            "policy_kwargs": {"target_backlog_s": 1.0, "quality_debt_s": 5.0},
+        }
     elif name == "fixed":
         ladder = {"steps": [16], "thresholds_s": []}
         autoscaling["target_ongoing_requests"] = 2  # Serve's default policy and default target
     else:
         raise ValueError(f"unknown variant {name!r}")
-    return {"model": model, "ladder": ladder, "auth": {"api_keys_env": None},
-            "engine": {"max_num_seqs": 32, "max_queued": 1024},
-            "limits": {"max_inflight": 4096, "default_max_tokens": 64},
-            "server": {"num_cpus": 1, "max_ongoing_requests": 1100,
-                       "autoscaling_config": autoscaling}}
+    return {
+        "model": model,
+        "ladder": ladder,
+        "auth": {"api_keys_env": None},
+        "engine": {"max_num_seqs": 32, "max_queued": 1024},
+        "limits": {"max_inflight": 4096, "default_max_tokens": 64},
+        "server": {"num_cpus": 1, "max_ongoing_requests": 1100, "autoscaling_config": autoscaling},
+    }
 
 
 DESCRIPTIONS = {
@@ -146,10 +160,21 @@ DESCRIPTIONS = {
 
 
 # --- the load ----------------------------------------------------------------------------------
-async def send(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, i: int,
-               out: Outcome, timeout_s: float) -> None:
-    body = {"model": model, "prompt": f"# task {i}\ndef f{i}(x):\n", "max_tokens": max_tokens,
-            "temperature": 0}
+async def send(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    max_tokens: int,
+    i: int,
+    out: Outcome,
+    timeout_s: float,
+) -> None:
+    body = {
+        "model": model,
+        "prompt": f"# task {i}\ndef f{i}(x):\n",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     try:
         r = await client.post(f"{url}/v1/completions", json=body, timeout=timeout_s)
         out.status = r.status_code
@@ -181,8 +206,9 @@ def running_replicas(app_name: str | None) -> int | None:
         return None
 
 
-async def run_load(url: str, schedule: Schedule, app_name: str | None, max_tokens: int,
-                   grace_s: float, desc: str) -> list[Second]:
+async def run_load(
+    url: str, schedule: Schedule, app_name: str | None, max_tokens: int, grace_s: float, desc: str
+) -> list[Second]:
     arrivals = schedule.arrivals()
     outcomes: list[Outcome] = []
     seconds = [Second(t=i) for i in range(int(math.ceil(schedule.total_s + grace_s)))]
@@ -199,8 +225,11 @@ async def run_load(url: str, schedule: Schedule, app_name: str | None, max_token
                     await asyncio.sleep(delay)
                 out = Outcome(sent_at=time.monotonic())
                 outcomes.append(out)
-                tasks.append(asyncio.create_task(send(
-                    client, url, model, max_tokens, i, out, schedule.total_s + grace_s)))
+                tasks.append(
+                    asyncio.create_task(
+                        send(client, url, model, max_tokens, i, out, schedule.total_s + grace_s)
+                    )
+                )
 
         launch = asyncio.create_task(launcher())
         bar = tqdm(total=len(seconds), desc=desc, unit="s")
@@ -241,12 +270,16 @@ async def run_load(url: str, schedule: Schedule, app_name: str | None, max_token
             seconds[done].failed += 1
     for sec in seconds:
         lo, hi = start + sec.t + 1 - LATENCY_WINDOW_S, start + sec.t + 1
-        lat = sorted(o.done_at - o.sent_at for o in outcomes
-                     if o.status == 200 and lo <= o.done_at < hi)
+        lat = sorted(
+            o.done_at - o.sent_at for o in outcomes if o.status == 200 and lo <= o.done_at < hi
+        )
         if lat:
             sec.p95_latency_s = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
-        steps = [o.steps for o in outcomes if o.status == 200 and o.steps is not None
-                 and sec.t <= o.done_at - start < sec.t + 1]
+        steps = [
+            o.steps
+            for o in outcomes
+            if o.status == 200 and o.steps is not None and sec.t <= o.done_at - start < sec.t + 1
+        ]
         if steps:
             sec.steps_chosen = sum(steps) / len(steps)
     unfinished = sum(1 for o in outcomes if not o.done_at or o.status == 0)
@@ -293,15 +326,20 @@ def free_port() -> int:
 
 
 def run_variants(args) -> dict:
-    schedule = Schedule(args.base_rps, args.burst_factor, args.quiet_s, args.burst_s,
-                        args.after_s, args.seed)
+    schedule = Schedule(
+        args.base_rps, args.burst_factor, args.quiet_s, args.burst_s, args.after_s, args.seed
+    )
     results: list[VariantResult] = []
     if args.url:
         for name in args.variants:
-            secs = asyncio.run(run_load(args.url.rstrip("/"), schedule, None, args.max_tokens,
-                                        args.grace_s, name))
-            results.append(VariantResult(name, f"{name} (app at {args.url})", secs,
-                                         summary=summarize(secs, schedule)))
+            secs = asyncio.run(
+                run_load(args.url.rstrip("/"), schedule, None, args.max_tokens, args.grace_s, name)
+            )
+            results.append(
+                VariantResult(
+                    name, f"{name} (app at {args.url})", secs, summary=summarize(secs, schedule)
+                )
+            )
     else:
         import ray
         from ray import serve
@@ -309,21 +347,44 @@ def run_variants(args) -> dict:
         from deployments.app import build_app
 
         port = free_port()
-        ray.init(num_cpus=args.max_replicas + 2, include_dashboard=False, log_to_driver=False,
-                 namespace="dllm-bench-burst")
+        ray.init(
+            num_cpus=args.max_replicas + 2,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="dllm-bench-burst",
+        )
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for name in args.variants:
-                app_args = variant_args(name, args.engine, args.max_replicas,
-                                        args.upscale_delay_s, args.downscale_delay_s)
+                app_args = variant_args(
+                    name,
+                    args.engine,
+                    args.max_replicas,
+                    args.upscale_delay_s,
+                    args.downscale_delay_s,
+                )
                 app_name, prefix = f"burst-{name}", f"/burst-{name}"
                 serve.run(build_app(app_args), name=app_name, route_prefix=prefix)
                 time.sleep(args.settle_s)  # load stats and capacity measured before the load
-                secs = asyncio.run(run_load(f"http://127.0.0.1:{port}{prefix}", schedule,
-                                            app_name, args.max_tokens, args.grace_s, name))
-                results.append(VariantResult(name, DESCRIPTIONS[name], secs,
-                                             summary=summarize(secs, schedule),
-                                             app_args=app_args))
+                secs = asyncio.run(
+                    run_load(
+                        f"http://127.0.0.1:{port}{prefix}",
+                        schedule,
+                        app_name,
+                        args.max_tokens,
+                        args.grace_s,
+                        name,
+                    )
+                )
+                results.append(
+                    VariantResult(
+                        name,
+                        DESCRIPTIONS[name],
+                        secs,
+                        summary=summarize(secs, schedule),
+                        app_args=app_args,
+                    )
+                )
                 serve.delete(app_name)
         finally:
             serve.shutdown()
@@ -332,14 +393,24 @@ def run_variants(args) -> dict:
         "benchmark": "burst",
         "engine": "external" if args.url else args.engine,
         "schedule": asdict(schedule),
-        "settings": {"max_tokens": args.max_tokens, "max_replicas": args.max_replicas,
-                     "upscale_delay_s": args.upscale_delay_s,
-                     "downscale_delay_s": args.downscale_delay_s, "grace_s": args.grace_s,
-                     "latency_window_s": LATENCY_WINDOW_S},
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "max_replicas": args.max_replicas,
+            "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s,
+            "grace_s": args.grace_s,
+            "latency_window_s": LATENCY_WINDOW_S,
+        },
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "variants": {r.name: {"description": r.description, "summary": r.summary,
-                              "app_args": r.app_args,
-                              "seconds": [asdict(s) for s in r.seconds]} for r in results},
+        "variants": {
+            r.name: {
+                "description": r.description,
+                "summary": r.summary,
+                "app_args": r.app_args,
+                "seconds": [asdict(s) for s in r.seconds],
+            }
+            for r in results
+        },
     }
 
 
@@ -351,10 +422,12 @@ def plot(result: dict, path: Path) -> None:
 
     variants = result["variants"]
     sched = result["schedule"]
-    fig, axes = plt.subplots(3, len(variants), figsize=(6.5 * len(variants), 9), sharex=True,
-                             sharey="row", squeeze=False)
-    lat_max = max((s["p95_latency_s"] or 0 for v in variants.values() for s in v["seconds"]),
-                  default=1.0)
+    fig, axes = plt.subplots(
+        3, len(variants), figsize=(6.5 * len(variants), 9), sharex=True, sharey="row", squeeze=False
+    )
+    lat_max = max(
+        (s["p95_latency_s"] or 0 for v in variants.values() for s in v["seconds"]), default=1.0
+    )
     for col, (name, v) in enumerate(variants.items()):
         secs = v["seconds"]
         t = [s["t"] for s in secs]
@@ -365,8 +438,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name}: {v['description']}", fontsize=9)
         ax.set_ylabel("requests/s")
         twin = ax.twinx()
-        twin.step(t, [s["replicas"] or 0 for s in secs], where="post", color="tab:blue",
-                  label="replicas")
+        twin.step(
+            t, [s["replicas"] or 0 for s in secs], where="post", color="tab:blue", label="replicas"
+        )
         twin.set_ylim(0, result["settings"]["max_replicas"] + 1)
         twin.set_ylabel("model-server replicas", color="tab:blue")
         lines = ax.get_legend_handles_labels()
@@ -377,24 +451,47 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"p95 latency (s, last {LATENCY_WINDOW_S:.0f} s)")
         ax.set_ylim(0, lat_max * 1.1)
         ax = axes[2][col]
-        ax.plot(t, [s["steps_chosen"] for s in secs], ".", ms=3, color="tab:purple",
-                label="steps/block of answers")
-        ax.step(t, [s["router_steps"] for s in secs], where="post", color="tab:purple", lw=0.8,
-                alpha=0.6, label="router's steps now")
+        ax.plot(
+            t,
+            [s["steps_chosen"] for s in secs],
+            ".",
+            ms=3,
+            color="tab:purple",
+            label="steps/block of answers",
+        )
+        ax.step(
+            t,
+            [s["router_steps"] for s in secs],
+            where="post",
+            color="tab:purple",
+            lw=0.8,
+            alpha=0.6,
+            label="router's steps now",
+        )
         ax.set_ylabel("denoising steps per block")
         ax.set_xlabel("time (s)")
         twin = ax.twinx()
-        twin.step(t, [s["rung"] for s in secs], where="post", color="tab:brown", lw=0.8,
-                  label="rung (0 = best)")
+        twin.step(
+            t,
+            [s["rung"] for s in secs],
+            where="post",
+            color="tab:brown",
+            lw=0.8,
+            label="rung (0 = best)",
+        )
         twin.set_ylim(-0.5, 4)
         twin.set_ylabel("quality rung", color="tab:brown")
         lines, lines2 = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
         for row in axes:
-            row[col].axvspan(sched["quiet_s"], sched["quiet_s"] + sched["burst_s"],
-                             color="tab:red", alpha=0.07)
-    fig.suptitle(f"Burst: {sched['base_rps']} req/s, x{sched['burst_factor']:.0f} for "
-                 f"{sched['burst_s']:.0f} s (shaded); engine: {result['engine']}", fontsize=11)
+            row[col].axvspan(
+                sched["quiet_s"], sched["quiet_s"] + sched["burst_s"], color="tab:red", alpha=0.07
+            )
+    fig.suptitle(
+        f"Burst: {sched['base_rps']} req/s, x{sched['burst_factor']:.0f} for "
+        f"{sched['burst_s']:.0f} s (shaded); engine: {result['engine']}",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -402,8 +499,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dllm bench burst", description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=["adaptive", "fixed"],
-                   choices=["adaptive", "fixed"])
+    p.add_argument(
+        "--variants", nargs="+", default=["adaptive", "fixed"], choices=["adaptive", "fixed"]
+    )
     p.add_argument("--url", help="measure an app already running here (no deploy, no Ray)")
     p.add_argument("--engine", choices=["mock", "real"], default="mock")
     p.add_argument("--base-rps", type=float, default=1.0)
@@ -411,8 +509,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet-s", type=float, default=20.0)
     p.add_argument("--burst-s", type=float, default=40.0)
     p.add_argument("--after-s", type=float, default=60.0)
-    p.add_argument("--grace-s", type=float, default=15.0,
-                   help="wait this long after the schedule for stragglers, then stop")
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=15.0,
+        help="wait this long after the schedule for stragglers, then stop",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--upscale-delay-s", type=float, default=2.0)
@@ -429,10 +531,12 @@ def main(argv: list[str] | None = None) -> None:
     plot(result, out.with_suffix(".png"))
     for name, v in result["variants"].items():
         s = v["summary"]
-        print(f"{name:9s} burst: p95 max {s['burst']['max_p95_latency_s']}s, mean steps "
-              f"{s['burst']['mean_steps_chosen']}, replicas max {s['burst']['max_replicas']}, "
-              f"refused {s['burst']['rejected']}; end: {s['replicas_at_end']} replicas, "
-              f"rung {s['rung_at_end']}")
+        print(
+            f"{name:9s} burst: p95 max {s['burst']['max_p95_latency_s']}s, mean steps "
+            f"{s['burst']['mean_steps_chosen']}, replicas max {s['burst']['max_replicas']}, "
+            f"refused {s['burst']['rejected']}; end: {s['replicas_at_end']} replicas, "
+            f"rung {s['rung_at_end']}"
+        )
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -34,16 +34,29 @@ def app(ray_serve):
     args = {
         # ~2000 token-steps/s per replica; a 128-token answer at 16 steps/block = 4 blocks x
         # 32 tokens x 16 steps = 2048 token-steps (1 s of one replica at best quality).
-        "model": {"source": "tiny-coder", "engine": "mock",
-                  "mock": {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32}},
+        "model": {
+            "source": "tiny-coder",
+            "engine": "mock",
+            "mock": {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32},
+        },
         "ladder": {"steps": [16, 8, 4, 2], "thresholds_s": [1.0, 2.0, 4.0], "up_hold_s": 1.0},
         "auth": {"api_keys_env": None},
-        "server": {"num_cpus": 0.5, "autoscaling_config": {
-            "min_replicas": 1, "initial_replicas": 1, "max_replicas": MAX_REPLICAS,
-            "upscale_delay_s": 0.5, "downscale_delay_s": 3.0,
-            "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
-            "policy": {"policy_function": "autoscaling.policy:TokenBacklogPolicy",
-                       "policy_kwargs": {"target_backlog_s": 1.0, "quality_debt_s": 2.0}}}},
+        "server": {
+            "num_cpus": 0.5,
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "initial_replicas": 1,
+                "max_replicas": MAX_REPLICAS,
+                "upscale_delay_s": 0.5,
+                "downscale_delay_s": 3.0,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 2.0,
+                "policy": {
+                    "policy_function": "autoscaling.policy:TokenBacklogPolicy",
+                    "policy_kwargs": {"target_backlog_s": 1.0, "quality_debt_s": 2.0},
+                },
+            },
+        },
     }
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     try:
@@ -82,8 +95,10 @@ async def test_replicas_rise_under_load_and_fall_after(app):
 
         async def user(i: int) -> None:
             while not stop.is_set():
-                r = await client.post(f"{app}/v1/completions", json={
-                    "model": model, "prompt": f"def f{i}(x):", "max_tokens": 128})
+                r = await client.post(
+                    f"{app}/v1/completions",
+                    json={"model": model, "prompt": f"def f{i}(x):", "max_tokens": 128},
+                )
                 statuses.append(r.status_code)
                 if r.status_code == 200:
                     steps_seen.append(r.json()["usage"]["denoising_steps_per_block"])
@@ -97,8 +112,7 @@ async def test_replicas_rise_under_load_and_fall_after(app):
             return n > 1 and any(s < 16 for s in steps_seen)
 
         try:
-            await wait_for(scaled_up_and_degraded, "scale-up and fewer steps under load",
-                           history)
+            await wait_for(scaled_up_and_degraded, "scale-up and fewer steps under load", history)
             peak = max(n for _, n in history)
         finally:
             stop.set()
@@ -115,6 +129,7 @@ async def test_replicas_rise_under_load_and_fall_after(app):
     assert 1 < peak <= MAX_REPLICAS
     # Quality is back: a new request gets the best steps.
     async with httpx.AsyncClient(timeout=60) as client:
-        r = await client.post(f"{app}/v1/completions", json={
-            "model": model, "prompt": "x = ", "max_tokens": 32})
+        r = await client.post(
+            f"{app}/v1/completions", json={"model": model, "prompt": "x = ", "max_tokens": 32}
+        )
         assert r.status_code == 200 and r.json()["usage"]["denoising_steps_per_block"] == 16

@@ -192,13 +192,15 @@ def test_prometheus_scrapes_the_apps_metrics_and_the_dashboard_names(app, promet
 
     wanted = metric_families(query_metric_names(dashboard_json()))
     app_sel = f'{{application="{APP}"}}'
+    healthy = f'{M.REPLICA_HEALTHY.prom}{{application="{APP}",deployment="ModelServer"}}'
     deadline = time.monotonic() + SCRAPE_WAIT_S
     while True:
         names = scraped_names(prometheus)
         families = metric_families(names)
         missing = wanted - families
         counted = promql(prometheus, f"sum({M.COMPLETION_TOKENS.prom}{app_sel})")
-        if not missing and counted >= tokens:
+        # Ray exports each metric once its first value is recorded: wait for this app's too.
+        if not missing and counted >= tokens and promql(prometheus, f"max({healthy})") > 0:
             break
         if time.monotonic() > deadline:
             pytest.fail(
@@ -219,10 +221,13 @@ def test_prometheus_scrapes_the_apps_metrics_and_the_dashboard_names(app, promet
     # after routing), so at least one observation per answered request.
     steps_chosen = promql(prometheus, f"sum({M.ROUTER_STEPS.series('count')}{app_sel})")
     assert steps_chosen >= 3 + statuses.count(200)
-    assert (
-        promql(
-            prometheus,
-            f'sum({M.REPLICA_HEALTHY.prom}{{application="{APP}",deployment="ModelServer"}})',
+    series = httpx.get(
+        f"{prometheus}/api/v1/query", params={"query": M.REPLICA_HEALTHY.prom}, timeout=10
+    ).json()["data"]["result"]
+    assert promql(prometheus, f"max({healthy})") == 1, [
+        (
+            {k: v for k, v in r["metric"].items() if k in ("application", "deployment", "replica")},
+            r["value"][1],
         )
-        == 1
-    )
+        for r in series
+    ]
