@@ -89,17 +89,10 @@ def _device(name: str) -> str:
 
 
 def load_model(source: str, device: str = "auto", dtype: str = "float32"):
-    """-> (net, tokenizer, cfg). model.load_pretrained when present (every format), else the
-    project's own checkpoint format."""
-    device, tdtype = _device(device), _torch_dtype(dtype)
-    try:
-        from model.loaders import load_pretrained
-    except ImportError:
-        from model.checkpoint import EMBEDDED_DIR, load_checkpoint
+    """-> (net, tokenizer, cfg) through model.load_pretrained (every format, ours included)."""
+    from model.loaders import load_pretrained
 
-        path = EMBEDDED_DIR if source == "tiny-coder" else Path(source)
-        return load_checkpoint(path, device=device, dtype=tdtype)
-    return load_pretrained(source, device=device, dtype=tdtype)
+    return load_pretrained(source, device=_device(device), dtype=_torch_dtype(dtype))
 
 
 def load_config_and_tokenizer(source: str):
@@ -119,15 +112,12 @@ def load_config_and_tokenizer(source: str):
 
 
 def describe(cfg, model_id: str | None) -> ModelInfo:
-    try:
-        from model.families import family_defaults
+    from model.families import family_defaults
 
-        fam = family_defaults(cfg)
-        block_length, steps = fam.block_length, fam.steps_per_block or cfg.block_length
-        extra = dict(family=fam.family, remasking=fam.remasking, temperature=fam.temperature,
-                     top_p=fam.top_p, suppress_token_ids=tuple(fam.suppress_token_ids))
-    except ImportError:  # older model/ without families
-        block_length, steps, extra = cfg.block_length, cfg.default_steps_per_block, {}
+    fam = family_defaults(cfg)
+    block_length, steps = fam.block_length, fam.steps_per_block or cfg.block_length
+    extra = dict(family=fam.family, remasking=fam.remasking, temperature=fam.temperature,
+                 top_p=fam.top_p, suppress_token_ids=tuple(fam.suppress_token_ids))
     return ModelInfo(id=model_id or cfg.name, max_seq_len=cfg.max_seq_len,
                             block_length=block_length, attention=cfg.attention,
                             default_steps=steps, vocab_size=cfg.vocab_size, **extra)

@@ -24,16 +24,9 @@ log = logging.getLogger("dllm.generate")
 
 def load_model(name_or_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A preset name ("tiny-coder") or a checkpoint directory -> (net, tokenizer, cfg)."""
-    try:
-        from model.loaders import load_pretrained  # all published formats, when available
-    except ImportError:
-        load_pretrained = None
-    if load_pretrained is not None:
-        return load_pretrained(name_or_dir, device=device, dtype=dtype)
-    from model.checkpoint import EMBEDDED_DIR, load_checkpoint
+    from model.loaders import load_pretrained  # every format, ours included
 
-    return load_checkpoint(EMBEDDED_DIR if name_or_dir == "tiny-coder" else name_or_dir,
-                           device=device, dtype=dtype)
+    return load_pretrained(name_or_dir, device=device, dtype=dtype)
 
 
 def build_prompt(tokenizer, cfg, prompt: str, suffix: str | None):

@@ -122,8 +122,8 @@ def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tens
                              flat(seeds), positions.reshape(-1), flat(step_idx))
     tokens = cand.tokens.view(B, Lb)
     scores = torch.empty(B, Lb, device=logits.device)
+    uniform = len(set(rules)) == 1  # the common case: no per-row mask, no host-to-device copy
     for rule in set(rules):
-        rows = torch.tensor([r == rule for r in rules], device=logits.device)
         if rule == "low_confidence":
             s = cand.confidence
         elif rule == "margin":
@@ -132,7 +132,11 @@ def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tens
             s = -cand.entropy
         else:  # random
             s = position_noise(flat(seeds), positions.reshape(-1), flat(step_idx))
-        scores = torch.where(rows[:, None], s.view(B, Lb).float(), scores)
+        if uniform:
+            scores = s.view(B, Lb).float()
+        else:
+            rows = torch.tensor([r == rule for r in rules], device=logits.device)
+            scores = torch.where(rows[:, None], s.view(B, Lb).float(), scores)
     if defer_ids is not None and any(defer_ids):
         # scores live in [-log V, 1]: shifting by 1e4 ranks deferred predictions below all others
         for row, ids in enumerate(defer_ids):
