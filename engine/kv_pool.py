@@ -74,6 +74,10 @@ class PagedAttention:
     def __init__(self, pool: PagedKVPool, page_tables: list[list[int]], cached_lens: list[int],
                  query_valid: torch.Tensor, append: bool):
         self.pool, self.append = pool, append
+        # what pool.context() was given: a tensor-parallel follower rebuilds the same context
+        # over its own pool from these (engine/tensor_parallel.py)
+        self.args = dict(page_tables=page_tables, cached_lens=cached_lens,
+                         query_valid=query_valid, append=append)
         dev = query_valid.device
         B, Lq = query_valid.shape
         ps = pool.page_size
