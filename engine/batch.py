@@ -15,6 +15,13 @@ row attending to its own cached prompt + finished blocks through the paged pool.
 models (LLaDA, Dream): a step runs prompt + whole canvas + suffix of every row, right-padded, pad
 keys masked; the active block's logits are gathered per row. The commit is model/sampling's
 `commit_step` over the batch, which is why the tokens equal the reference's.
+
+With EngineConfig.cuda_graphs the denoising forward runs at static shapes through
+engine/cuda_graphs.py (CUDA graphs on CUDA, the same padded path uncaptured elsewhere): rows
+padded to graph_batch_buckets(), the query length to length_buckets, the cache window to a
+multiple of graph_window (masked), the logits rows M to length_buckets (the extra rows are
+unmasked positions, which the commit never picks). Batches past the largest row or length
+bucket take the eager path.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from engine.config import EngineConfig, bucket
+from engine.cuda_graphs import StaticForward
 from engine.kv_pool import PagedKVPool
 from engine.sequence import Sequence
 from model.sampling import commit_step
@@ -38,12 +46,24 @@ class StepRunner:
         # Padding tokens must never read as masks (commit_step treats mask_id as "to predict").
         self.fill_id = next(t for t in (self.cfg.pad_id, self.cfg.eos_id, 1, 2)
                             if t is not None and t != self.cfg.mask_id)
+        self.static = StaticForward(net, econf.max_graphs) if econf.cuda_graphs else None
+        self._graph_rows = econf.graph_batch_buckets()
 
     def _lengths(self, n: int) -> int:
         return min(bucket(n, self.econf.length_buckets), max(n, self.cfg.max_seq_len))
 
     def _rows(self, n: int) -> int:
         return bucket(n, self.econf.batch_buckets)
+
+    def _static_shapes(self, rows: int, longest: int) -> bool:
+        """Whether a denoising batch runs the static (graph) path: graph mode is on and the
+        batch fits the largest row and length buckets."""
+        return self.static is not None and rows <= self._graph_rows[-1] \
+            and longest <= self.econf.length_buckets[-1]
+
+    def _window(self, longest_cache: int) -> int:
+        g = self.econf.graph_window
+        return -(-longest_cache // g) * g
 
     # --- cache writes ---------------------------------------------------------------------
     def cache_write(self, seqs: list[Sequence]) -> tuple[int, Callable[[], None]]:
@@ -127,19 +147,24 @@ class StepRunner:
 
         return n, outcome, apply
 
-    def _select_masked(self, ids: torch.Tensor, region: torch.Tensor, B: int):
+    def _select_masked(self, ids: torch.Tensor, region: torch.Tensor, B: int,
+                       static: bool = False):
         """Masked positions of each row inside `region` (bool [Bp, L]), in order, as the
-        logits_slice index [Bp, M]; and the counts [B]."""
+        logits_slice index [Bp, M]; and the counts [B]. static: M rounded up to a length
+        bucket (<= L); the extra columns are unmasked positions, never committed."""
         masked = (ids == self.cfg.mask_id) & region
         counts = masked.sum(1)
         M = int(counts[:B].max())
+        if static:
+            M = min(bucket(max(M, 1), self.econf.length_buckets), ids.shape[1])
         order = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)[:, :M]  # [Bp, M]
         return order, counts[:B]
 
     def _block_causal_logits(self, seqs: list[Sequence]):
         dev, B = self.device, len(seqs)
-        Bp = self._rows(B)
         spans = [s.block_span() for s in seqs]
+        static = self._static_shapes(B, max(hi - lo for lo, hi in spans))
+        Bp = bucket(B, self._graph_rows) if static else self._rows(B)
         lens = [hi - lo for lo, hi in spans] + [1] * (Bp - B)  # dummy rows: one valid token
         L = self._lengths(max(lens))
         ids = torch.full((Bp, L), self.fill_id, dtype=torch.long, device=dev)
@@ -155,18 +180,22 @@ class StepRunner:
         t = ((ids == self.cfg.mask_id) & valid).sum(1).float() / n_valid.float()
         tables = [s.pages for s in seqs] + [[] for _ in range(Bp - B)]
         cached = [s.cached_len for s in seqs] + [0] * (Bp - B)
-        ctx = self.pool.context(tables, cached, valid, append=False)
-        order, counts = self._select_masked(ids, valid, B)
-        logits = self.net(ids, positions=pos, t=t, attn=ctx, logits_slice=order)[:B]  # [B, M, V]
+        # static: read the cache over a window of graph_window multiples (the tail masked)
+        window = self._window(max(cached)) if static else None
+        ctx = self.pool.context(tables, cached, valid, append=False, window=window)
+        order, counts = self._select_masked(ids, valid, B, static)
+        net = self.static if static else self.net
+        logits = net(ids, positions=pos, t=t, attn=ctx, logits_slice=order)[:B]  # [B, M, V]
         order = order[:B]
         return logits, order, torch.zeros(B, dtype=torch.long, device=dev), \
             pos[:B].gather(1, order), counts, sum(lens[:B])
 
     def _full_logits(self, seqs: list[Sequence]):
         dev, B = self.device, len(seqs)
-        Bp = self._rows(B)
         rows = [torch.cat([torch.tensor(s.prompt, dtype=torch.long, device=dev), s.canvas,
                            torch.tensor(s.suffix, dtype=torch.long, device=dev)]) for s in seqs]
+        static = self._static_shapes(B, max(len(r) for r in rows))
+        Bp = bucket(B, self._graph_rows) if static else self._rows(B)
         lens = [len(r) for r in rows] + [1] * (Bp - B)
         L = self._lengths(max(lens))
         ids = torch.full((Bp, L), self.fill_id, dtype=torch.long, device=dev)
@@ -184,9 +213,10 @@ class StepRunner:
         end = torch.tensor([len(s.prompt) + hi for s, (_, hi) in zip(seqs, spans, strict=True)]
                            + [0] * (Bp - B), device=dev)
         in_block = (ar[None, :] >= start[:, None]) & (ar[None, :] < end[:, None])  # [Bp, L]
-        order, counts = self._select_masked(ids, in_block, B)
+        order, counts = self._select_masked(ids, in_block, B, static)
         # positions default to 0..L-1 per row, as the reference's unpadded rows
-        logits = self.net(ids, t=t, attn=DenseAttention(valid_keys[:, None, None, :]),
-                          logits_slice=order)[:B]  # [B, M, V]
+        net = self.static if static else self.net
+        logits = net(ids, t=t, attn=DenseAttention(valid_keys[:, None, None, :]),
+                     logits_slice=order)[:B]  # [B, M, V]
         order = order[:B]
         return logits, order, start[:B], order, counts, sum(lens[:B])

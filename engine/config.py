@@ -2,6 +2,7 @@
 
     EngineConfig(max_num_seqs=16, kv_cache_bytes=256 << 20)   # memory budget in bytes
     EngineConfig(kv_pages=512, page_size=16)                  # ... or in pages
+    EngineConfig(cuda_graphs=True)                            # denoise forwards from CUDA graphs
 
 The KV pool holds the clean tokens (prompt, finished blocks) of the running sequences. A request
 reserves the pages for its whole prompt and answer when it is admitted, so a running sequence
@@ -40,13 +41,29 @@ class EngineConfig:
     # forward sees few distinct shapes: block lengths 1..32 fall on 5 shapes.
     length_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128, 256)
     # Batch sizes are padded up to one of these with dummy rows. Empty = no padding: on a CPU a
-    # dummy row costs as much as a real one; on a GPU with CUDA graphs use (1, 2, 4, 8, 16, ...).
+    # dummy row costs as much as a real one. With cuda_graphs, empty means graph_batch_buckets().
     batch_buckets: tuple[int, ...] = ()
     # Windows of the stats: step latency over the last N iterations, output tok/s over seconds.
     stats_window_steps: int = 32
     stats_window_s: float = 10.0
     # Weight of the newest measurement in the capacity EWMA (token-steps per second).
     capacity_ewma: float = 0.2
+    # Run the denoising forward at static shapes (rows, query length, cache window and logits
+    # rows rounded up to buckets) and, on CUDA, replay it from a CUDA graph captured per shape on
+    # first use (engine/cuda_graphs.py): one launch instead of ~25 per layer, which is most of a
+    # small batch's step on a GPU. Off by default: padding costs real work on a CPU, and each new
+    # shape pays a capture (~3 forwards) once. On a CPU, True runs the same padded path without
+    # capture (how the tests pin it to the eager path). Cache writes stay eager.
+    cuda_graphs: bool = False
+    # Graph mode: the cache window each row reads is rounded up to a multiple of this many keys,
+    # the extra ones masked. 256 as in benchmarks/gpu_decode.py: at LLaDA-8B shapes <= 255
+    # extra keys read ~1% of a batch-1 forward's bytes (weights dominate), and a 4096-token
+    # context needs 16 windows.
+    graph_window: int = 256
+    # Graph mode: most graphs captured; a shape past that runs its static shape uncaptured.
+    # Bounds capture time and graph memory: ~256 keys covers block 32 at 12 row buckets, the
+    # 5 logits-row buckets and 4 windows (1000-token contexts) with room to spare.
+    max_graphs: int = 256
 
     def num_pages(self, cfg: ModelConfig, dtype_bytes: int) -> int:
         if self.kv_pages is not None:
@@ -68,7 +85,24 @@ class EngineConfig:
             raise ValueError("length_buckets must be a non-empty increasing tuple")
         if self.batch_buckets and sorted(self.batch_buckets) != list(self.batch_buckets):
             raise ValueError("batch_buckets must be increasing")
+        if any(b < 1 for b in (*self.length_buckets, *self.batch_buckets)):
+            raise ValueError("buckets must be >= 1")
+        if self.graph_window < 1:
+            raise ValueError("graph_window must be >= 1")
+        if self.max_graphs < 0:
+            raise ValueError("max_graphs must be >= 0")
         return self
+
+    def graph_batch_buckets(self) -> tuple[int, ...]:
+        """Row buckets of graph mode: batch_buckets when given, else 1, 2, 4, 8, 16 and then
+        every 16 up to max_num_seqs (and max_num_seqs itself). Past 16 rows a step is no longer
+        launch-bound, and a step of 16 keeps padding under 50% with ~max_num_seqs / 16 shapes
+        instead of one per batch size."""
+        if self.batch_buckets:
+            return self.batch_buckets
+        out = [b for b in (1, 2, 4, 8, 16) if b < self.max_num_seqs]
+        out += list(range(32, self.max_num_seqs, 16))
+        return tuple(out + [self.max_num_seqs])
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

@@ -9,8 +9,9 @@
 Storage is flat token slots: slot = page * page_size + offset, tensors [n_layers, slots, Hkv, hd],
 so a sequence's cache is wherever its page table points and freeing is returning page numbers.
 Each forward, `attend` gathers the rows' cached slots into a dense [B, Hkv, S, hd] view (S = the
-longest cache in the batch) and runs SDPA with a mask that hides the short rows' tails and the
-padding queries; on a GPU a paged-attention kernel would read the pages in place instead.
+longest cache in the batch, or a fixed `window` >= it for static shapes) and runs SDPA with a
+mask that hides the short rows' tails and the padding queries; on a GPU a paged-attention
+kernel would read the pages in place instead.
 The semantics are model/cache.py's KVCache (the reference): cached tokens and the valid new
 tokens are all visible to every new query, and `append` stores the valid new tokens in order.
 """
@@ -60,28 +61,35 @@ class PagedKVPool:
 
     # --- attention ------------------------------------------------------------------------
     def context(self, page_tables: list[list[int]], cached_lens: list[int],
-                query_valid: torch.Tensor, append: bool) -> PagedAttention:
-        return PagedAttention(self, page_tables, cached_lens, query_valid, append)
+                query_valid: torch.Tensor, append: bool,
+                window: int | None = None) -> PagedAttention:
+        return PagedAttention(self, page_tables, cached_lens, query_valid, append, window)
 
 
 class PagedAttention:
     """AttentionContext over the pool for one batched forward.
 
     page_tables[b]: the pages of row b (enough for its cache plus what `append` stores);
-    cached_lens[b]: tokens already cached; query_valid: bool [B, Lq], False for padding.
+    cached_lens[b]: tokens already cached; query_valid: bool [B, Lq], False for padding;
+    window: keys read per row (>= the longest cache; None = exactly that), the tail masked, so
+    the shapes stay static across steps for CUDA graphs (engine/cuda_graphs.py).
     Index tensors are built once here and reused by every layer."""
 
     def __init__(self, pool: PagedKVPool, page_tables: list[list[int]], cached_lens: list[int],
-                 query_valid: torch.Tensor, append: bool):
+                 query_valid: torch.Tensor, append: bool, window: int | None = None):
         self.pool, self.append = pool, append
         # what pool.context() was given: a tensor-parallel follower rebuilds the same context
         # over its own pool from these (engine/tensor_parallel.py)
         self.args = dict(page_tables=page_tables, cached_lens=cached_lens,
-                         query_valid=query_valid, append=append)
+                         query_valid=query_valid, append=append, window=window)
         dev = query_valid.device
         B, Lq = query_valid.shape
         ps = pool.page_size
         S = max(cached_lens, default=0)
+        if window is not None:
+            if window < S:
+                raise ValueError(f"window {window} is shorter than the longest cache ({S})")
+            S = window
         n_pages = max(1, max((len(t) for t in page_tables), default=1))
         table = torch.tensor([t + [0] * (n_pages - len(t)) for t in page_tables],
                              dtype=torch.long, device=dev)  # [B, n_pages]
@@ -91,7 +99,7 @@ class PagedAttention:
         self.read_slots = (table[:, (j // ps).clamp(max=n_pages - 1)] * ps + j % ps).reshape(-1)
         self.S, self.B = S, B
         cached = j[None, :] < lens[:, None]  # [B, S]
-        self.mask = torch.cat([cached, query_valid], dim=1)[:, None, None, :].expand(B, 1, Lq, S + Lq)
+        self.key_valid = torch.cat([cached, query_valid], dim=1)  # [B, S + Lq]
         if append:
             # valid new tokens of row b go to cache positions lens[b] .. lens[b] + n_b - 1
             pos = lens[:, None] + query_valid.long().cumsum(1) - 1  # [B, Lq]
@@ -102,6 +110,13 @@ class PagedAttention:
                 raise RuntimeError("paged KV append past a sequence's reserved pages")
             self.write_rows, self.write_cols = rows, cols
             self.write_slots = table[rows, p // ps] * ps + p % ps
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool [B, 1, Lq, S + Lq]: a view of key_valid (a graph's static buffer stays the one
+        read)."""
+        B, K = self.key_valid.shape
+        return self.key_valid[:, None, None, :].expand(B, 1, K - self.S, K)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, H, Lq, hd]; k, v: [B, Hkv, Lq, hd] of the new tokens (rotary applied)."""
