@@ -50,6 +50,9 @@ class ModelArgs(_Args):
     engine: Literal["real", "mock"] = "real"
     mock: MockArgs = MockArgs()
     torch_threads: int | None = Field(default=None, ge=1)  # CPU replicas
+    # > 1: each replica reserves this many GPUs (server.num_gpus = 1 per rank) as one placement
+    # group and runs one rank actor per extra GPU (deployments/tensor_parallel.py)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
 
 
 class EngineArgs(_Args):
@@ -141,6 +144,17 @@ class AppArgs(_Args):
     server: ServerArgs = ServerArgs()
     ingress: IngressArgs = IngressArgs()
 
+    @model_validator(mode="after")
+    def _tensor_parallel(self):
+        if self.model.tensor_parallel_size > 1:
+            if self.model.engine == "mock":
+                raise ValueError("model.tensor_parallel_size > 1 needs the real engine")
+            if self.server.num_gpus not in (0, 1):
+                raise ValueError("with model.tensor_parallel_size > 1, server.num_gpus is per "
+                                 f"rank and must be 1 (GPU ranks) or 0 (CPU ranks), got "
+                                 f"{self.server.num_gpus}")
+        return self
+
 
 def parse_args(args: dict | AppArgs | None) -> AppArgs:
     if isinstance(args, AppArgs):
@@ -153,17 +167,38 @@ def parse_args(args: dict | AppArgs | None) -> AppArgs:
         raise ValueError("invalid dllm application args:\n" + "\n".join(lines)) from None
 
 
-def server_options(a: ServerArgs) -> dict:
+def tp_bundles(a: ServerArgs, tensor_parallel_size: int) -> list[dict[str, float]]:
+    """One bundle per rank: a whole GPU (or CPUs for CPU ranks) each; the replica = rank 0 takes
+    bundle 0. The accelerator type goes into every bundle, so all ranks land on that card."""
+    bundle: dict[str, float] = {}
+    if a.num_gpus:
+        bundle["GPU"] = 1
+    if a.num_cpus or not a.num_gpus:
+        bundle["CPU"] = a.num_cpus or 1
+    if a.accelerator_type:
+        bundle[f"accelerator_type:{a.accelerator_type}"] = 0.001
+    return [dict(bundle) for _ in range(tensor_parallel_size)]
+
+
+def server_options(a: ServerArgs, tensor_parallel_size: int = 1) -> dict:
     from ray.serve.config import RequestRouterConfig
 
-    actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}
-    if a.accelerator_type:
+    actor: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}
+    if tensor_parallel_size > 1:
+        bundles = tp_bundles(a, tensor_parallel_size)
+        actor = {"num_cpus": bundles[0].get("CPU", 0), "num_gpus": bundles[0].get("GPU", 0)}
+        if a.accelerator_type:
+            actor["resources"] = {f"accelerator_type:{a.accelerator_type}": 0.001}
+    elif a.accelerator_type:
         actor["accelerator_type"] = a.accelerator_type
     opts: dict[str, Any] = dict(
         ray_actor_options=actor, max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
         health_check_period_s=a.health_check_period_s)
+    if tensor_parallel_size > 1:
+        opts["placement_group_bundles"] = bundles
+        opts["placement_group_strategy"] = "PACK"  # ranks on one node: NVLink, not the network
     if a.autoscaling_config is not None:
         opts["autoscaling_config"] = a.autoscaling_config
     else:
@@ -187,7 +222,8 @@ def build_app(args: dict | AppArgs | None = None):
         engine=a.model.engine, engine_options=a.engine.engine_options(),
         mock_options=a.model.mock.model_dump(exclude_none=True),
         torch_threads=a.model.torch_threads, drain_timeout_s=a.server.drain_timeout_s,
-        report_period_s=a.server.report_period_s)
+        report_period_s=a.server.report_period_s,
+        tensor_parallel_size=a.model.tensor_parallel_size)
     ingress_config = IngressConfig(
         ladder=dict(steps=a.ladder.steps, thresholds_s=a.ladder.thresholds_s,
                     hysteresis=a.ladder.hysteresis, up_hold_s=a.ladder.up_hold_s),
@@ -199,7 +235,7 @@ def build_app(args: dict | AppArgs | None = None):
         api_keys_env=a.auth.api_keys_env, api_keys_file=a.auth.api_keys_file,
         retry_after_s=a.limits.retry_after_s)
     board = make_load_board_deployment().bind()
-    server = ModelServer.options(**server_options(a.server)).bind(
+    server = ModelServer.options(**server_options(a.server, a.model.tensor_parallel_size)).bind(
         dataclasses.asdict(server_config), board)
     ingress = OpenAIIngress.options(
         num_replicas=a.ingress.num_replicas, max_ongoing_requests=a.ingress.max_ongoing_requests,

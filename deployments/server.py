@@ -64,6 +64,7 @@ class ServerConfig:
     engine_options: dict = field(default_factory=dict)  # engine.EngineConfig fields
     mock_options: dict = field(default_factory=dict)  # engine.mock.MockEngineConfig fields
     torch_threads: int | None = None  # CPU replicas: intra-op threads (None: torch default)
+    tensor_parallel_size: int = 1  # > 1: ranks in the replica's placement group (tensor_parallel.py)
     drain_timeout_s: float = 30.0
     report_period_s: float = 0.25  # load pushes to the board (the router needs >= 1/s)
     quality_window_s: float = 30.0  # window of below_best_fraction (autoscaling)
@@ -123,8 +124,26 @@ def describe(cfg, model_id: str | None) -> ModelInfo:
                             default_steps=steps, vocab_size=cfg.vocab_size, **extra)
 
 
+async def build_engine_async(config: ServerConfig):
+    """-> (engine, tokenizer, cfg, tensor-parallel group or None) inside a replica: with
+    tensor_parallel_size > 1 the engine drives rank 0 of a group of rank actors."""
+    if config.tensor_parallel_size <= 1 or config.engine == "mock":
+        return (*build_engine(config), None)
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    from deployments.tensor_parallel import TensorParallelGroup
+    from engine import Engine, EngineConfig
+
+    group = await TensorParallelGroup.start(config)
+    engine = Engine(group.leader, group.tokenizer, group.leader.cfg,
+                    EngineConfig(**config.engine_options))
+    return engine, group.tokenizer, group.cfg, group
+
+
 def build_engine(config: ServerConfig) -> tuple[EngineBase, object, object]:
-    """-> (engine, tokenizer, cfg) for a ServerConfig."""
+    """-> (engine, tokenizer, cfg) for a ServerConfig (one process: no tensor parallelism)."""
     if config.engine == "mock":
         from engine.mock import MockEngine, MockEngineConfig
 
@@ -196,7 +215,7 @@ class _ServerMetrics:
 class ModelServer:
     async def __init__(self, config: ServerConfig | dict, board=None):
         self.config = config if isinstance(config, ServerConfig) else ServerConfig(**config)
-        self.engine, self.tokenizer, self.cfg = build_engine(self.config)
+        self.engine, self.tokenizer, self.cfg, self.tp = await build_engine_async(self.config)
         self.description = describe(self.cfg, self.config.model_id)
         await self.engine.start()
         self.board = board
@@ -228,6 +247,8 @@ class ModelServer:
             self._below_best_fraction()  # trims the window (Serve polls it only when autoscaling)
         if self._draining:
             raise ServerDraining("the replica is shutting down")
+        if self.tp is not None and self.tp.leader.broken:  # Serve replaces us at the next check
+            raise ServerDraining("a tensor-parallel rank of this replica failed; retry")
         try:
             stream = self.engine.submit(request)
         except ValueError as e:
@@ -290,9 +311,17 @@ class ModelServer:
     async def stats(self) -> dict:
         return self.replica_load().to_dict()
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         if not engine_alive(self.engine):
             raise RuntimeError("the engine loop has stopped")
+        if self.tp is not None:  # a dead rank: Serve replaces the whole replica (and group)
+            if self.tp.leader.broken:
+                raise RuntimeError(f"tensor-parallel group broken: {self.tp.leader.broken}")
+            await self.tp.check()
+
+    async def tp_layout(self) -> list[dict]:
+        """Where each tensor-parallel rank runs (node, GPU ids, pid, heads); [] without TP."""
+        return [] if self.tp is None else self.tp.layout()
 
     def record_routing_stats(self) -> dict:
         load = self.replica_load()
@@ -316,6 +345,8 @@ class ModelServer:
             except Exception:
                 pass
         await self.engine.shutdown(drain_timeout_s=self.config.drain_timeout_s)
+        if self.tp is not None:
+            self.tp.shutdown()
 
 
 # --- the ingress' view of the servers ----------------------------------------------------------

@@ -178,6 +178,7 @@ def apply_tp(model: DiffusionTransformer, rank: int | None = None, world_size: i
     if tied and not vocab_parallel:
         model.lm_head.weight = model.tok_embeddings.weight
     model.cfg = shard_config(cfg, rank, world_size)
+    model.tp_vocab_parallel = vocab_parallel  # the LM head then has a collective (its gather)
     return model
 
 
@@ -254,8 +255,12 @@ def load_sharded_state(cfg: ModelConfig, state: Mapping[str, Any], rank: int, wo
 # --- processes --------------------------------------------------------------------------------
 
 def init_distributed(rank: int, world_size: int, init_method: str,
-                     device: str = "cpu") -> torch.device:
-    """Join the process group (gloo on CPU, NCCL on CUDA); returns this rank's device."""
+                     device: str = "cpu", timeout_s: float | None = None) -> torch.device:
+    """Join the process group (gloo on CPU, NCCL on CUDA); returns this rank's device.
+    timeout_s bounds how long a collective waits for a rank that went away (torch's default
+    is 10-30 minutes); a rank actor uses it so a dead peer fails the step instead of hanging."""
+    import datetime
+
     if device.startswith("cuda"):
         dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
@@ -263,7 +268,9 @@ def init_distributed(rank: int, world_size: int, init_method: str,
     else:
         dev = torch.device("cpu")
         backend = "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            **kw)
     return dev
 
 

@@ -58,3 +58,31 @@ def test_gpu_config_one_h100_per_replica_with_autoscaling():
 
 def test_defaults_are_a_valid_app():
     assert isinstance(parse_args(None), AppArgs)
+
+
+def test_tensor_parallel_replica_reserves_one_packed_bundle_per_rank():
+    from ray.serve._private.config import ReplicaConfig
+
+    args = parse_args({"model": {"source": "tiny-coder", "tensor_parallel_size": 4},
+                       "server": {"num_gpus": 1, "num_cpus": 2, "accelerator_type": "H100"}})
+    opts = server_options(args.server, args.model.tensor_parallel_size)
+    bundle = {"GPU": 1, "CPU": 2, "accelerator_type:H100": 0.001}
+    assert opts["placement_group_bundles"] == [bundle] * 4
+    assert opts["placement_group_strategy"] == "PACK"
+    # the replica is rank 0: exactly bundle 0's resources (Serve places it there)
+    assert opts["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1,
+                                         "resources": {"accelerator_type:H100": 0.001}}
+    # Serve's own check that the replica fits its first bundle
+    ReplicaConfig.create(object, ray_actor_options=opts["ray_actor_options"],
+                         placement_group_bundles=opts["placement_group_bundles"],
+                         placement_group_strategy="PACK")
+    assert build_app({"model": {"tensor_parallel_size": 2}, "server": {"num_gpus": 1}})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"model": {"tensor_parallel_size": 2}, "server": {"num_gpus": 0.5}}, "per rank"),
+    ({"model": {"tensor_parallel_size": 2, "engine": "mock"}}, "real engine"),
+])
+def test_tensor_parallel_args_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(bad)
