@@ -372,16 +372,41 @@ def _own_internal_request_id() -> None:
 class RayBackend(Backend):
     """openai_api.Backend over DeploymentHandles to ModelServer and the LoadBoard."""
 
-    def __init__(self, server_handle, board_handle, retry_after_s: float = 1.0):
+    def __init__(self, server_handle, board_handle, retry_after_s: float = 1.0,
+                 replica_retries: int = 2, retry_backoff_s: float = 0.25):
         self.server = server_handle.options(stream=True)
         self.board = board_handle
         self.retry_after_s = retry_after_s
+        self.replica_retries = replica_retries  # resends of a request whose replica died early
+        self.retry_backoff_s = retry_backoff_s
 
     def generate(self, request: GenerationRequest, routing: dict | None = None
                  ) -> AsyncIterator[Event]:
         return self._stream(request, routing)
 
     async def _stream(self, request: GenerationRequest, routing: dict | None):
+        """Events of one engine request. A replica that dies before its first event (killed,
+        its node lost, a tensor-parallel rank gone) costs the client nothing: the request is
+        sent again, to a live replica; one that dies mid-stream ends it with a 503 error."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for attempt in range(self.replica_retries + 1):
+            started = False
+            try:
+                async for event in self._one_stream(request, routing):
+                    started = True
+                    yield event
+                return
+            except (RayActorError, ActorUnavailableError) as e:
+                if started or attempt == self.replica_retries:
+                    log.warning("request %s: model server lost (%s)", request.request_id, e)
+                    raise overloaded(503, "the model server serving this request failed; retry",
+                                     self.retry_after_s) from None
+                log.info("request %s: model server lost before its first event, resending",
+                         request.request_id)
+                await asyncio.sleep(self.retry_backoff_s * (attempt + 1))  # let routing drop it
+
+    async def _one_stream(self, request: GenerationRequest, routing: dict | None):
         from ray.serve.exceptions import BackPressureError
 
         _own_internal_request_id()
