@@ -2,6 +2,7 @@
 
     dllm bench engine                                  # tiny-coder, 16 requests x 64 new tokens
     python -m benchmarks.bench_engine --threads 1 --new-tokens 64 --concurrency 1 4 16
+    python -m benchmarks.bench_engine --device cuda --dtype bfloat16 --cuda-graphs
 
 The same set of requests (distinct code prompts, the same sampling settings, EOS not stopping
 them so every setting does the same work) goes through a fresh Engine with c clients, each
@@ -10,12 +11,19 @@ submitting its next request when the previous one finishes (closed loop). Concur
 shown beside it, so the engine's own overhead is visible. Output tok/s = completion tokens /
 wall time. Writes benchmarks/results/bench_engine.json and .png; read the ratios, not the
 absolute numbers (a shared 2-core CPU).
+
+--cuda-graphs runs the engine with EngineConfig(cuda_graphs=True) (engine/cuda_graphs.py); each
+engine then first serves the same requests once untimed (--warm-pass, on by default with graphs),
+so the graphs of the shapes the run meets are captured before the clock starts, and the row
+records the graph counters of the timed pass. benchmarks/gpu_check.py runs eager and graphs side
+by side on CUDA with these functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine import Engine, EngineConfig
 from engine.types import Finished, GenerationRequest
@@ -53,12 +60,13 @@ def make_requests(tok, n: int, params: SamplingParams) -> list[GenerationRequest
     return out
 
 
-async def run_engine(net, tok, reqs: list[GenerationRequest], concurrency: int,
-                     max_num_seqs: int) -> dict:
-    engine = Engine(net, tok, net.cfg, EngineConfig(max_num_seqs=max_num_seqs))
-    await engine.start()
-    todo = list(reqs)
+async def _closed_loop(engine: Engine, reqs: list[GenerationRequest], concurrency: int,
+                       tag: str = "") -> tuple[float, int, list[float], dict[str, list[int]]]:
+    """c clients, each submitting its next request when the previous one finishes.
+    -> (seconds, completion tokens, latencies, token ids per request id)."""
+    todo = [dataclasses.replace(r, request_id=r.request_id + tag) for r in reqs]
     latencies: list[float] = []
+    outputs: dict[str, list[int]] = {}
     tokens = 0
 
     async def client():
@@ -66,26 +74,57 @@ async def run_engine(net, tok, reqs: list[GenerationRequest], concurrency: int,
         while todo:
             req = todo.pop(0)
             t0 = time.perf_counter()
+            ids: list[int] = []
             async for ev in engine.submit(req):
+                ids += getattr(ev, "token_ids", None) or []
                 if isinstance(ev, Finished):
                     assert ev.error is None, ev.error
                     tokens += ev.completion_tokens
             latencies.append(time.perf_counter() - t0)
+            outputs[req.request_id.removesuffix(tag) if tag else req.request_id] = ids
 
     t0 = time.perf_counter()
     await asyncio.gather(*[client() for _ in range(concurrency)])
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0, tokens, latencies, outputs
+
+
+async def run_engine(net, tok, reqs: list[GenerationRequest], concurrency: int,
+                     max_num_seqs: int, engine_options: dict | None = None,
+                     warm_pass: bool = False, keep_tokens: bool = False) -> dict:
+    """One fresh Engine(EngineConfig(max_num_seqs, **engine_options)) serving `reqs` with c
+    clients. warm_pass: serve them once untimed first (graph captures, allocator growth)."""
+    engine = Engine(net, tok, net.cfg, EngineConfig(max_num_seqs=max_num_seqs,
+                                                    **(engine_options or {})))
+    await engine.start()
+    before = {"iterations": 0, "busy_s": 0.0, "cache_write_s": 0.0, "worker_s": 0.0}
+    static = engine.runner.static
+    graphs_before = static.stats() if static is not None else None
+    if warm_pass:
+        await _closed_loop(engine, reqs, concurrency, tag="-warm")
+        before = {k: engine.stats().extra[k] for k in before}
+        graphs_before = static.stats() if static is not None else None
+    seconds, tokens, latencies, outputs = await _closed_loop(engine, reqs, concurrency)
     stats = engine.stats()
     await engine.shutdown()
-    it = stats.extra["iterations"]
-    return {"concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens,
-            "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "mean_latency_s": statistics.mean(latencies),
-            "p50_latency_s": statistics.median(latencies),
-            "iterations": it, "mean_iteration_ms": 1000 * stats.extra["busy_s"] / max(it, 1),
-            "cache_write_share": stats.extra["cache_write_s"] / max(stats.extra["busy_s"], 1e-9),
-            "capacity_token_steps_per_s": stats.capacity_token_steps_per_s,
-            "worker_share": stats.extra["worker_s"] / max(stats.extra["busy_s"], 1e-9)}
+    ex = {k: stats.extra[k] - before[k] for k in before}
+    it = ex["iterations"]
+    row = {"concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens,
+           "seconds": seconds, "tokens_per_s": tokens / seconds,
+           "mean_latency_s": statistics.mean(latencies),
+           "p50_latency_s": statistics.median(latencies),
+           "iterations": it, "mean_iteration_ms": 1000 * ex["busy_s"] / max(it, 1),
+           "cache_write_share": ex["cache_write_s"] / max(ex["busy_s"], 1e-9),
+           "capacity_token_steps_per_s": stats.capacity_token_steps_per_s,
+           "worker_share": ex["worker_s"] / max(ex["busy_s"], 1e-9),
+           "warm_pass": warm_pass}
+    if static is not None:
+        now = static.stats()
+        # counters of the timed pass; "graphs" and "shapes" are totals
+        row["cuda_graphs"] = {**now, **{k: now[k] - graphs_before[k]
+                                        for k in ("captures", "replays", "uncaptured")}}
+    if keep_tokens:
+        row["tokens"] = outputs
+    return row
 
 
 def run_generate(net, tok, reqs: list[GenerationRequest]) -> dict:
@@ -108,26 +147,37 @@ def main(argv=None) -> None:
                    help="runs per setting, interleaved (1, 4, 16, generate, 1, ...) so that a "
                         "busy machine slows every setting alike; the median run is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="EngineConfig(cuda_graphs=True): graphs on CUDA, static shapes elsewhere")
+    p.add_argument("--warm-pass", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve the requests once untimed on each engine first "
+                        "(default: on with --cuda-graphs)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate() baseline")
-    p.add_argument("--out", default=str(RESULTS / "bench_engine.json"))
+    p.add_argument("--out", default=None, help="default results/bench_engine.json "
+                   "(bench_engine_cuda_graphs.json with --cuda-graphs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     from model.cli_generate import load_model
 
-    net, tok, cfg = load_model(args.model)
+    net, tok, cfg = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     params = SamplingParams(max_new_tokens=args.new_tokens, block_length=args.block_length,
                             steps=args.steps, stop_token_ids=[])
     reqs = make_requests(tok, args.requests, params)
+    options = {"cuda_graphs": True} if args.cuda_graphs else {}
+    warm = args.cuda_graphs if args.warm_pass is None else args.warm_pass
     load_before = os.getloadavg()[0]  # a busy machine lowers every number; recorded with them
-    asyncio.run(run_engine(net, tok, reqs[:2], 2, 2))  # warm-up (allocator, thread pool)
+    asyncio.run(run_engine(net, tok, reqs[:2], 2, 2, options))  # warm-up (allocator, threads)
     settings = list(args.concurrency) + ([] if args.no_generate else ["generate"])
     runs: dict = {c: [] for c in settings}
     plan = [c for _ in range(args.repeats) for c in settings]
-    for c in tqdm(plan, desc="runs"):
+    for c in _progress(plan, desc="runs"):
         runs[c].append(run_generate(net, tok, reqs) if c == "generate" else
-                       asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency))))
+                       asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency), options,
+                                              warm_pass=warm)))
 
     def median(rs):
         med = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
@@ -142,12 +192,16 @@ def main(argv=None) -> None:
                                                 "block_length": args.block_length,
                                                 "steps_per_block": args.steps,
                                                 "requests": args.requests,
-                                                "repeats": args.repeats},
+                                                "repeats": args.repeats,
+                                                "device": args.device, "dtype": args.dtype,
+                                                "engine_options": options,
+                                                "warm_pass": warm},
               "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(),
               "load_average_1m": [load_before, os.getloadavg()[0]],
               "rows": rows, "generate_sequential": ref}
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("bench_engine_cuda_graphs.json" if args.cuda_graphs
+                                      else "bench_engine.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     _plot(rows, ref, out.with_suffix(".png"), result)
@@ -158,6 +212,14 @@ def main(argv=None) -> None:
               f"{r['p50_latency_s']:>8.2f}")
     if ref:
         print(f"{'generate()':>12}{ref['tokens_per_s']:>10.1f}  (one after another, no engine)")
+
+
+def _progress(items, desc: str):
+    try:  # tqdm is not needed to run this from benchmarks/gpu_check.py (torch + triton only)
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    return tqdm(items, desc=desc)
 
 
 def _plot(rows, ref, path: Path, result: dict) -> None:
@@ -177,7 +239,9 @@ def _plot(rows, ref, path: Path, result: dict) -> None:
     s = result["settings"]
     ax.set_xlabel("concurrent sequences")
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"{result['model']} engine: {s['requests']} requests x {s['new_tokens']} tokens, "
+    mode = " (cuda_graphs)" if s.get("engine_options", {}).get("cuda_graphs") else ""
+    ax.set_title(f"{result['model']} engine{mode}, {s.get('device', 'cpu')}: "
+                 f"{s['requests']} requests x {s['new_tokens']} tokens, "
                  f"block {s['block_length']}, {s['steps_per_block']} steps/block "
                  f"({result['threads']} torch thread{'s' if result['threads'] > 1 else ''})", fontsize=9)
     ax.legend()

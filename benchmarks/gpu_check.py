@@ -4,13 +4,18 @@ the engine-style decode of a LLaDA-8B-shaped model; JSON + PNG out, a short tabl
     bash benchmarks/gpu_check.sh                          # on a GPU machine, from the repo root
     PYTHONPATH=. python3 benchmarks/gpu_check.py --tiny   # the same code paths, small, on the CPU
 
-Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-decode):
+Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-decode, --skip-engine):
 1. correctness: pytest tests/kernels on the device (CUDA-marked tests included), summary kept;
 2. kernels: benchmarks/bench_kernels.py rows (median times, speed-up, errors);
 3. decode: benchmarks/gpu_decode.py on ModelConfig.from_name("llada-8b") with random bf16
    weights: 1000-token prompt, 1000 new tokens (32 blocks of 32), 4 and 8 steps per block,
    batch 1 and 16, eager and CUDA-graph modes (+ torch.compile with --compile), tok/s, peak
    memory, the weight-bandwidth bound; plus model/sampling.generate at batch 1 for contrast.
+4. engine: the real Engine (engine/) on a random block-causal llama-shaped model (~1B, or
+   --engine-model llada-8b), eager vs EngineConfig(cuda_graphs=True) side by side at 1 and 16
+   concurrent requests (closed loop, 128 new tokens, block 32, 8 steps): tok/s, the ratio, graph
+   counters, token agreement (bf16: informational; the exact check is tests/engine). With
+   --tiny the "graphs" rows are the same static path uncaptured, on the CPU.
 Needs torch + triton only (no ray, flash-attn, deepspeed, tokenizers, network). Output goes to
 $OUT when set, else benchmarks/results/, as gpu_check_<card>_<date>.json: commit that file.
 """
@@ -32,6 +37,116 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_COMMIT_SPEEDUP = 3.0  # issue 4: >= 3x the torch reference at N=512, V=126464
 GOAL_TOK_S_BATCH1 = 1109.0  # Mercury Coder Mini on one H100, batch 1
+
+
+class IdTokenizer:
+    """What the engine needs of a tokenizer (decode, for text deltas) without the tokenizers
+    package: the ids as text. Random weights make no words anyway."""
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+def engine_model_config(name: str):
+    """A block-causal model for the engine section: "llama-1b" (Llama-3.2-1B-like widths, 32k
+    vocabulary: small enough that eager steps are launch-bound, which graphs remove), "tiny"
+    (the CPU dry run) or a ModelConfig preset, made block-causal (the KV-cache engine path)."""
+    from benchmarks import gpu_decode
+    from model.config import ModelConfig
+
+    if name == "tiny":
+        return gpu_decode.tiny_config("block_causal")
+    if name == "llama-1b":
+        return ModelConfig(name="llama-1b-shape", vocab_size=32000, d_model=2048, n_layers=16,
+                           n_heads=32, n_kv_heads=8, mlp_hidden=8192, max_seq_len=2048,
+                           mask_id=31999, eos_id=1, pad_id=1, attention="block_causal",
+                           time_conditioning=False, tie_embeddings=False)
+    cfg = ModelConfig.from_name(name)
+    cfg.attention = "block_causal"
+    return cfg
+
+
+def run_engine_section(tiny: bool, model: str, quick: bool) -> dict:
+    """Eager vs cuda_graphs through the real Engine, same requests, side by side."""
+    import asyncio
+    import random
+
+    import torch
+
+    from benchmarks import bench_engine, gpu_decode
+    from engine.types import GenerationRequest
+    from model.sampling import SamplingParams
+
+    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    cfg = engine_model_config("tiny" if tiny else model)
+    t0 = time.perf_counter()
+    net = gpu_decode.build_random_model(cfg, device, dtype)
+    build_s = time.perf_counter() - t0
+    new_tokens = 64 if tiny else 128
+    params = SamplingParams(max_new_tokens=new_tokens, block_length=32, steps=8,
+                            stop_token_ids=[])
+    rng = random.Random(0)
+    special = {cfg.mask_id, cfg.eos_id, cfg.pad_id}
+    concurrency = [1, 4] if tiny else [1, 16]
+    n_req = {1: 2 if tiny or quick else 4, 4: 4, 16: 16}
+    reqs = []
+    for i in range(max(n_req.values())):
+        plen = rng.randint(20, 60) if tiny else rng.randint(100, 400)
+        prompt = [t for t in (rng.randrange(3, cfg.vocab_size) for _ in range(plen))
+                  if t not in special]
+        reqs.append(GenerationRequest(f"e{i}", prompt, params))
+    modes = {"eager": {}, "cuda_graphs": {"cuda_graphs": True}}
+    # KV pages for every running request's prompt and answer (16-token pages)
+    longest = max(len(r.prompt_ids) for r in reqs) + new_tokens
+    kv_pages = max(concurrency) * -(-longest // 16)
+    rows = []
+    tok = IdTokenizer()
+    for c in concurrency:
+        outs = {}
+        for mode, opts in modes.items():
+            try:
+                row = asyncio.run(bench_engine.run_engine(
+                    net, tok, reqs[:n_req[c]], c, max(concurrency),
+                    {"kv_pages": kv_pages, **opts}, warm_pass=True, keep_tokens=True))
+            except Exception as e:  # keep the other rows
+                logging.exception("engine %s c=%d failed", mode, c)
+                rows.append({"mode": mode, "concurrency": c, "error": f"{type(e).__name__}: {e}"})
+                continue
+            outs[mode] = row.pop("tokens")
+            row["mode"] = mode
+            rows.append(row)
+        ok = [r for r in rows if r["concurrency"] == c and "error" not in r]
+        if len(ok) == 2:
+            eager, graphs = ok
+            graphs["speedup_vs_eager"] = graphs["tokens_per_s"] / eager["tokens_per_s"]
+            a, b = outs["eager"], outs["cuda_graphs"]
+            same = sum(x == y for k in a for x, y in zip(a[k], b.get(k, []), strict=False))
+            graphs["token_agreement_with_eager"] = same / max(1, sum(len(v) for v in a.values()))
+    del net
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"model": cfg.name, "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "layers": cfg.n_layers, "d_model": cfg.d_model, "vocab_size": cfg.vocab_size,
+            "build_seconds": build_s, "new_tokens": new_tokens, "block_length": 32,
+            "steps_per_block": 8, "rows": rows}
+
+
+def format_engine_table(engine: dict) -> str:
+    lines = [f"{'mode':<13}{'conc':>5}{'reqs':>5}{'tok/s':>10}{'iter ms':>9}{'x eager':>9}"
+             f"{'graphs':>8}{'replays':>9}{'uncapt':>8}{'agree':>7}"]
+    for r in engine["rows"]:
+        if "error" in r:
+            lines.append(f"{r['mode']:<13}{r['concurrency']:>5}  ERROR {r['error'][:60]}")
+            continue
+        g = r.get("cuda_graphs", {})
+        ratio = r.get("speedup_vs_eager")
+        agree = r.get("token_agreement_with_eager")
+        lines.append(f"{r['mode']:<13}{r['concurrency']:>5}{r['requests']:>5}"
+                     f"{r['tokens_per_s']:>10.1f}{r['mean_iteration_ms']:>9.2f}"
+                     f"{(f'{ratio:.2f}x' if ratio else ''):>9}{g.get('graphs', ''):>8}"
+                     f"{g.get('replays', ''):>9}{g.get('uncaptured', ''):>8}"
+                     f"{(f'{agree:.2f}' if agree is not None else ''):>7}")
+    return "\n".join(lines)
 
 
 def environment() -> dict:
@@ -88,7 +203,7 @@ def run_tests(tiny: bool, quick: bool, out_dir: Path, timeout_s: int) -> dict:
             "error_lines": errs[:200]}
 
 
-def goals(kernel_rows: list[dict], decode: dict | None) -> dict:
+def goals(kernel_rows: list[dict], decode: dict | None, engine: dict | None = None) -> dict:
     g = {}
     head = next((r for r in kernel_rows if r["kernel"] == "commit_select"
                  and r["shape"] == "512x126464 bfloat16 T=0" and "speedup" in r), None)
@@ -107,6 +222,10 @@ def goals(kernel_rows: list[dict], decode: dict | None) -> dict:
                 decode["device"] == "cuda"
             if "fraction_of_weight_bound" in best:
                 g["batch1_fraction_of_weight_bound"] = best["fraction_of_weight_bound"]
+    if engine:
+        for r in engine["rows"]:
+            if "speedup_vs_eager" in r:
+                g[f"engine_cuda_graphs_speedup_c{r['concurrency']}"] = r["speedup_vs_eager"]
     return g
 
 
@@ -145,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--engine-model", default="llama-1b",
+                   help="engine section model: llama-1b (default) or a preset such as llada-8b")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(mode='reduce-overhead') (minutes to compile)")
     p.add_argument("--test-timeout", type=int, default=420)
@@ -206,7 +328,16 @@ def main(argv=None) -> int:
                 plot_decode(decode, out_dir / f"gpu_check_decode_{card}_{stamp}.png")
             except Exception:  # matplotlib missing: the JSON still has everything
                 logging.exception("decode plot failed")
-    report["goals"] = goals(kernel_rows, decode)
+    engine = None
+    if not args.skip_engine:
+        print("== 4. engine: eager vs cuda_graphs", flush=True)
+        try:
+            engine = run_engine_section(args.tiny, args.engine_model, args.quick)
+            report["engine"] = engine
+        except Exception as e:
+            logging.exception("engine section failed")
+            report["engine_error"] = f"{type(e).__name__}: {e}"
+    report["goals"] = goals(kernel_rows, decode, engine)
     report["seconds"] = time.perf_counter() - t_start
     path = out_dir / f"gpu_check_{card}_{stamp}{'_tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -228,6 +359,14 @@ def main(argv=None) -> int:
             print("decode loop == model/sampling.generate:", decode["tiny_matches_reference"])
     if "decode_error" in report:
         print("decode ERROR:", report["decode_error"])
+    if engine:
+        print(f"engine {engine['model']} ({engine['layers']} layers, d {engine['d_model']}, "
+              f"{engine['dtype']} on {engine['device']}; {engine['new_tokens']} new tokens, "
+              f"block {engine['block_length']}, {engine['steps_per_block']} steps"
+              + (", graphs = static shapes uncaptured" if engine["device"] == "cpu" else "") + ")")
+        print(format_engine_table(engine))
+    if "engine_error" in report:
+        print("engine ERROR:", report["engine_error"])
     print("goals:", json.dumps(report["goals"]))
     failed = "tests" in report and report["tests"]["returncode"] not in (0, 5)
     return 1 if failed else 0

@@ -128,6 +128,7 @@ class StaticForward:
                 else self._out.numel() * self._out.element_size()}
 
     # --- one forward ----------------------------------------------------------------------
+    @torch.no_grad()  # a graph captured under autograd would keep its saved tensors alive
     def __call__(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """net(input_ids, **kwargs) through the static buffers of its shape key. kwargs as the
         net takes them (positions, t, attn, logits_slice), tensors or None. The result is only
