@@ -53,6 +53,8 @@ class ModelArgs(_Args):
     # > 1: each replica reserves this many GPUs (server.num_gpus = 1 per rank) as one placement
     # group and runs one rank actor per extra GPU (deployments/tensor_parallel.py)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # heal a text prompt's trailing whitespace token (model/healing.py; the ingress strips it)
+    token_healing: bool = True
 
 
 class EngineArgs(_Args):
@@ -231,7 +233,8 @@ def build_app(args: dict | AppArgs | None = None):
                       default_temperature=a.limits.default_temperature,
                       max_inflight=a.limits.max_inflight,
                       max_drain_s=a.limits.max_drain_s or float("inf"),
-                      retry_after_s=a.limits.retry_after_s, load_refresh_s=a.ladder.refresh_s),
+                      retry_after_s=a.limits.retry_after_s, load_refresh_s=a.ladder.refresh_s,
+                      token_healing=a.model.token_healing),
         api_keys_env=a.auth.api_keys_env, api_keys_file=a.auth.api_keys_file,
         retry_after_s=a.limits.retry_after_s)
     board = make_load_board_deployment().bind()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -68,6 +69,7 @@ from deployments.protocol import (
 )
 from deployments.router import StepChoice, StepRouter, estimate_token_steps
 from engine.types import CanvasUpdate, EngineBase, Event, Finished, GenerationRequest, TextDelta
+from model.healing import heal_prompt
 from model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,10 @@ class ServiceSettings:
     retry_after_s: int = 2
     api_keys: frozenset[str] = frozenset()  # empty: no authentication
     load_refresh_s: float = 0.25
+    # Text prompts ending in a whitespace token are healed (model/healing.py): the token is
+    # backed off and the first generated token must start with it; the client sees only what
+    # comes after. Off for requests with stop strings (the healed text could match them).
+    token_healing: bool = True
 
 
 def load_api_keys(env_var: str | None = "DLLM_API_KEYS", file: str | None = None) -> frozenset[str]:
@@ -184,13 +190,33 @@ class LocalBackend(Backend):
         return cluster_load([ReplicaLoad.from_stats(self.replica_id, self.engine.stats())])
 
 
+async def _unheal(stream: AsyncIterator[Event], healed: str) -> AsyncIterator[Event]:
+    """Drop the healed prompt text from the start of a completion: the client's prompt already
+    has it (model/healing.py). TextDelta texts lose it across as many deltas as it spans."""
+    left = healed
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta) and left:
+                n = len(os.path.commonprefix([left, event.text]))
+                left = left[n:] if n == len(left) or n == len(event.text) else ""
+                event = dataclasses.replace(event, text=event.text[n:])
+            elif isinstance(event, Finished) and event.text.startswith(healed):
+                event = dataclasses.replace(event, text=event.text[len(healed):])
+            yield event
+    finally:  # closing this closes the backend stream (a disconnect cancels the engine request)
+        await stream.aclose()
+
+
 class EventStreams:
     """Several backend streams run together; iterate (choice index, event)."""
 
     def __init__(self, backend: Backend, requests: list[GenerationRequest],
-                 routing: dict | None = None):
+                 routing: dict | None = None, healed: list[str] | None = None):
         self.backend = backend
         self.streams = [backend.generate(r, routing) for r in requests]
+        if healed:
+            self.streams = [_unheal(s, h) if h else s
+                            for s, h in zip(self.streams, healed, strict=True)]
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(self.streams)]
         self.open = len(self.streams)
@@ -249,6 +275,17 @@ class _SSEResponse(StreamingResponse):
 
 # --- the service ------------------------------------------------------------------------------
 @dataclass
+@dataclass
+class Prompt:
+    """One prompt of a request, tokenized."""
+
+    ids: list[int]
+    suffix_ids: list[int] | None = None  # FIM for full-attention models
+    echo: str = ""  # text to prepend to the completion (echo=true)
+    healable: bool = False  # a plain text prompt: its last token may be healed
+
+
+@dataclass
 class Job:
     """One HTTP request turned into engine requests (prompts x n)."""
 
@@ -258,6 +295,7 @@ class Job:
     steps_per_block: int
     prompt_tokens: int
     echo: list[str] = field(default_factory=list)  # per request: text to prepend (echo)
+    healed: list[str] = field(default_factory=list)  # per request: prompt text regenerated
     route: str = ""
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -363,9 +401,8 @@ class OpenAIService:
     def block_length(self, req, max_new: int) -> int:
         return req.block_length or self.info.block_length or max_new
 
-    def make_job(self, prefix: str, req, prompts: list[tuple[list[int], list[int] | None, str]]
-                 ) -> Job:
-        """prompts: (prompt_ids, suffix_ids, echo text) per prompt; n choices each."""
+    def make_job(self, prefix: str, req, prompts: list[Prompt]) -> Job:
+        """n choices of each prompt."""
         self.check_model(req.model)
         if req.ignored_fields() and self.metrics is not None:
             self.metrics.ignored_fields(len(req.ignored_fields()))
@@ -373,18 +410,33 @@ class OpenAIService:
         base_seed = req.seed if req.seed is not None else random.getrandbits(31)
         job = Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", requests=[], choice=choice,
                   steps_per_block=choice.steps, prompt_tokens=0)
-        for ids, suffix_ids, echo in prompts:
+        for prompt in prompts:
+            ids, suffix_ids = prompt.ids, prompt.suffix_ids
             max_new = self._max_new_tokens(req.max_new_tokens, len(ids) + len(suffix_ids or []))
             job.steps_per_block = min(choice.steps, self.block_length(req, max_new))
             job.prompt_tokens += len(ids) + len(suffix_ids or [])
+            healed, first_ids = "", None
+            if prompt.healable:
+                ids, healed, first_ids = self._heal(req, ids)
             for _ in range(req.n):
                 k = len(job.requests)
                 params = self._params(req, max_new, choice.steps, (base_seed + k) % 2**31)
+                params.first_token_ids = first_ids
                 job.requests.append(GenerationRequest(
                     request_id=f"{job.id}-{k}", prompt_ids=list(ids), params=params,
                     suffix_ids=suffix_ids, diffusing=req.diffusing))
-                job.echo.append(echo)
+                job.echo.append(prompt.echo)
+                job.healed.append(healed)
         return job
+
+    def _heal(self, req, ids: list[int]) -> tuple[list[int], str, list[int] | None]:
+        if not self.settings.token_healing or req.stop_list:
+            return ids, "", None
+        try:
+            return heal_prompt(self.tokenizer, ids)
+        except Exception as e:  # a tokenizer without what healing needs: serve unhealed
+            log.debug("token healing skipped: %s", e)
+            return ids, "", None
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         messages = []
@@ -401,7 +453,7 @@ class OpenAIService:
             ids = self.tokenizer.chat_prompt(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.make_job("chatcmpl", req, [(ids, None, "")])
+        return self.make_job("chatcmpl", req, [Prompt(ids)])
 
     def fim_ids(self, prefix: str, suffix: str) -> tuple[list[int], list[int] | None]:
         """Block-causal models: FIM format in the prompt; full attention: suffix after canvas."""
@@ -428,13 +480,14 @@ class OpenAIService:
                     raise APIError(400, "suffix needs a text prompt", param="suffix")
                 ids, suffix_ids = self.fim_ids(p, req.suffix)
             elif isinstance(p, str):
-                ids, suffix_ids = self.tokenizer.encode(p), None
+                prompts.append(Prompt(self.tokenizer.encode(p), None, echo, healable=True))
+                continue
             else:
                 if any(not isinstance(t, int) or not 0 <= t < self.tokenizer.vocab_size
                        for t in p):
                     raise APIError(400, "prompt token ids out of range", param="prompt")
                 ids, suffix_ids = list(p), None
-            prompts.append((ids, suffix_ids, echo))
+            prompts.append(Prompt(ids, suffix_ids, echo))
         return self.make_job("cmpl", req, prompts)
 
     # --- running a job ----------------------------------------------------------------------
@@ -460,7 +513,7 @@ class OpenAIService:
     async def collect(self, job: Job) -> tuple[list[str], dict[int, Finished]]:
         texts = [""] * len(job.requests)
         finished: dict[int, Finished] = {}
-        streams = EventStreams(self.backend, job.requests, job.routing)
+        streams = EventStreams(self.backend, job.requests, job.routing, job.healed)
         try:
             async for i, event in streams:
                 if isinstance(event, TextDelta):
@@ -478,7 +531,7 @@ class OpenAIService:
 
     async def start_stream(self, job: Job) -> tuple[EventStreams, tuple[int, Event] | None]:
         """Open the streams and wait for the first event, so overload is a status, not a chunk."""
-        streams = EventStreams(self.backend, job.requests, job.routing)
+        streams = EventStreams(self.backend, job.requests, job.routing, job.healed)
         try:
             first = await streams.__anext__()
         except StopAsyncIteration:

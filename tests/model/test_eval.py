@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from benchmarks.quality import (cut_function_body, edit_similarity, fim_cases, main as eval_main,
-                                parse_cases, parses)
+from benchmarks.quality import cut_function_body, edit_similarity, fim_cases, parse_cases, parses
+from benchmarks.quality import main as eval_main
 from model.checkpoint import save_checkpoint
 
 from .conftest import tiny_config, tiny_net

@@ -78,7 +78,7 @@ def test_examples_have_the_served_formats(small_tokenizer, toy_files):
     tok = small_tokenizer
     s = ExampleSampler(tok, toy_files, seq_len=128, seed=0)
     b = s.batch("fim", 4, 32)
-    for row, p in zip(b.ids.tolist(), b.prompt_len.tolist()):
+    for row, p in zip(b.ids.tolist(), b.prompt_len.tolist(), strict=True):
         assert row[0] == tok.fim_prefix_id and row[p - 1] == tok.fim_middle_id
         body = [t for t in row[p:] if t != tok.pad_id]
         assert len(body) % 32 == 0 and tok.eos_id in body  # EOS-filled to the block end
