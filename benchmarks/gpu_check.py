@@ -146,6 +146,8 @@ def format_engine_table(engine: dict) -> str:
                      f"{(f'{ratio:.2f}x' if ratio else ''):>9}{g.get('graphs', ''):>8}"
                      f"{g.get('replays', ''):>9}{g.get('uncaptured', ''):>8}"
                      f"{(f'{agree:.2f}' if agree is not None else ''):>7}")
+        if g.get("capture_error"):
+            lines.append(f"  capture failed, ran uncaptured: {g['capture_error'][:90]}")
     return "\n".join(lines)
 
 

@@ -113,6 +113,7 @@ class StaticForward:
         self._pool = None  # graph memory pool, shared by every capture
         self._out: torch.Tensor | None = None  # flat logits buffer shared by every graph
         self.captures = self.replays = self.uncaptured = 0
+        self.capture_error: str | None = None
         self._warned_full = False
         if not capture:
             log.info("cuda_graphs: static shapes without capture (device %s)", self.device)
@@ -124,6 +125,7 @@ class StaticForward:
     def stats(self) -> dict:
         return {"shapes": len(self.shapes), "graphs": self.graphs, "captures": self.captures,
                 "replays": self.replays, "uncaptured": self.uncaptured,
+                "capture_error": self.capture_error,
                 "output_buffer_bytes": 0 if self._out is None
                 else self._out.numel() * self._out.element_size()}
 
@@ -143,7 +145,13 @@ class StaticForward:
         shape.calls += 1
         if shape.graph is None and self.capture:
             if self.graphs < self.max_graphs:
-                self._capture(shape)
+                try:
+                    self._capture(shape)
+                except Exception as e:  # an op that cannot be captured: say so, keep serving
+                    log.exception("cuda_graphs: capture failed; static shapes run uncaptured "
+                                  "from now on")
+                    self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"
+                    shape.graph, shape.out = None, None
             elif not self._warned_full:
                 self._warned_full = True
                 log.warning("cuda_graphs: %d graphs captured (max_graphs); new shapes run "

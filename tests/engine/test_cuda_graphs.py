@@ -157,6 +157,28 @@ def test_static_forward_reuses_buffers_and_refuses_side_effects(tok):
                           attn=ctx, logits_slice=None)
 
 
+def test_a_failed_capture_falls_back_to_the_uncaptured_path(tok, monkeypatch):
+    """If a capture raises (an op CUDA graphs cannot record), the forward still answers, through
+    the same static buffers, and later shapes are not captured again."""
+    net = tiny_net(tiny_config(tok, attention="full", time_conditioning=False), seed=1)
+    static = StaticForward(net)
+    tries = []
+
+    def broken(shape):
+        tries.append(shape)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static, "_capture", broken)
+    static.capture = True  # as on CUDA
+    ids = torch.randint(10, 300, (2, 8), generator=torch.Generator().manual_seed(0))
+    for n in (8, 6):
+        got = static(ids[:, :n])
+        torch.testing.assert_close(got, net(ids[:, :n]), rtol=0, atol=0)
+    assert len(tries) == 1 and not static.capture
+    assert static.stats()["capture_error"].startswith("RuntimeError")
+    assert static.stats()["uncaptured"] == 2
+
+
 # --- on CUDA: real graphs ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attention", ["block_causal", "full"])
