@@ -9,6 +9,7 @@ so these tests pin that path to model.sampling.generate and to the eager engine.
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -177,6 +178,35 @@ def test_a_failed_capture_falls_back_to_the_uncaptured_path(tok, monkeypatch):
     assert len(tries) == 1 and not static.capture
     assert static.stats()["capture_error"].startswith("RuntimeError")
     assert static.stats()["uncaptured"] == 2
+
+
+async def test_tensor_parallel_leader_dispatches_the_static_contexts(bc_net, tok):
+    """Under a TPLeader (engine/tensor_parallel.py) the static path runs uncaptured and hands
+    every forward's own context arguments, window included, to the followers: a follower runs
+    the dispatched specs in order over its own pool (a stale or missing window would fail
+    there: the window must cover the follower's cache too)."""
+    from engine.tensor_parallel import TPFollower, TPLeader
+
+    specs = []
+    # a copy at dispatch, as a real transport serialises it: the spec's CPU tensors are the
+    # static buffers themselves, which the next step overwrites
+    engine = make_engine(TPLeader(bc_net, lambda spec: specs.append(copy.deepcopy(spec))), tok,
+                         max_num_seqs=4, **GRAPHS)
+    reqs = mixed_requests("t")[:4]
+    results, stats = await run_staggered(engine, reqs, every=2)
+    for req, events in zip(reqs, results, strict=True):
+        assert_like_reference(bc_net, tok, req, events)
+    assert stats["uncaptured"] > 0 and not engine.runner.static.capture
+    steps = [s for s in specs if not s["attn"][2]["append"]]
+    for s in steps:  # this step's context: a row's active block starts where its cache ends
+        a = s["attn"][2]
+        assert s["positions"][:, 0].tolist() == a["cached_lens"]
+        assert a["window"] % 16 == 0 and a["window"] >= max(a["cached_lens"])
+    assert len({tuple(s["attn"][2]["cached_lens"]) for s in steps}) > 1
+    follower = TPFollower(bc_net)
+    for spec in specs:
+        follower.step(spec)
+    assert follower.forwards == len(specs)
 
 
 # --- on CUDA: real graphs ------------------------------------------------------------------------
