@@ -172,7 +172,8 @@ class Engine(EngineBase):
             kv_pages_total=self.pool.num_pages if self.pool else 0,
             extra={"iterations": self._iterations, "busy_s": self._busy_s,
                    "cache_write_s": self._cache_write_s, "worker_s": self._worker_s,
-                   "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size},
+                   "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size,
+                   **({"cuda_graphs": self.runner.static.stats()} if self.runner.static else {})},
         )
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:

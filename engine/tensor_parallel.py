@@ -47,7 +47,11 @@ Spec = dict[str, Any]
 
 
 def _cpu(x):
-    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+    # a copy even on the CPU: the graph path reuses its input buffers for the next step, and a
+    # transport may serialise the spec after this returns
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.detach().clone() if x.device.type == "cpu" else x.detach().cpu()
 
 
 def describe_attention(attn) -> tuple | None:
