@@ -129,6 +129,8 @@ class ServerArgs(_Args):
     request_router: Literal["least_backlog", "serve_default"] = "least_backlog"
     routing_stats_period_s: float = Field(default=1.0, gt=0)
     report_period_s: float = Field(default=0.25, gt=0, le=1.0)
+    # window of the below-best-quality fraction the autoscaling policy reads (quality debt)
+    quality_window_s: float = Field(default=30.0, gt=0)
 
 
 class IngressArgs(_Args):
@@ -224,7 +226,7 @@ def build_app(args: dict | AppArgs | None = None):
         engine=a.model.engine, engine_options=a.engine.engine_options(),
         mock_options=a.model.mock.model_dump(exclude_none=True),
         torch_threads=a.model.torch_threads, drain_timeout_s=a.server.drain_timeout_s,
-        report_period_s=a.server.report_period_s,
+        report_period_s=a.server.report_period_s, quality_window_s=a.server.quality_window_s,
         tensor_parallel_size=a.model.tensor_parallel_size)
     ingress_config = IngressConfig(
         ladder=dict(steps=a.ladder.steps, thresholds_s=a.ladder.thresholds_s,

@@ -296,6 +296,7 @@ class Job:
     prompt_tokens: int
     echo: list[str] = field(default_factory=list)  # per request: text to prepend (echo)
     healed: list[str] = field(default_factory=list)  # per request: prompt text regenerated
+    quality: str = "auto"
     route: str = ""
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -406,10 +407,10 @@ class OpenAIService:
         self.check_model(req.model)
         if req.ignored_fields() and self.metrics is not None:
             self.metrics.ignored_fields(len(req.ignored_fields()))
-        choice = self.router.choose(req.denoising_steps, req.quality)
+        choice = self.router.choose(req.denoising_steps, req.quality, record=False)
         base_seed = req.seed if req.seed is not None else random.getrandbits(31)
         job = Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", requests=[], choice=choice,
-                  steps_per_block=choice.steps, prompt_tokens=0)
+                  steps_per_block=choice.steps, prompt_tokens=0, quality=req.quality)
         for prompt in prompts:
             ids, suffix_ids = prompt.ids, prompt.suffix_ids
             max_new = self._max_new_tokens(req.max_new_tokens, len(ids) + len(suffix_ids or []))
@@ -614,6 +615,7 @@ class OpenAIService:
         """Run a job; JSON or SSE. `kind` is "chat" or "completion"."""
         job.route = route
         self.admit()
+        self.router.record_choice(job.choice, job.quality)  # admitted: a 429 is not a choice
         self.inflight += 1
         block_causal = self.info.attention == "block_causal"
         ledger_key = self.router.admitted(sum(estimate_token_steps(

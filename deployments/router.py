@@ -170,7 +170,10 @@ class StepRouter:
             self.metrics.observe_load(load, self.rung)
         return self.rung
 
-    def choose(self, pinned: int | None = None, quality: str = "auto") -> StepChoice:
+    def choose(self, pinned: int | None = None, quality: str = "auto",
+               record: bool = True) -> StepChoice:
+        """The steps for a request. record=False leaves the metric to `record_choice`, for a
+        caller that may still refuse the request (429): refusals are not choices."""
         if pinned is not None:
             choice = StepChoice(steps=pinned, rung=None, reason="pinned")
         else:
@@ -184,9 +187,13 @@ class StepRouter:
             rung = min(max(self.rung, lo), hi)
             choice = StepChoice(steps=self.ladder.steps[rung], rung=rung,
                                 reason="load" if rung == self.rung else "bounded")
+        if record:
+            self.record_choice(choice, quality)
+        return choice
+
+    def record_choice(self, choice: StepChoice, quality: str = "auto") -> None:
         if self.metrics is not None:
             self.metrics.observe_choice(choice, quality)
-        return choice
 
 
 def estimate_token_steps(prompt_tokens: int, max_new_tokens: int, steps: int,

@@ -244,3 +244,29 @@ def test_app_args_reject_typos_with_a_clear_path():
         parse_args({"ladder": {"steps": [2, 4], "thresholds_s": [1.0]}})
     args = parse_args({"model": {"source": "tiny-coder", "dtype": "bfloat16"}})
     assert args.model.dtype == "bfloat16" and args.ladder.steps == [16, 8, 4, 2]
+
+
+class ChoiceRecorder:
+    def __init__(self):
+        self.choices = []
+
+    def observe_choice(self, choice, quality):
+        self.choices.append((choice.steps, quality))
+
+    def observe_load(self, load, rung):
+        pass
+
+
+@pytest.mark.parametrize("max_inflight, status, recorded", [(8, 200, 1), (0, 429, 0)])
+async def test_steps_metric_counts_admitted_requests_only(local_api, max_inflight, status,
+                                                          recorded):
+    async with local_api(max_inflight=max(max_inflight, 1)) as api:
+        api.service.settings.max_inflight = max_inflight  # 0: everything is refused
+        rec = ChoiceRecorder()
+        api.service.router.metrics = rec
+        r = await api.client.post("/v1/completions", json={
+            "model": "test-coder", "prompt": "x = ", "max_tokens": 4, "quality": "fast"})
+        assert r.status_code == status
+        assert len(rec.choices) == recorded
+        if recorded:
+            assert rec.choices[0][1] == "fast"
