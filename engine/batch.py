@@ -34,6 +34,7 @@ from engine.config import EngineConfig, bucket
 from engine.cuda_graphs import StaticForward
 from engine.kv_pool import PagedKVPool
 from engine.sequence import Sequence
+from kernels.attention import Ragged
 from model.sampling import commit_step
 from model.transformer import DenseAttention
 
@@ -216,7 +217,11 @@ class StepRunner:
         order, counts = self._select_masked(ids, in_block, B, static)
         # positions default to 0..L-1 per row, as the reference's unpadded rows
         net = self.static if static else self.net
-        logits = net(ids, t=t, attn=DenseAttention(valid_keys[:, None, None, :]),
+        mask = valid_keys[:, None, None, :]  # [Bp, 1, 1, L]: pad keys hidden
+        # eager: the rows as lengths too, so kernels/attention.py may run flash-attn varlen;
+        # static shapes keep the mask alone (a graph binds only the mask buffer)
+        rows = None if static else Ragged(valid_keys, max(lens), sum(lens), query_valid=valid_keys)
+        logits = net(ids, t=t, attn=DenseAttention(mask, rows=rows),
                      logits_slice=order)[:B]  # [B, M, V]
         order = order[:B]
         return logits, order, start[:B], order, counts, sum(lens[:B])

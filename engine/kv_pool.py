@@ -8,10 +8,16 @@
 
 Storage is flat token slots: slot = page * page_size + offset, tensors [n_layers, slots, Hkv, hd],
 so a sequence's cache is wherever its page table points and freeing is returning page numbers.
-Each forward, `attend` gathers the rows' cached slots into a dense [B, Hkv, S, hd] view (S = the
-longest cache in the batch, or a fixed `window` >= it for static shapes) and runs SDPA with a
-mask that hides the short rows' tails and the padding queries; on a GPU a paged-attention
-kernel would read the pages in place instead.
+Each forward, `attend` runs one of the two paths kernels/attention.py decides between:
+- varlen (flash-attn installed, CUDA, fp16/bf16; eager shapes only): the keys row b sees, its
+  cached_lens[b] cached tokens then its valid new tokens, are gathered from the pool straight
+  into one packed [sum of lengths, Hkv, hd] buffer (the slot of every packed row is computed
+  once per context) and `varlen_attention` runs flash_attn_varlen_func on it;
+- masked SDPA (otherwise, and always with a `window`, the CUDA-graph static shapes): the rows'
+  cached slots are gathered into a dense [B, Hkv, S, hd] view (S = the longest cache in the
+  batch, or the window >= it), the new keys appended, and a mask hides the short rows' tails
+  and the padding keys.
+A paged-attention kernel reading the pages in place would save the gather.
 The semantics are model/cache.py's KVCache (the reference): cached tokens and the valid new
 tokens are all visible to every new query, and `append` stores the valid new tokens in order.
 """
@@ -22,7 +28,7 @@ import math
 
 import torch
 
-from kernels.attention import attention
+from kernels.attention import attention, use_varlen, varlen_attention
 from model.config import ModelConfig
 
 
@@ -72,8 +78,12 @@ class PagedAttention:
     page_tables[b]: the pages of row b (enough for its cache plus what `append` stores);
     cached_lens[b]: tokens already cached; query_valid: bool [B, Lq], False for padding;
     window: keys read per row (>= the longest cache; None = exactly that), the tail masked, so
-    the shapes stay static across steps for CUDA graphs (engine/cuda_graphs.py).
-    Index tensors are built once here and reused by every layer."""
+    the shapes stay static across steps for CUDA graphs (engine/cuda_graphs.py). A context with
+    a window always takes the masked SDPA path: a graph binds only read_slots and key_valid,
+    and the varlen path's packed sizes change with the lengths. Otherwise the path is
+    kernels.attention.use_varlen's (the same for a tensor-parallel follower, which rebuilds
+    the context from the same args).
+    Index tensors are built once (the varlen ones on first use) and reused by every layer."""
 
     def __init__(self, pool: PagedKVPool, page_tables: list[list[int]], cached_lens: list[int],
                  query_valid: torch.Tensor, append: bool, window: int | None = None):
@@ -97,7 +107,12 @@ class PagedAttention:
         j = torch.arange(S, device=dev)
         # gather index of every cached key: [B, S] slots (unused tails point at a row's page 0)
         self.read_slots = (table[:, (j // ps).clamp(max=n_pages - 1)] * ps + j % ps).reshape(-1)
-        self.S, self.B = S, B
+        self.S, self.B, self.Lq = S, B, Lq
+        self.lens, self.query_valid = lens, query_valid
+        self.varlen = window is None
+        self.max_keys = max(cached_lens, default=0) + Lq  # host bounds for the varlen path
+        self.total_keys = sum(cached_lens) + B * Lq
+        self._varlen_plan: tuple | None = None
         cached = j[None, :] < lens[:, None]  # [B, S]
         self.key_valid = torch.cat([cached, query_valid], dim=1)  # [B, S + Lq]
         if append:
@@ -118,15 +133,45 @@ class PagedAttention:
         B, K = self.key_valid.shape
         return self.key_valid[:, None, None, :].expand(B, 1, K - self.S, K)
 
+    def varlen_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each key goes in the packed buffer, row b at cu[b] .. cu[b+1]-1 holding its
+        cached tokens then its valid new ones: (cu int32 [B + 1], slots long [total_keys + 1]:
+        the pool slot each packed row is read from (new-token rows and the dump row last:
+        slot 0, overwritten or never read), new_dest long [B * Lq]: the packed row of each new
+        token (padding: the dump row total_keys)). No host sync: totals are host bounds."""
+        if self._varlen_plan is None:
+            B, S, total = self.B, self.S, self.total_keys
+            qv, lens = self.query_valid, self.lens
+            cu = torch.zeros(B + 1, dtype=torch.int32, device=qv.device)
+            cu[1:] = (lens + qv.sum(1)).cumsum(0)
+            start = cu[:-1].long()[:, None]  # [B, 1]
+            j = torch.arange(S, device=qv.device)
+            cached_dest = torch.where(self.key_valid[:, :S], start + j, total)  # [B, S]
+            slots = torch.zeros(total + 1, dtype=torch.long, device=qv.device)
+            slots.scatter_(0, cached_dest.reshape(-1), self.read_slots)
+            rank = qv.long().cumsum(1) - 1  # [B, Lq]
+            new_dest = torch.where(qv, start + lens[:, None] + rank, total).reshape(-1)
+            self._varlen_plan = (cu, slots, new_dest)
+        return self._varlen_plan
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, H, Lq, hd]; k, v: [B, Hkv, Lq, hd] of the new tokens (rotary applied)."""
-        pool, B, S = self.pool, self.B, self.S
+        pool, B, S, Lq = self.pool, self.B, self.S, self.Lq
         Hkv, hd = k.shape[1], k.shape[3]
-        k_cached = pool.k[layer].index_select(0, self.read_slots).view(B, S, Hkv, hd)
-        v_cached = pool.v[layer].index_select(0, self.read_slots).view(B, S, Hkv, hd)
-        k_all = torch.cat([k_cached.transpose(1, 2).to(k.dtype), k], dim=2)  # [B, Hkv, S+Lq, hd]
-        v_all = torch.cat([v_cached.transpose(1, 2).to(v.dtype), v], dim=2)
-        out = attention(q, k_all, v_all, self.mask)
+        if self.varlen and use_varlen(q):
+            cu, slots, new_dest = self.varlen_plan()
+            # [total_keys + 1, Hkv, hd]: cached keys read straight into their packed rows
+            k_packed = pool.k[layer].index_select(0, slots).to(k.dtype)
+            v_packed = pool.v[layer].index_select(0, slots).to(v.dtype)
+            k_packed.index_copy_(0, new_dest, k.transpose(1, 2).reshape(B * Lq, Hkv, hd))
+            v_packed.index_copy_(0, new_dest, v.transpose(1, 2).reshape(B * Lq, Hkv, hd))
+            out = varlen_attention(q, k_packed, v_packed, cu, self.max_keys, self.query_valid)
+        else:
+            k_cached = pool.k[layer].index_select(0, self.read_slots).view(B, S, Hkv, hd)
+            v_cached = pool.v[layer].index_select(0, self.read_slots).view(B, S, Hkv, hd)
+            k_all = torch.cat([k_cached.transpose(1, 2).to(k.dtype), k], dim=2)  # [B, Hkv, S+Lq, hd]
+            v_all = torch.cat([v_cached.transpose(1, 2).to(v.dtype), v], dim=2)
+            out = attention(q, k_all, v_all, self.mask)
         if self.append:
             new_k = k.transpose(1, 2)[self.write_rows, self.write_cols]  # [n_valid, Hkv, hd]
             new_v = v.transpose(1, 2)[self.write_rows, self.write_cols]

@@ -11,7 +11,9 @@ Block diffusion (BD3-LM): every block draws its own t and attends to the *clean*
 One pass trains all blocks at once by feeding [noisy copy ; clean copy] with the mask of
 `block_diffusion_mask`: noisy block b sees noisy block b and clean blocks < b; clean block b sees
 clean blocks <= b. The prompt is segment 0 (bidirectional within itself), the response is cut
-into blocks of `block_length` starting right after it, as at inference.
+into blocks of `block_length` starting right after it, as at inference. The loss's attention
+context is kernels.attention.BlockDiffusionAttention: this rule as a FlexAttention block mask
+on CUDA, as this dense mask elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.transformer import DenseAttention, DiffusionTransformer
+from kernels.attention import BlockDiffusionAttention
+from model.transformer import DiffusionTransformer
 
 
 def segment_ids(seq_len: int, prompt_len: torch.Tensor, block_length: int) -> torch.Tensor:
@@ -89,7 +92,7 @@ def diffusion_loss(net: DiffusionTransformer, x0: torch.Tensor, prompt_len: torc
         ids = torch.cat([xt, x0], dim=1)
         logits = net(ids, positions=torch.cat([pos, pos], dim=1),
                      t=torch.cat([t_cond, torch.zeros_like(t_cond)], dim=1),
-                     attn=DenseAttention(block_diffusion_mask(seg)), logits_slice=slice(0, L))
+                     attn=BlockDiffusionAttention(seg), logits_slice=slice(0, L))
     else:
         t = (eps + (1 - eps) * torch.rand(B, 1, generator=generator, device=dev)).expand(B, L)
         xt, masked = q_xt(x0, t, response, cfg.mask_id, generator)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
+from kernels.attention import Ragged, attention, ragged_attention
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary, rotary_cos_sin
 from model.config import ModelConfig
@@ -40,12 +40,20 @@ class AttentionContext(Protocol):
 
 
 class DenseAttention:
-    """No cache: every query sees the keys of this call, filtered by an optional mask."""
+    """No cache: every query sees the keys of this call, filtered by an optional mask.
 
-    def __init__(self, mask: torch.Tensor | None = None):
+    rows: the same visibility as per-row lengths (kernels.attention.Ragged, e.g. the engine's
+    right-padded full-attention rows), which lets kernels/attention.py take flash-attn's varlen
+    path; the mask stays what the SDPA path reads. Not for static shapes: engine/cuda_graphs.py
+    rebinds only `mask`, so a graph-bound context carries no rows."""
+
+    def __init__(self, mask: torch.Tensor | None = None, rows: Ragged | None = None):
         self.mask = mask  # bool [B or 1, 1, Lq, Lk], True = may attend
+        self.rows = rows
 
     def attend(self, layer, q, k, v):
+        if self.rows is not None:
+            return ragged_attention(q, k, v, self.rows, self.mask)
         return attention(q, k, v, self.mask)
 
 

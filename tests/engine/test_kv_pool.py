@@ -1,21 +1,50 @@
 """The paged KV pool against the contiguous reference cache (model/cache.py), and the batched
-step's logits against each row's lone reference forward, at float32 serving precision."""
+step's logits against each row's lone reference forward, at float32 serving precision.
+
+Both attention paths of kernels/attention.py run here: masked SDPA (what this machine picks) and
+the flash-attn varlen path, forced on with `flash_attn_varlen_reference` standing in for
+flash_attn_varlen_func (flash-attn is on no machine the tests run on): its packing of the paged
+cache and of the full-attention rows is pinned to the reference logits and tokens."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import torch
 
+import kernels.attention as ka
 from engine.batch import StepRunner
 from engine.config import EngineConfig
 from engine.kv_pool import PagedKVPool
 from engine.sequence import Sequence
 from model.cache import KVCache
 
-from .conftest import request, tiny_config, tiny_net
+from .conftest import assert_like_reference, collect, make_engine, request, tiny_config, tiny_net
 
 # float32 logits of a batched forward differ from a lone one by rounding only (max seen ~2e-6 on
 # these nets); 1e-4 is far below the gaps that decide commits at these logit scales (~1e-1).
 ATOL = 1e-4
+
+
+class Path(str):
+    calls = 0  # flash_attn_varlen_func calls (the stand-in's)
+
+
+@pytest.fixture(params=["sdpa", "flash"])
+def attention_path(request, monkeypatch):
+    """The engine's attention path: masked SDPA, or flash-attn varlen with the torch stand-in
+    (float32 / float64 inside, as the inputs). The returned name counts the stand-in's calls."""
+    path = Path(request.param)
+
+    def stand_in(*args, **kwargs):
+        path.calls += 1
+        return ka.flash_attn_varlen_reference(*args, **kwargs)
+
+    monkeypatch.setattr(ka, "flash_attn_varlen_func", stand_in)
+    monkeypatch.setattr(ka, "VARLEN_PATH", request.param)
+    yield path
+    assert (path.calls > 0) == (path == "flash"), path.calls
 
 
 def test_pages_are_allocated_and_freed(tok):
@@ -44,9 +73,10 @@ def reference_logits(net, prompt, blocks, t):
                t=torch.tensor([t]), attn=cache.context())[0]
 
 
-def test_batched_step_logits_match_reference_float32(tok):
+def test_batched_step_logits_match_reference_float32(tok, attention_path):
     """Rows with different prompts, cache lengths and block lengths, pages interleaved in the
-    pool: the step's logits equal each row's lone KVCache forward within ATOL."""
+    pool: the step's logits equal each row's lone KVCache forward within ATOL, on either
+    attention path (prefill and block cache writes included)."""
     net = tiny_net(tiny_config(tok), seed=3, dtype=torch.float32)
     cfg = net.cfg
     econf = EngineConfig(kv_pages=32, page_size=4)
@@ -94,4 +124,31 @@ def test_batched_step_logits_match_reference_float32(tok):
             err = (logits[i, :n] - ref[order[i, :n]]).abs().max().item()
             worst = max(worst, err)
             assert err < ATOL, (i, err)
-    print(f"max |batched - reference| logit difference: {worst:.2e}")
+    print(f"max |batched - reference| logit difference ({attention_path}): {worst:.2e}")
+
+
+def _requests(prefix: str, suffix: bool = False):
+    """Prompts of 1 to 40 tokens, blocks of 1 to 16, short last blocks, some FIM suffixes."""
+    out = []
+    for i, (plen, n, bl, steps) in enumerate([(3, 16, 4, 2), (17, 21, 8, 8), (40, 7, 16, 3),
+                                               (1, 9, 1, 1), (25, 12, 4, 4)]):
+        sfx = list(range(50, 50 + i)) if suffix and i % 2 else None
+        out.append(request(f"{prefix}{i}", list(range(10 + i, 10 + i + plen)), suffix=sfx,
+                           max_new_tokens=n, block_length=bl, steps=steps,
+                           temperature=[0.0, 0.7][i % 2], seed=7 + i))
+    return out
+
+
+@pytest.mark.parametrize("net_name", ["bc_net", "full_net"])
+async def test_engine_tokens_equal_reference_on_both_attention_paths(
+        request, tok, attention_path, net_name):
+    """A staggered mixed batch through the engine (paged pool for the block-causal net, padded
+    rows with lengths for the full-attention one) gives each request's lone reference tokens
+    (float64 nets: exact), whichever attention path the engine takes."""
+    net = request.getfixturevalue(net_name)
+    engine = make_engine(net, tok, max_num_seqs=4)
+    reqs = _requests(net_name[:2], suffix=net_name == "full_net")
+    results = await asyncio.gather(*[collect(engine, r, after=2 * i) for i, r in enumerate(reqs)])
+    await engine.shutdown()
+    for req, events in zip(reqs, results, strict=True):
+        assert_like_reference(net, tok, req, events)
