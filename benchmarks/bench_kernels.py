@@ -1,4 +1,10 @@
 """Each fused kernel against its torch reference: median time, ratio, and the error between them.
+Attention rows time kernels/attention.py's fast path against the masked SDPA the engine and
+training otherwise run: the engine's paged-attention step (a context built, then `layers` layers
+attended: gather from the pool + attention) and its full-attention padded rows with flash-attn
+varlen, when flash-attn is installed (else the row times masked SDPA only and says "flash-attn
+not installed"); block-diffusion training attention (forward + backward over `layers` layers,
+the mask built once) with FlexAttention vs SDPA on the dense [2L, 2L] mask, on CUDA.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py            # CUDA if present, else CPU
     PYTHONPATH=. python benchmarks/bench_kernels.py --quick    # fewer cases
@@ -41,6 +47,7 @@ class Case:
     make: Callable[[], tuple[Callable, Callable, Callable]]  # -> (reference, triton, compare)
     cuda_only: bool = False
     notes: dict = field(default_factory=dict)
+    fast_unavailable: str | None = None  # why only the reference is timed (recorded in the row)
 
 
 def _commit_case(n: int, v: int, dtype, temperature: float, top_p: float, device: str,
@@ -115,6 +122,175 @@ def _rotary_case(b: int, h: int, hkv: int, L: int, hd: int, dtype, device: str):
                 f"{str(dtype).replace('torch.', '')}", make)
 
 
+class _AttentionPath:
+    """Force one of kernels/attention.py's paths while a timed function runs."""
+
+    def __init__(self, **paths):
+        self.paths = paths
+
+    def __enter__(self):
+        import kernels.attention as ka
+
+        self.saved = {k: getattr(ka, k) for k in self.paths}
+        for k, v in self.paths.items():
+            setattr(ka, k, v)
+
+    def __exit__(self, *exc):
+        import kernels.attention as ka
+
+        for k, v in self.saved.items():
+            setattr(ka, k, v)
+
+
+def _flash_unavailable(device: str) -> str | None:
+    import kernels.attention as ka
+
+    if ka.flash_attn_varlen_func is None:
+        return "flash-attn not installed"
+    return None if device == "cuda" else "flash-attn needs CUDA"
+
+
+def _max_err(a, b):
+    return {"max_err": float((a.float() - b.float()).abs().max())}
+
+
+def _paged_attention_case(rows: int, lq: int, cached: tuple[int, int], h: int, hkv: int,
+                          hd: int, dtype, device: str, layers: int = 4, append: bool = False):
+    """One engine forward's attention over the paged pool: rows with cached lengths spread over
+    `cached` (lo, hi), every row's last query slot padding (length buckets), pages shuffled."""
+    def make():
+        from engine.kv_pool import PagedKVPool
+        from model.config import ModelConfig
+
+        cfg = ModelConfig(name="bench", vocab_size=8, d_model=h * hd, n_layers=layers,
+                          n_heads=h, n_kv_heads=hkv, mlp_hidden=8, max_seq_len=1 << 16)
+        g = torch.Generator().manual_seed(rows + lq)
+        lens = torch.linspace(cached[0], cached[1], rows).long().tolist()
+        ps = 16
+        pool = PagedKVPool(cfg, num_pages=sum(-(-(c + lq) // ps) for c in lens) + 1,
+                           page_size=ps, device=device, dtype=dtype)
+        pool.k.normal_()
+        pool.v.normal_()
+        order = torch.randperm(pool.num_pages, generator=g).tolist()
+        tables = []
+        for c in lens:
+            n = -(-(c + lq) // ps)
+            tables.append(order[:n])
+            order = order[n:]
+        valid = torch.ones(rows, lq, dtype=torch.bool, device=device)
+        valid[:, -1] = False
+        q = torch.randn(rows, lq, h, hd, device=device).to(dtype).transpose(1, 2)
+        k = torch.randn(rows, lq, hkv, hd, device=device).to(dtype).transpose(1, 2)
+        v = torch.randn(rows, lq, hkv, hd, device=device).to(dtype).transpose(1, 2)
+
+        def step():
+            ctx = pool.context(tables, lens, valid, append=append)
+            return [ctx.attend(i, q, k, v) for i in range(layers)][-1]
+
+        def ref():
+            with _AttentionPath(VARLEN_PATH="sdpa"):
+                return step()
+
+        def fast():
+            with _AttentionPath(VARLEN_PATH="flash"):
+                return step()
+
+        def compare(a, b):  # padding query rows: zeros on the varlen path, so valid ones only
+            return _max_err(a.transpose(1, 2)[valid], b.transpose(1, 2)[valid])
+
+        return ref, fast, compare
+
+    name = (f"B{rows} Lq{lq} cache {cached[0]}-{cached[1]} H{h}/{hkv} hd{hd} x{layers}"
+            f"{' append' if append else ''} {str(dtype).replace('torch.', '')}")
+    return Case("paged_attn", name, make, fast_unavailable=_flash_unavailable(device),
+                notes={"fast": "flash_attn_varlen_func", "reference": "masked SDPA"})
+
+
+def _full_rows_case(rows: int, lens: tuple[int, int], h: int, hd: int, dtype, device: str):
+    """Full-attention engine rows (LLaDA): right-padded to the longest, lengths as Ragged."""
+    def make():
+        from kernels.attention import Ragged, ragged_attention
+
+        L = lens[1]
+        row_lens = torch.linspace(lens[0], lens[1], rows).long().tolist()
+        r = Ragged.prefix(row_lens, L, device)
+        mask = r.key_valid[:, None, None, :]
+        q, k, v = (torch.randn(rows, L, h, hd, device=device).to(dtype).transpose(1, 2)
+                   for _ in range(3))
+
+        def ref():
+            with _AttentionPath(VARLEN_PATH="sdpa"):
+                return ragged_attention(q, k, v, r, mask)
+
+        def fast():
+            with _AttentionPath(VARLEN_PATH="flash"):
+                return ragged_attention(q, k, v, r, mask)
+
+        return ref, fast, lambda a, b: _max_err(a.transpose(1, 2)[r.query_valid],
+                                                b.transpose(1, 2)[r.query_valid])
+
+    return Case("full_rows_attn", f"B{rows} L {lens[0]}-{lens[1]} H{h} hd{hd} "
+                f"{str(dtype).replace('torch.', '')}", make,
+                fast_unavailable=_flash_unavailable(device),
+                notes={"fast": "flash_attn_varlen_func", "reference": "masked SDPA"})
+
+
+def _block_diffusion_case(b: int, seq: int, block: int, h: int, hkv: int, hd: int, dtype,
+                          device: str, layers: int = 4):
+    """BD3-LM training attention: [noisy ; clean] of 2 * seq tokens, prompts of ~seq/8,
+    forward + backward through `layers` layers sharing one mask (built inside the timing)."""
+    def make():
+        from kernels.attention import BlockDiffusionAttention
+        from model.diffusion import segment_ids
+
+        seg = segment_ids(seq, torch.linspace(seq // 16, seq // 8, b).long().to(device), block)
+        q, k, v = (torch.randn(b, 2 * seq, n, hd, device=device).to(dtype).transpose(1, 2)
+                   .requires_grad_() for n in (h, hkv, hkv))
+
+        def step():
+            ctx = BlockDiffusionAttention(seg)
+            out = [ctx.attend(i, q, k, v) for i in range(layers)]
+            sum(o.float().sum() for o in out).backward()
+            q.grad = k.grad = v.grad = None
+            return out[-1].detach()
+
+        def ref():
+            with _AttentionPath(TRAINING_PATH="sdpa"), torch.enable_grad():
+                return step()
+
+        def fast():
+            with _AttentionPath(TRAINING_PATH="flex"), torch.enable_grad():
+                return step()
+
+        return ref, fast, _max_err
+
+    return Case("bd_train_attn", f"B{b} 2x{seq} block{block} H{h}/{hkv} hd{hd} x{layers} fwd+bwd "
+                f"{str(dtype).replace('torch.', '')}", make, cuda_only=True,
+                notes={"fast": "flex_attention (compiled)", "reference": "SDPA, dense mask"})
+
+
+def attention_cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
+    bf16 = torch.bfloat16
+    if tiny:  # the code paths at toy sizes (on the CPU: the SDPA side only)
+        out = [_paged_attention_case(3, 8, (0, 40), 4, 2, 32, torch.float32, device, layers=2),
+               _full_rows_case(3, (5, 24), 4, 32, torch.float32, device)]
+        if device == "cuda":
+            out.append(_block_diffusion_case(2, 64, 8, 4, 2, 32, bf16, device, layers=2))
+        return out
+    out = [  # LLaDA-8B heads; a 1B GQA model (32/8 heads); a batched prefill (cache write)
+        _paged_attention_case(16, 32, (256, 2048), 32, 32, 128, bf16, device),
+        _paged_attention_case(64, 32, (128, 1024), 32, 8, 64, bf16, device),
+        _paged_attention_case(4, 512, (0, 0), 32, 8, 64, bf16, device, append=True),
+        _full_rows_case(16, (300, 1024), 32, 128, bf16, device),
+    ]
+    if device == "cuda":
+        out += [_block_diffusion_case(8, 1024, 32, 16, 16, 64, bf16, device)]
+        if not quick:
+            out += [_block_diffusion_case(4, 2048, 32, 32, 8, 128, bf16, device),
+                    _block_diffusion_case(8, 1024, 4, 16, 16, 64, bf16, device)]
+    return out
+
+
 def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
     bf16 = torch.bfloat16
     if tiny:  # gpu_check --tiny: every code path, small enough for the Triton interpreter
@@ -125,7 +301,7 @@ def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
             _commit_case(8, 5003, bf16, 0.0, 1.0, device, block_v=1024),
             _rmsnorm_case(2, 8, 256, bf16, True, device),
             _rotary_case(2, 4, 2, 8, 64, bf16, device),
-        ]
+        ] + attention_cases(device, tiny=True)
     out = [
         # the issue's goal: the batch-16 engine step on LLaDA's vocabulary
         _commit_case(512, LLADA_VOCAB, bf16, 0.0, 1.0, device),
@@ -148,7 +324,7 @@ def cases(device: str, quick: bool = False, tiny: bool = False) -> list[Case]:
         _rotary_case(16, 32, 32, 32, 128, bf16, device),
         _rotary_case(1, 32, 32, 1000, 128, bf16, device),
     ]
-    return out
+    return out + attention_cases(device, quick)
 
 
 def _time_cpu(fn: Callable, reps: int = 5) -> float:
@@ -182,11 +358,16 @@ def run(device: str | None = None, quick: bool = False, tiny: bool = False,
     except ImportError:  # pragma: no cover
         pass
     for case in todo:
-        row = {"kernel": case.kernel, "shape": case.shape, "device": device}
+        row = {"kernel": case.kernel, "shape": case.shape, "device": device, **case.notes}
+        if case.cuda_only and device != "cuda":
+            continue
         try:
             ref, fast, compare = case.make()
             with torch.no_grad():
-                if device == "cuda":
+                if case.fast_unavailable:  # the reference's time alone, and why
+                    row["fast_unavailable"] = case.fast_unavailable
+                    row["torch_ms"] = (_time_cuda if device == "cuda" else _time_cpu)(ref)
+                elif device == "cuda":
                     row["torch_ms"] = _time_cuda(ref)
                     row["triton_ms"] = _time_cuda(fast)
                     row["speedup"] = row["torch_ms"] / row["triton_ms"]
@@ -214,6 +395,8 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['kernel']:<15}{r['shape']:<44}  ERROR {r['error'][:60]}")
             continue
         t = f"{r['triton_ms']:>11.3f}{r['speedup']:>7.2f}" if "triton_ms" in r else f"{'-':>11}{'-':>7}"
+        if "fast_unavailable" in r:
+            t += f"  ({r['fast_unavailable']})"
         lines.append(f"{r['kernel']:<15}{r['shape']:<44}{r['torch_ms']:>10.3f}{t}")
     return "\n".join(lines)
 

@@ -259,7 +259,7 @@ def _flex_fn(device: torch.device):
     if device.type != "cuda":
         return flex_attention
     if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        _flex_compiled = torch.compile(flex_attention)
     return _flex_compiled
 
 
