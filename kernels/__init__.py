@@ -11,7 +11,7 @@
 | commit selection over the vocabulary | commit_select.commit_candidates_reference | commit_select_triton (one pass, online softmax; top-p by an in-kernel threshold search) |
 | RMSNorm + adaLN modulation | rmsnorm.rms_norm_reference | rmsnorm_triton |
 | rotary on q and k | rotary.apply_rotary_reference | rotary_triton |
-| attention | attention.attention_reference | flash-attn (when installed, CUDA, no mask) or PyTorch SDPA |
+| attention | attention.attention_reference (SDPA with a dense mask); flash_attn_varlen_reference | flash-attn varlen for the engine's length-described rows (installed, CUDA, fp16/bf16), FlexAttention for block-diffusion training (CUDA), else SDPA |
 
 Dispatch (kernels/dispatch.py): Triton for CUDA tensors, torch elsewhere; `DLLM_KERNELS=triton`
 or `torch` forces one (Triton on CPU tensors needs TRITON_INTERPRET=1: correctness only). The
