@@ -152,3 +152,43 @@ async def test_engine_tokens_equal_reference_on_both_attention_paths(
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(net, tok, req, events)
+
+
+async def test_static_shapes_keep_masked_sdpa_with_flash_forced(tok, bc_net, full_net,
+                                                                 monkeypatch):
+    """With cuda_graphs on, the denoising steps run static shapes, which keep masked SDPA (a
+    graph binds only the mask buffers): the full-attention net, all of whose forwards are
+    static steps, never reaches flash_attn_varlen_func; the block-causal one does, from its
+    eager cache writes (append) only. Tokens equal the reference either way."""
+    from engine.kv_pool import PagedAttention
+
+    calls, flash_contexts = [], []
+
+    def stand_in(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return ka.flash_attn_varlen_reference(*args, **kwargs)
+
+    attend = PagedAttention.attend
+
+    def spy(self, layer, q, k, v):
+        n = len(calls)
+        out = attend(self, layer, q, k, v)
+        if len(calls) > n:
+            flash_contexts.append((self.append, self.args["window"]))
+        return out
+
+    monkeypatch.setattr(ka, "flash_attn_varlen_func", stand_in)
+    monkeypatch.setattr(ka, "VARLEN_PATH", "flash")
+    monkeypatch.setattr(PagedAttention, "attend", spy)
+    for net, name in ((full_net, "full"), (bc_net, "bc")):
+        calls.clear()
+        engine = make_engine(net, tok, max_num_seqs=4, cuda_graphs=True)
+        reqs = _requests(f"g{name}", suffix=name == "full")
+        results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+        await engine.shutdown()
+        for req, events in zip(reqs, results, strict=True):
+            assert_like_reference(net, tok, req, events)
+        if name == "full":
+            assert calls == []
+        else:
+            assert flash_contexts and set(flash_contexts) == {(True, None)}, set(flash_contexts)

@@ -249,15 +249,15 @@ def test_flex_training_loss_equals_dense(monkeypatch, report):
 @pytest.mark.parametrize("hkv", [4, 2])
 def test_flex_gradients_equal_dense_cuda(monkeypatch, hkv, report):
     """The compiled FlexAttention kernel on CUDA: outputs and q/k/v gradients vs the dense
-    mask (float32, 1e-4: both run IEEE float32 but in different orders), and a tiny model's
-    loss and parameter gradients."""
+    mask, and a tiny model's loss and parameter gradients (float32; rtol 1e-3, atol 1e-4: a
+    different summation order, and room for TF32 if the kernel uses it; a wrong mask moves
+    values by O(1e-1))."""
     flex, dense = _flex_vs_dense(monkeypatch, "cuda", hkv, grad=True)
     for name, got, want in zip(("out", "dq", "dk", "dv"), flex, dense, strict=True):
         report(f"flex vs dense {name}", got, want)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     (l_flex, g_flex), (l_dense, g_dense) = _tiny_loss(monkeypatch, "cuda", grad=True)
-    torch.testing.assert_close(l_flex, l_dense, rtol=0, atol=1e-4)
+    torch.testing.assert_close(l_flex, l_dense, rtol=1e-3, atol=1e-4)
     assert g_flex.keys() == g_dense.keys() and g_dense
-    worst = max(float((g_flex[n] - g_dense[n]).abs().max()) for n in g_dense)
-    print(f"max parameter gradient difference flex vs dense: {worst:.2e}")
-    assert worst < 1e-4
+    for n in g_dense:
+        torch.testing.assert_close(g_flex[n], g_dense[n], rtol=1e-3, atol=1e-4, msg=n)
