@@ -10,9 +10,10 @@ Storage is flat token slots: slot = page * page_size + offset, tensors [n_layers
 so a sequence's cache is wherever its page table points and freeing is returning page numbers.
 Each forward, `attend` runs one of the two paths kernels/attention.py decides between:
 - varlen (flash-attn installed, CUDA, fp16/bf16; eager shapes only): the keys row b sees, its
-  cached_lens[b] cached tokens then its valid new tokens, are gathered from the pool straight
-  into one packed [sum of lengths, Hkv, hd] buffer (the slot of every packed row is computed
-  once per context) and `varlen_attention` runs flash_attn_varlen_func on it;
+  cached_lens[b] cached tokens then its valid new tokens, are read from the pool straight into
+  one packed buffer of sum(cached_lens) + B * Lq + 1 rows (host-known, no sync; the slot of
+  every packed row is computed once per context), the new keys copied in, and
+  `varlen_attention` runs flash_attn_varlen_func on it;
 - masked SDPA (otherwise, and always with a `window`, the CUDA-graph static shapes): the rows'
   cached slots are gathered into a dense [B, Hkv, S, hd] view (S = the longest cache in the
   batch, or the window >= it), the new keys appended, and a mask hides the short rows' tails
