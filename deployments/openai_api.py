@@ -91,6 +91,7 @@ class ModelInfo:
     temperature: float = 0.0
     top_p: float = 1.0
     suppress_token_ids: tuple[int, ...] = ()
+    defer_token_ids: tuple[int, ...] = ()  # committed after every other position of a block
     vocab_size: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -393,6 +394,7 @@ class OpenAIService:
             confidence_threshold=req.confidence_threshold, temperature=temperature,
             top_p=req.top_p if req.top_p is not None else info.top_p, seed=seed,
             stop=req.stop_list, suppress_token_ids=list(info.suppress_token_ids),
+            defer_token_ids=list(info.defer_token_ids),
             stop_token_ids=[] if req.ignore_eos else None)
         try:
             return params.validate()

@@ -118,7 +118,8 @@ def describe(cfg, model_id: str | None) -> ModelInfo:
     fam = family_defaults(cfg)
     block_length, steps = fam.block_length, fam.steps_per_block or cfg.block_length
     extra = dict(family=fam.family, remasking=fam.remasking, temperature=fam.temperature,
-                 top_p=fam.top_p, suppress_token_ids=tuple(fam.suppress_token_ids))
+                 top_p=fam.top_p, suppress_token_ids=tuple(fam.suppress_token_ids),
+                 defer_token_ids=tuple(fam.defer_token_ids))
     return ModelInfo(id=model_id or cfg.name, max_seq_len=cfg.max_seq_len,
                             block_length=block_length, attention=cfg.attention,
                             default_steps=steps, vocab_size=cfg.vocab_size, **extra)

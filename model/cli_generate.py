@@ -59,6 +59,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def family_tokens(params: SamplingParams, cfg) -> SamplingParams:
+    """The family's suppressed and deferred tokens (model/families.py), as the server uses."""
+    from model.families import family_defaults
+
+    fam = family_defaults(cfg)
+    params.suppress_token_ids = list(fam.suppress_token_ids)
+    params.defer_token_ids = list(fam.defer_token_ids)
+    return params
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="dllm generate", description=__doc__.split("\n")[0])
     add_args(p)
@@ -75,6 +85,7 @@ def main(argv=None) -> None:
         block_length=args.block_length or cfg.block_length, remasking=args.remasking,
         confidence_threshold=args.confidence_threshold, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
+    family_tokens(params, cfg)
     prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
     healed = ""
     if args.suffix is None:

@@ -378,7 +378,7 @@ def tp_generate(source, prompt_ids: list[int], params, tensor_parallel: int = 2,
 # --- `dllm generate --tensor-parallel N` ------------------------------------------------------
 
 def _cli_worker(rank, world_size, device, args):
-    from model.cli_generate import build_prompt
+    from model.cli_generate import build_prompt, family_tokens
     from model.sampling import SamplingParams, generate
 
     net, tok, cfg = load_sharded(args.model, rank, world_size, device=device)
@@ -387,6 +387,7 @@ def _cli_worker(rank, world_size, device, args):
         block_length=args.block_length or cfg.block_length, remasking=args.remasking,
         confidence_threshold=args.confidence_threshold, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
+    family_tokens(params, cfg)
     prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
     on_step = None
     if rank == 0 and args.show_steps:

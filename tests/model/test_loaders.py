@@ -855,12 +855,23 @@ def test_family_defaults_build_valid_sampling_params(ckpts):
     llada = seen["llada"]
     assert llada.sampling_kwargs(128) | {} == dict(
         max_new_tokens=128, block_length=32, steps=32, remasking="low_confidence",
-        temperature=0.0, top_p=1.0, suppress_token_ids=[])
+        temperature=0.0, top_p=1.0, suppress_token_ids=[], defer_token_ids=[])
     on = llada.with_options(logits_eos_inf=True, confidence_eos_eot_inf=True)
     eos, eot = ckpts["llada"][1][2]["<|endoftext|>"], ckpts["llada"][1][2]["<|eot_id|>"]
     assert on.suppress_token_ids == (eos,) and set(on.defer_token_ids) == {eos, eot}
+    assert on.sampling_kwargs(32)["defer_token_ids"] == list(on.defer_token_ids)
     assert seen["dream"].sampling_kwargs(100)["block_length"] == 100  # whole canvas
     assert seen["bd3lm"].sampling_kwargs(100)["block_length"] == 4
+
+
+def test_tiny_coder_defers_eos_and_eot_by_default():
+    from model.checkpoint import EMBEDDED_DIR
+    from model.config import ModelConfig
+
+    cfg = ModelConfig.load(EMBEDDED_DIR)
+    kw = family_defaults(cfg).sampling_kwargs(64)
+    assert kw["defer_token_ids"] == [cfg.eos_id, cfg.eot_id]
+    assert kw["suppress_token_ids"] == []  # EOS still ends answers, after the block's content
 
 
 @pytest.mark.parametrize("fmt", ["llada", "dream", "bd3lm"])
