@@ -59,7 +59,10 @@ def describe_attention(attn) -> tuple | None:
     if attn is None:
         return None
     if isinstance(attn, DenseAttention):
-        return ("dense", _cpu(attn.mask))
+        rows = getattr(attn, "rows", None)  # per-row lengths: the same kernel path on every rank
+        if rows is not None:
+            rows = (_cpu(rows.key_valid), rows.max_keys, rows.total_keys, _cpu(rows.query_valid))
+        return ("dense", _cpu(attn.mask), rows)
     pool, args = getattr(attn, "pool", None), getattr(attn, "args", None)
     if pool is not None and args is not None:  # engine/kv_pool.PagedAttention
         shape = dict(num_pages=pool.num_pages, page_size=pool.page_size,
@@ -142,8 +145,14 @@ class TPFollower:
             return None
         kind = desc[0]
         if kind == "dense":
-            mask = desc[1]
-            return DenseAttention(None if mask is None else mask.to(self.device))
+            _, mask, rows = desc
+            if rows is not None:
+                from kernels.attention import Ragged
+
+                kv, max_keys, total, qv = rows
+                rows = Ragged(kv.to(self.device), max_keys, total,
+                              None if qv is None else qv.to(self.device))
+            return DenseAttention(None if mask is None else mask.to(self.device), rows=rows)
         _, shape, args = desc
         args = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                 for k, v in args.items()}
