@@ -3,7 +3,7 @@
     dllm train ...             train a diffusion LM (model/train.py)
     dllm generate ...          complete a prompt, optionally watching the canvas denoise
     dllm eval ...              quality against denoising steps -> benchmarks/results/quality.json
-    dllm bench sampler|engine|serve|burst ...   benchmarks -> benchmarks/results/
+    dllm bench sampler|engine|serve|burst|tp ...   benchmarks -> benchmarks/results/
     dllm dashboard ...         Grafana dashboard as code
 
 Each subcommand lives in its own module and is imported only when used, so `dllm generate` does
@@ -25,6 +25,7 @@ BENCHES = {
     "engine": "benchmarks.bench_engine",
     "serve": "benchmarks.bench_serve",
     "burst": "benchmarks.bench_burst",
+    "tp": "benchmarks.bench_tp",
 }
 OTHER = {"dashboard": "monitoring.dashboard"}
 
