@@ -15,6 +15,10 @@ engine.mock.MockEngine for HTTP tests) and then:
   publishes the same numbers through `record_routing_stats` (for deployments/routing.py),
   `record_autoscaling_stats` (for autoscaling/policy.py) and Serve metrics (dllm_engine_*);
 - `check_health` fails when the engine loop has died, so Serve replaces the replica;
+- with `tensor_parallel_size` N > 1 the replica is rank 0 of a tensor-parallel group: Serve gives
+  it a placement group of N bundles (deployments/app.py), it starts one rank actor in each other
+  bundle and drives all of them from its engine (deployments/tensor_parallel.py); a rank that
+  dies breaks the group, new requests get 503 and the health check fails;
 - on shutdown Serve first lets ongoing requests finish (graceful_shutdown_timeout_s), then
   `__del__` drains the engine for `drain_timeout_s` and leaves the load board.
 Engine refusals travel as exceptions the ingress turns into statuses: ServerOverloaded (the
@@ -247,9 +251,9 @@ class ModelServer:
             self._quality.append((time.monotonic(), bool(routing["below_best"])))
             self._below_best_fraction()  # trims the window (Serve polls it only when autoscaling)
         if self._draining:
-            raise ServerDraining("the replica is shutting down")
+            raise ServerDraining("the model server is shutting down")
         if self.tp is not None and self.tp.leader.broken:  # Serve replaces us at the next check
-            raise ServerDraining("a tensor-parallel rank of this replica failed; retry")
+            raise ServerDraining("a tensor-parallel rank of this replica failed")
         try:
             stream = self.engine.submit(request)
         except ValueError as e:
@@ -421,8 +425,8 @@ class RayBackend(Backend):
         except ServerOverloaded:
             raise overloaded(503, "the model server's queue is full; retry later",
                              self.retry_after_s) from None
-        except ServerDraining:
-            raise overloaded(503, "the model server is shutting down; retry",
+        except ServerDraining as e:
+            raise overloaded(503, f"{e or 'the model server is shutting down'}; retry",
                              self.retry_after_s) from None
         except InvalidRequest as e:
             raise APIError(400, str(e)) from None
