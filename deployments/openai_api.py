@@ -276,7 +276,6 @@ class _SSEResponse(StreamingResponse):
 
 # --- the service ------------------------------------------------------------------------------
 @dataclass
-@dataclass
 class Prompt:
     """One prompt of a request, tokenized."""
 
