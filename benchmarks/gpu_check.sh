@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_check.sh --tiny        # CPU dry run of the same code paths
 # Needs python3 with torch + triton (no ray / flash-attn / deepspeed / network). Writes
 # gpu_check_<card>_<date>.json (+ PNGs, pytest log) to $OUT, else benchmarks/results/; prints a
-# short table last. Budget: ~5 min on one H100 (tests ~2, kernels ~1, 8B decode ~2, engine
-# eager vs cuda_graphs on a ~1B model ~0.5; --skip-engine to leave it out).
+# short table last. Budget (estimated, never run on a GPU yet): ~7 min on one H100 (tests ~2,
+# kernels ~1, 8B decode ~2, 8B engine eager vs cuda_graphs ~2; --quick shortens the last two,
+# --skip-engine leaves the engine out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
