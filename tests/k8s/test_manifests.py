@@ -443,3 +443,34 @@ def test_dockerfile_pins_the_projects_ray_and_copies_existing_paths():
     # Every top-level package the project ships is copied into the image.
     for package in ("model", "kernels", "engine", "deployments", "autoscaling", "monitoring"):
         assert f"{package}/" in text
+
+
+def test_tp2_pods_hold_exactly_one_tensor_parallel_replica():
+    """The 2-GPU worker pods fit one tp=2 replica's placement group: as many GPUs as ranks, the
+    CPUs of every bundle, the accelerator resource every bundle asks for."""
+    import json
+
+    from deployments.app import parse_args, server_options
+
+    (doc,) = load_manifest(REPO / "k8s" / "rayservice-h100-tp2.yaml")
+    (app,) = serve_config(doc)["applications"]
+    args = parse_args(app["args"])
+    tp = args.model.tensor_parallel_size
+    assert tp == 2
+    opts = server_options(args.server, tp)
+    bundles = opts["placement_group_bundles"]
+    assert len(bundles) == tp and opts["placement_group_strategy"] == "PACK"
+    (workers,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    params = workers["rayStartParams"]
+    assert int(params["num-gpus"]) == tp == sum(b["GPU"] for b in bundles)
+    (worker,) = workers["template"]["spec"]["containers"]
+    assert gpu_limit(worker) == tp
+    cpus = int(worker["resources"]["limits"]["cpu"])
+    assert sum(b["CPU"] for b in bundles) <= cpus
+    offered = json.loads(json.loads(params["resources"]))
+    assert offered["accelerator_type:H100"] >= sum(b["accelerator_type:H100"] for b in bundles)
+    # the heads of the model it serves split evenly (LLaDA-8B: 32 query, 32 KV heads)
+    from model.config import ModelConfig
+
+    llada = ModelConfig.from_name("llada-8b")
+    assert llada.n_heads % tp == 0 and llada.n_kv_heads % tp == 0 and llada.mlp_hidden % tp == 0
