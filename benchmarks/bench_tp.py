@@ -7,7 +7,10 @@ The same requests (bench_engine's prompts, EOS not stopping them) go through a f
 - tp1 x1: one process, one torch thread;
 - tp1 x2: one process, two torch threads (the same cores as tp2);
 - tp2: rank 0 runs the Engine over a TPLeader, rank 1 follows every forward
-  (engine/tensor_parallel.py, the broadcast transport), one torch thread per rank.
+  (engine/tensor_parallel.py, the broadcast transport), one torch thread per rank;
+- tp2_ray (--ray): the same, but rank 1 is deployments/tensor_parallel.RankWorker, a Ray actor,
+  and each forward's spec goes to it as an actor call (what a Serve TP replica does): the
+  difference from tp2 is the cost of that transport per step.
 Random weights are the same full weights in every setting (seeded, then sliced per rank), so
 the tokens can be compared: float32 all-reduces re-associate sums, so a near-tie may flip.
 On a CPU this measures what TP costs and gains per step (two all-reduces per layer over gloo
@@ -70,6 +73,44 @@ def _tp_worker(rank, world_size, device, name, tok, reqs, concurrency):
     return rows
 
 
+def _ray_rows(name: str, tok, reqs, concurrency: list[int]) -> list[dict]:
+    """tp2 with rank 0 here and rank 1 a RankWorker actor, specs sent as actor calls."""
+    import os
+    import tempfile
+
+    import ray
+    import torch.distributed as dist
+
+    from deployments.tensor_parallel import RankWorker, RayDispatch, _free_port
+    from engine.tensor_parallel import TPLeader
+    from model.checkpoint import save_checkpoint
+    from model.parallel import init_distributed, load_sharded
+
+    with tempfile.TemporaryDirectory(prefix="dllm-bench-tp-") as tmp:
+        source = "tiny-coder"
+        if name != "tiny-coder":  # the same seeded weights as the other settings, on disk
+            source = tmp
+            save_checkpoint(tmp, build_rank_model(_source(name, tok.vocab_size), 0, 1, "cpu"),
+                            tok)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            worker = RankWorker.options(num_cpus=1).remote(1, 2, 1)
+            init = f"tcp://127.0.0.1:{_free_port('127.0.0.1')}"
+            env = {"GLOO_SOCKET_IFNAME": "lo"}
+            setup = worker.setup.remote(init, source, "cpu", "float32", 120.0, env)
+            os.environ.update(env)
+            torch.set_num_threads(1)
+            dev = init_distributed(0, 2, init, "cpu", timeout_s=120.0)
+            net, _, _ = load_sharded(source, 0, 2, device=dev)
+            ray.get(setup)
+            rows = _rows(TPLeader(net, RayDispatch([worker])), tok, reqs, concurrency)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            ray.shutdown()
+    return rows
+
+
 def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
     same = total = 0
     for rid, toks in a.items():
@@ -96,6 +137,10 @@ def bench_model(name: str, tok, args) -> dict:
     log.info("%s tp2: %s (%.0f s with process start)", name,
              [round(r["tokens_per_s"], 1) for r in out["settings"]["tp2"]],
              time.perf_counter() - t0)
+    if args.ray:
+        out["settings"]["tp2_ray"] = _ray_rows(name, tok, reqs, args.concurrency)
+        log.info("%s tp2 over Ray: %s", name,
+                 [round(r["tokens_per_s"], 1) for r in out["settings"]["tp2_ray"]])
     out["params"] = sum(p.numel() for p in build_rank_model(
         _source(name, tok.vocab_size), 0, 1, "cpu").parameters())
     summary = []
@@ -109,6 +154,15 @@ def bench_model(name: str, tok, args) -> dict:
             "tp2_over_tp1_x2": round(s["tp2"]["tokens_per_s"] / s["tp1_x2"]["tokens_per_s"], 3),
             "token_agreement_tp2_vs_tp1": round(agreement(s["tp2"]["tokens"],
                                                           s["tp1_x1"]["tokens"]), 4)})
+        if "tp2_ray" in s:
+            ray_row, bc = s["tp2_ray"], s["tp2"]
+            summary[-1].update(
+                tp2_ray_over_tp2=round(ray_row["tokens_per_s"] / bc["tokens_per_s"], 3),
+                # per forward: an iteration runs a cache write (sometimes) and a step
+                ray_dispatch_ms_per_iteration=round(ray_row["mean_iteration_ms"]
+                                                    - bc["mean_iteration_ms"], 2),
+                token_agreement_tp2_ray_vs_tp1=round(agreement(ray_row["tokens"],
+                                                               s["tp1_x1"]["tokens"]), 4))
     for rows in out["settings"].values():
         for r in rows:
             r.pop("tokens", None)
@@ -125,9 +179,11 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         conc = [s["concurrency"] for s in res["summary"]]
-        width = 0.25
-        for j, key in enumerate(("tp1_x1", "tp1_x2", "tp2")):
-            ax.bar([i + (j - 1) * width for i in range(len(conc))],
+        keys = [k for k in ("tp1_x1", "tp1_x2", "tp2", "tp2_ray") if f"{k}_tok_s" in
+                res["summary"][0]]
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            ax.bar([i + (j - (len(keys) - 1) / 2) * width for i in range(len(conc))],
                    [s[f"{key}_tok_s"] for s in res["summary"]], width, label=key)
         ax.set_xticks(range(len(conc)), [f"c={c}" for c in conc])
         ax.set_title(f"{res['model']} ({res['params'] / 1e6:.0f}M params)")
@@ -144,6 +200,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--ray", action="store_true",
+                   help="also tp2 with rank 1 as a Ray actor (the Serve replica's transport)")
     p.add_argument("--out", default=str(RESULTS / "bench_tp_cpu.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
