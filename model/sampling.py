@@ -19,6 +19,22 @@ block-causal mask (same logits, the cache's test). Full-attention models (LLaDA,
 whole canvas every step, with a fill-in-the-middle suffix after it when given.
 Block length 1 with one step is autoregressive decoding on the same weights.
 
+Full-attention models may instead keep Fast-dLLM's approximate cache (`full_cache`). With
+P = prompt, L = P + canvas + suffix tokens and the active block at canvas [lo, hi):
+- the first step of every block (the *refresh*) is the uncached forward over all L tokens
+  (bit-identical logits) and also stores every position's K/V;
+- "prefix": each later step of the block recomputes positions q0 .. L-1 (the block, the rest of
+  the canvas, the suffix), attending to the refresh's K/V of [0, q0) and to its own fresh K/V;
+- "dual": each later step recomputes only q0 .. P+hi-1 (the block), attending to the refresh's
+  K/V of [0, q0) and [P+hi, L) and to its own.
+q0 = P + lo, or P + lo - 1 for models with shifted logits (Dream: hidden state i-1 predicts token
+i, so the token before the block is recomputed too). The refresh-time K/V do not see the block's
+later commits: that staleness is the approximation (`cached_query_span` says which positions a
+cached step runs; the engine uses the same). Forwards per block are the same as without the
+cache; a cached one runs L - q0 (prefix) or P + hi - q0 (dual) tokens instead of L.
+Time-conditioned full models feed t (the whole canvas's masked fraction) to every forward.
+Block-causal models ignore `full_cache`: their cache is already exact.
+
 `commit_step` is the per-step rule for a batch of rows with their own settings; the engine calls
 it too, which is what makes the engine's tokens equal this reference's.
 """
@@ -39,6 +55,7 @@ from model.diffusion import block_causal_mask, segment_ids
 from model.transformer import DenseAttention
 
 REMASKING_RULES = ("low_confidence", "margin", "entropy", "random")
+FULL_CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclass
@@ -63,6 +80,10 @@ class SamplingParams:
     # Write a finished block's K/V in the same forward as the next block's first step (exact
     # up to float rounding; saves one pass per block, half the passes at block length 1).
     fused_commit: bool = False
+    # Full-attention models: Fast-dLLM's approximate KV cache, "none" | "prefix" | "dual" (see
+    # the module docstring). "none" by default: cached steps attend to K/V that are stale by
+    # the block's own commits, so tokens may differ from the uncached sampler's.
+    full_cache: str = "none"
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
@@ -79,6 +100,9 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if self.full_cache not in FULL_CACHE_MODES:
+            raise ValueError(f"full_cache must be one of {FULL_CACHE_MODES}, "
+                             f"got {self.full_cache!r}")
         return self
 
     def steps_for(self, block_len: int) -> int:
@@ -156,6 +180,17 @@ def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tens
     return torch.where(committed, tokens, block), committed
 
 
+def cached_query_span(mode: str, prompt_len: int, lo: int, hi: int, total: int,
+                      logit_shift: bool) -> tuple[int, int]:
+    """[q0, q1): the positions a cached step of a full-attention model recomputes (module
+    docstring), for the block at canvas [lo, hi) of a sequence of `total` tokens. The cache's
+    copies of these positions are hidden from it; every other cached position is attended."""
+    start = prompt_len + lo
+    q0 = start - 1 if logit_shift and start > 0 else start
+    q1 = total if mode == "prefix" else prompt_len + hi
+    return q0, q1
+
+
 def _prepare_logits(logits: torch.Tensor, cfg: ModelConfig, suppress: list[int]) -> torch.Tensor:
     # The mask token is never a prediction; PAD only where it is not also EOS (LLaDA, Dream).
     banned = [cfg.mask_id] + list(suppress)
@@ -223,6 +258,13 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
             net(prompt, positions=torch.arange(P, device=device)[None], t=t0,
                 attn=cache.context(append=True))
 
+    full_cache = "none" if block_causal else params.full_cache
+    fcache = None  # the refresh-time K/V of every position (full_cache != "none")
+    L = P + N + len(suffix_ids)
+    if full_cache != "none":
+        fcache = KVCache(cfg, batch=1, max_len=L, device=device,
+                         dtype=next(net.parameters()).dtype)
+
     total_steps, finish, end = 0, "length", N
     n_blocks = math.ceil(N / bl)
     pending: tuple[torch.Tensor, torch.Tensor] | None = None  # finished block not yet cached
@@ -252,11 +294,21 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
                 t_tok[:, P + lo:] = frac
                 logits = net(ids, t=t_tok, attn=DenseAttention(block_causal_mask(seg)),
                              logits_slice=slice(P + lo, P + hi))
-            else:
+            elif fcache is None or s == 0:  # uncached, or the refresh of a cached block
                 ids = torch.cat([prompt, canvas, suffix], dim=1)
                 t_full = (canvas == cfg.mask_id).float().mean(1)
                 logits = net(ids, t=t_full if cfg.time_conditioning else None,
+                             attn=fcache.refresh() if fcache is not None else None,
                              logits_slice=slice(P + lo, P + hi))
+            else:  # a cached step: recompute [q0, q1), the rest from the refresh
+                q0, q1 = cached_query_span(full_cache, P, lo, hi, L, cfg.logit_shift)
+                ids = torch.cat([prompt, canvas, suffix], dim=1)[:, q0:q1]
+                t_full = (canvas == cfg.mask_id).float().mean(1)
+                hide = (torch.tensor([q0], device=device), torch.tensor([q1], device=device))
+                logits = net(ids, positions=torch.arange(q0, q1, device=device)[None],
+                             t=t_full if cfg.time_conditioning else None,
+                             attn=fcache.context(hide=hide),
+                             logits_slice=slice(P + lo - q0, P + hi - q0))
             logits = _prepare_logits(logits, cfg, params.suppress_token_ids)
             if b == 0 and params.first_token_ids:
                 constrain_first_position(logits, params.first_token_ids)
