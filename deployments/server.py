@@ -192,6 +192,9 @@ class _ServerMetrics:
                                      description="Recent committed tokens per second."),
             "kv_pages_used": g("dllm_engine_kv_pages_used", description="KV pages in use."),
             "kv_pages_total": g("dllm_engine_kv_pages_total", description="KV pages in the pool."),
+            "tp_ranks": g("dllm_tensor_parallel_ranks",
+                          description="Ranks of the replica's tensor-parallel group (1 without "
+                                      "TP; 0 once a rank failed)."),
         }
         self.finished = metrics.Counter("dllm_requests_finished_total",
                                         description="Engine requests by finish reason.",
@@ -303,6 +306,7 @@ class ModelServer:
             try:
                 stats = self.engine.stats()
                 self.metrics.set(stats)
+                self.metrics.gauges["tp_ranks"].set(float(self._tp_ranks()))
                 self._update_busy(stats)
                 if self.board is not None:
                     await asyncio.wait_for(self.board.report.remote(self.replica_load().to_dict()),
@@ -323,6 +327,11 @@ class ModelServer:
             if self.tp.leader.broken:
                 raise RuntimeError(f"tensor-parallel group broken: {self.tp.leader.broken}")
             await self.tp.check()
+
+    def _tp_ranks(self) -> int:
+        if self.tp is None:
+            return 1
+        return 0 if self.tp.leader.broken else len(self.tp.ranks)
 
     async def tp_layout(self) -> list[dict]:
         """Where each tensor-parallel rank runs (node, GPU ids, pid, heads); [] without TP."""

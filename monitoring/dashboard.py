@@ -382,6 +382,14 @@ def build_dashboard() -> dash.Dashboard:
             "percentunit",
         )
     )
+    d = d.with_panel(
+        ts(
+            "Tensor-parallel ranks",
+            "Ranks in each replica's group: 1 without TP, 0 while a replica with a failed rank "
+            "waits to be replaced.",
+            [q(f"{M.TP_RANKS.prom}{{{SRV}}}", per)],
+        )
+    )
     return d
 
 

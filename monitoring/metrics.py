@@ -179,6 +179,11 @@ REQUEST_LATENCY = Metric(
 ENGINE_KV_TOTAL = Metric(
     "dllm_engine_kv_pages_total", "gauge", "KV pages in the pool.", (), "server"
 )
+TP_RANKS = Metric(
+    "dllm_tensor_parallel_ranks", "gauge",
+    "Ranks of the replica's tensor-parallel group (1 without TP; 0 once a rank failed).", (),
+    "server",
+)
 APP_METRICS: tuple[Metric, ...] = (
     ROUTER_STEPS,
     ROUTER_RUNG,
@@ -201,6 +206,7 @@ APP_METRICS: tuple[Metric, ...] = (
     TIME_TO_FIRST_TOKEN,
     REQUEST_LATENCY,
     ENGINE_KV_TOTAL,
+    TP_RANKS,
 )
 # Named here before the deployments create them; empty now that all three are exported.
 PROPOSED_METRICS: tuple[Metric, ...] = ()
