@@ -102,12 +102,41 @@ class StepRunner:
         masks in a row) in position order: commit_step reads nothing else, and after a block's
         first step most of it is committed (at 8 steps per block, 44% of the LM head and of
         the vocabulary work saved). Same commits as on the whole block: the masked positions
-        keep their relative order, so its stable ranking breaks ties the same way."""
-        dev, mask_id, B = self.device, self.cfg.mask_id, len(seqs)
+        keep their relative order, so its stable ranking breaks ties the same way.
+
+        Full-attention rows run up to three forwards, each followed by its commit (rows are
+        independent): rows without a cache (the whole row), full-cache rows at a refresh (the
+        whole row, storing its K/V), full-cache rows mid-block (their cached span only)."""
         if self.cfg.attention == "block_causal":
-            logits, order, start, pos, counts, n = self._block_causal_logits(seqs)
+            groups = [(seqs, self._block_causal_logits)]
         else:
-            logits, order, start, pos, counts, n = self._full_logits(seqs)
+            plain = [s for s in seqs if s.full_cache == "none"]
+            refresh = [s for s in seqs if s.full_cache != "none" and s.refreshing]
+            cached = [s for s in seqs if s.full_cache != "none" and not s.refreshing]
+            groups = [(g, fn) for g, fn in ((plain, self._full_logits),
+                                            (refresh, self._refresh_logits),
+                                            (cached, self._cached_logits)) if g]
+        n_total, outcomes, applies = 0, {}, []
+        for rows, logits_fn in groups:
+            logits, order, start, pos, counts, n = logits_fn(rows)
+            # commit before the next forward: a static forward's logits live in a shared buffer
+            outcome, apply = self._commit(rows, logits, order, start, pos, counts)
+            n_total += n
+            outcomes.update({id(s): o for s, o in zip(rows, outcome, strict=True)})
+            applies.append(apply)
+
+        def apply_all() -> None:
+            for apply in applies:
+                apply()
+
+        return n_total, [outcomes[id(s)] for s in seqs], apply_all
+
+    def _commit(self, seqs: list[Sequence], logits: torch.Tensor, order: torch.Tensor,
+                start: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor):
+        """commit_step over rows whose masked positions' logits are [B, M, V]; order [B, M] the
+        logits' columns in the forward's row, start [B] the block's first column there, pos
+        [B, M] absolute positions. -> (outcome per row, apply)."""
+        dev, mask_id, B = self.device, self.cfg.mask_id, len(seqs)
         M, V = logits.shape[1], logits.shape[2]
         in_row = torch.arange(M, device=dev)[None, :] < counts[:, None]  # [B, M]
         banned = torch.zeros(B, V, dtype=torch.bool, device=dev)
@@ -146,7 +175,7 @@ class StepRunner:
                 hit = committed_c[i]
                 s.canvas[lo + rel[i][hit]] = new_c[i][hit]
 
-        return n, outcome, apply
+        return outcome, apply
 
     def _select_masked(self, ids: torch.Tensor, region: torch.Tensor, B: int,
                        static: bool = False):
@@ -191,29 +220,48 @@ class StepRunner:
         return logits, order, torch.zeros(B, dtype=torch.long, device=dev), \
             pos[:B].gather(1, order), counts, sum(lens[:B])
 
-    def _full_logits(self, seqs: list[Sequence]):
+    def _full_rows(self, seqs: list[Sequence], Bp: int):
+        """Prompt + canvas + suffix of every row, right-padded to [Bp, L] (dummy rows: one
+        token). -> ids, lens, t (None without time conditioning), start and end [Bp] of the
+        active block in the row, in_block bool [Bp, L]."""
         dev, B = self.device, len(seqs)
-        rows = [torch.cat([torch.tensor(s.prompt, dtype=torch.long, device=dev), s.canvas,
-                           torch.tensor(s.suffix, dtype=torch.long, device=dev)]) for s in seqs]
-        static = self._static_shapes(B, max(len(r) for r in rows))
-        Bp = bucket(B, self._graph_rows) if static else self._rows(B)
+        rows = [self._full_row(s) for s in seqs]
         lens = [len(r) for r in rows] + [1] * (Bp - B)
         L = self._lengths(max(lens))
         ids = torch.full((Bp, L), self.fill_id, dtype=torch.long, device=dev)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
-        ar = torch.arange(L, device=dev)
-        valid_keys = ar[None, :] < torch.tensor(lens, device=dev)[:, None]  # [Bp, L]
-        t = None
-        if self.cfg.time_conditioning:  # the whole canvas's masked fraction, as the reference
-            t = torch.stack([(s.canvas == self.cfg.mask_id).float().mean() for s in seqs]
-                            + [torch.zeros((), device=dev)] * (Bp - B))
+        t = self._canvas_t(seqs, Bp)
         spans = [s.block_span() for s in seqs]
         start = torch.tensor([len(s.prompt) + lo for s, (lo, _) in zip(seqs, spans, strict=True)]
                              + [0] * (Bp - B), device=dev)
         end = torch.tensor([len(s.prompt) + hi for s, (_, hi) in zip(seqs, spans, strict=True)]
                            + [0] * (Bp - B), device=dev)
+        ar = torch.arange(L, device=dev)
         in_block = (ar[None, :] >= start[:, None]) & (ar[None, :] < end[:, None])  # [Bp, L]
+        return ids, lens, t, start, in_block
+
+    def _full_row(self, s: Sequence) -> torch.Tensor:
+        dev = self.device
+        return torch.cat([torch.tensor(s.prompt, dtype=torch.long, device=dev), s.canvas,
+                          torch.tensor(s.suffix, dtype=torch.long, device=dev)])
+
+    def _canvas_t(self, seqs: list[Sequence], Bp: int) -> torch.Tensor | None:
+        """Time-conditioned full models: the whole canvas's masked fraction [Bp], as the
+        reference conditions every forward (dummy rows 0)."""
+        if not self.cfg.time_conditioning:
+            return None
+        return torch.stack([(s.canvas == self.cfg.mask_id).float().mean() for s in seqs]
+                           + [torch.zeros((), device=self.device)] * (Bp - len(seqs)))
+
+    def _full_logits(self, seqs: list[Sequence]):
+        B = len(seqs)
+        longest = max(s.full_len for s in seqs)
+        static = self._static_shapes(B, longest)
+        Bp = bucket(B, self._graph_rows) if static else self._rows(B)
+        ids, lens, t, start, in_block = self._full_rows(seqs, Bp)
+        ar = torch.arange(ids.shape[1], device=self.device)
+        valid_keys = ar[None, :] < torch.tensor(lens, device=self.device)[:, None]  # [Bp, L]
         order, counts = self._select_masked(ids, in_block, B, static)
         # positions default to 0..L-1 per row, as the reference's unpadded rows
         net = self.static if static else self.net
@@ -225,3 +273,62 @@ class StepRunner:
                      logits_slice=order)[:B]  # [B, M, V]
         order = order[:B]
         return logits, order, start[:B], order, counts, sum(lens[:B])
+
+    def _refresh_logits(self, seqs: list[Sequence]):
+        """Full-cache rows at a block's first step: the uncached forward over the whole row,
+        storing every position's K/V into the row's pages from slot 0 (model/cache.py's
+        refresh). Eager (a cache write), no dummy rows (they would need pages); rewriting the
+        same slots makes a retried batch harmless."""
+        B = len(seqs)
+        ids, lens, t, start, in_block = self._full_rows(seqs, B)
+        ar = torch.arange(ids.shape[1], device=self.device)
+        valid = ar[None, :] < torch.tensor(lens, device=self.device)[:, None]  # [B, L]
+        ctx = self.pool.context([s.pages for s in seqs], [0] * B, valid, append=True)
+        order, counts = self._select_masked(ids, in_block, B)
+        logits = self.net(ids, t=t, attn=ctx, logits_slice=order)  # [B, M, V]
+        return logits, order, start, order, counts, sum(lens)
+
+    def _cached_logits(self, seqs: list[Sequence]):
+        """Full-cache rows mid-block: each row runs its cached span [q0, q1) (model/sampling
+        .cached_query_span) at positions q0.., reading the refresh's K/V from its pages:
+        prefix rows the slots [0, q0), dual rows every slot but [q0, q1) (`hidden`). Read-only,
+        so it may take the static (graph) path."""
+        dev, B = self.device, len(seqs)
+        spans = [s.cached_span() for s in seqs]
+        lens = [q1 - q0 for q0, q1 in spans]
+        static = self._static_shapes(B, max(lens))
+        Bp = bucket(B, self._graph_rows) if static else self._rows(B)
+        lens += [1] * (Bp - B)  # dummy rows: one valid token, no cache
+        L = self._lengths(max(lens))
+        ids = torch.full((Bp, L), self.fill_id, dtype=torch.long, device=dev)
+        for i, (s, (q0, q1)) in enumerate(zip(seqs, spans, strict=True)):
+            ids[i, :q1 - q0] = self._full_row(s)[q0:q1]
+        q0s = torch.tensor([q0 for q0, _ in spans] + [0] * (Bp - B), device=dev)
+        ar = torch.arange(L, device=dev)
+        pos = (q0s[:, None] + ar).clamp(max=self.cfg.max_seq_len - 1)  # [Bp, L]
+        valid = ar[None, :] < torch.tensor(lens, device=dev)[:, None]  # [Bp, L]
+        dual = [s.full_cache == "dual" for s in seqs]
+        # prefix: the cache read is [0, q0); dual: all of the row, its recomputed span hidden
+        cached = [s.full_len if d else q0 for s, d, (q0, _) in zip(seqs, dual, spans, strict=True)]
+        cached += [0] * (Bp - B)
+        hidden = None
+        if any(dual):
+            hidden = [span if d else (0, 0) for d, span in zip(dual, spans, strict=True)]
+            hidden += [(0, 0)] * (Bp - B)
+        tables = [s.pages for s in seqs] + [[] for _ in range(Bp - B)]
+        window = self._window(max(cached)) if static else None
+        ctx = self.pool.context(tables, cached, valid, append=False, window=window,
+                                hidden=hidden)
+        # the active block in the call's columns
+        start = torch.tensor([len(s.prompt) + s.block_span()[0] - q0
+                              for s, (q0, _) in zip(seqs, spans, strict=True)]
+                             + [0] * (Bp - B), device=dev)
+        end = start + torch.tensor([hi - lo for lo, hi in (s.block_span() for s in seqs)]
+                                   + [0] * (Bp - B), device=dev)
+        in_block = (ar[None, :] >= start[:, None]) & (ar[None, :] < end[:, None])  # [Bp, L]
+        order, counts = self._select_masked(ids, in_block, B, static)
+        net = self.static if static else self.net
+        logits = net(ids, positions=pos, t=self._canvas_t(seqs, Bp), attn=ctx,
+                     logits_slice=order)[:B]  # [B, M, V]
+        order = order[:B]
+        return logits, order, start[:B], pos[:B].gather(1, order), counts, sum(lens[:B])

@@ -4,9 +4,12 @@
     EngineConfig(kv_pages=512, page_size=16)                  # ... or in pages
     EngineConfig(cuda_graphs=True)                            # denoise forwards from CUDA graphs
 
-The KV pool holds the clean tokens (prompt, finished blocks) of the running sequences. A request
-reserves the pages for its whole prompt and answer when it is admitted, so a running sequence
-never runs out of cache and nothing has to be preempted; what does not fit waits in the queue.
+The KV pool holds the clean tokens (prompt, finished blocks) of the running sequences of a
+block-causal model, or, for a full-attention model, the refresh-time K/V of every token of the
+rows that use the approximate prefix/dual cache (SamplingParams.full_cache; the pool is made
+with the first such request). A request reserves the pages for its whole prompt and answer when
+it is admitted, so a running sequence never runs out of cache and nothing has to be preempted;
+what does not fit waits in the queue.
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ steps, block length, commit rule, threshold, temperature/top_p and seed (engine/
 Sequences therefore join and leave between steps: a new request is prefilled and takes its first
 step in the next iteration, whatever the others are doing.
 
+Full-attention models (LLaDA, Dream) run the whole row every step, or, for requests with
+`params.full_cache` "prefix" / "dual", Fast-dLLM's approximate cache: a refresh forward at each
+block's first step stores the row's K/V in its pages, later steps run only part of the row
+(engine/batch.py). The paged pool of a full-attention model is created with the first such
+request (sized by EngineConfig as for block-causal models): a deployment that never turns the
+cache on keeps that memory. Admission then reserves pages for the whole row.
+
 Cache write and step are separate forwards (SamplingParams.use_cache / fused_commit do not
 apply: block-causal K/V is always cached and written in its own forward; the reference pins
 those paths to the same tokens). Fusing the write into the step, as generate(fused_commit=True)
@@ -78,10 +85,9 @@ class Engine(EngineBase):
         self.config = (config or EngineConfig()).validate()
         p = next(net.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.pool = None
+        self.pool: PagedKVPool | None = None
         if self.cfg.attention == "block_causal":
-            pages = self.config.num_pages(self.cfg, p.element_size())
-            self.pool = PagedKVPool(self.cfg, pages, self.config.page_size, self.device, self.dtype)
+            self._create_pool()
         self.runner = StepRunner(net, self.pool, self.config)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
@@ -127,17 +133,31 @@ class Engine(EngineBase):
         if self.config.max_queued is not None and len(self._waiting) >= self.config.max_queued:
             raise QueueFullError(f"{len(self._waiting)} requests are already queued")
         seq = Sequence.create(request, self.cfg, self.tokenizer, self.device)
-        if self.pool is not None:
-            need = self.pool.pages_for(seq.cache_tokens_needed())
-            if need > self.pool.num_pages:
-                raise ValueError(f"the request needs {need} KV pages, the pool has "
-                                 f"{self.pool.num_pages}")
+        if seq.cache_tokens_needed():
+            pages = self.config.num_pages(self.cfg, self.net_dtype_bytes)
+            need = -(-seq.cache_tokens_needed() // self.config.page_size)
+            if need > pages:
+                raise ValueError(f"the request needs {need} KV pages, the pool has {pages}")
+            if self.pool is None:  # a full-attention model's first request with a cache
+                self._create_pool()
         self._ensure_started()
         self._by_id[request.request_id] = seq
         self._queues[request.request_id] = asyncio.Queue()
         self._waiting.append(seq)
         self._wake.set()
         return self._stream(seq)
+
+    def _create_pool(self) -> None:
+        pages = self.config.num_pages(self.cfg, self.net_dtype_bytes)
+        self.pool = PagedKVPool(self.cfg, pages, self.config.page_size, self.device, self.dtype)
+        if getattr(self, "runner", None) is not None:
+            self.runner.pool = self.pool
+        log.info("KV pool: %d pages of %d tokens (%.1f MiB)", pages, self.config.page_size,
+                 pages * self.config.page_bytes(self.cfg, self.net_dtype_bytes) / 2**20)
+
+    @property
+    def net_dtype_bytes(self) -> int:
+        return self.dtype.itemsize
 
     async def cancel(self, request_id: str) -> None:
         self._cancel_nowait(request_id)
@@ -148,7 +168,8 @@ class Engine(EngineBase):
         token_backlog: work left in token-steps, i.e. the tokens that forward passes still have
         to process for every queued and running request: for each denoising step left, the
         tokens that step runs (the active block's length for block-causal models, prompt +
-        canvas + suffix for full-attention ones), plus the tokens still to be written to the KV
+        canvas + suffix for full-attention ones, or the cached span at the steps of a block
+        after its refresh with params.full_cache), plus the tokens still to be written to the KV
         cache (a queued request's prompt, each finished block but the last). It assumes every
         block takes all its steps and nothing stops early, so it is an upper bound; padding is
         not counted. capacity_token_steps_per_s: the same unit processed per second of step
@@ -258,7 +279,7 @@ class Engine(EngineBase):
             if prefill and prefill + len(seq.prompt) > self.config.max_prefill_tokens:
                 break
             pages: list[int] = []
-            if self.pool is not None:
+            if seq.cache_tokens_needed():
                 got = self.pool.allocate(self.pool.pages_for(seq.cache_tokens_needed()))
                 if got is None:
                     break  # FIFO: the head waits for pages; later requests do not overtake it

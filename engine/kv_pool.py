@@ -21,6 +21,9 @@ Each forward, `attend` runs one of the two paths kernels/attention.py decides be
 A paged-attention kernel reading the pages in place would save the gather.
 The semantics are model/cache.py's KVCache (the reference): cached tokens and the valid new
 tokens are all visible to every new query, and `append` stores the valid new tokens in order.
+`hidden` takes a per-row range of cached slots out of view (KVCache's `hide`): the full-attention
+dual cache (engine/batch.py) keeps the prefix and the suffix of a row and hides its stale block,
+so a row's visible cached keys need not be contiguous; both paths pack or mask by key_valid.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ class PagedKVPool:
     # --- attention ------------------------------------------------------------------------
     def context(self, page_tables: list[list[int]], cached_lens: list[int],
                 query_valid: torch.Tensor, append: bool,
-                window: int | None = None) -> PagedAttention:
-        return PagedAttention(self, page_tables, cached_lens, query_valid, append, window)
+                window: int | None = None,
+                hidden: list[tuple[int, int]] | None = None) -> PagedAttention:
+        return PagedAttention(self, page_tables, cached_lens, query_valid, append, window, hidden)
 
 
 class PagedAttention:
@@ -79,7 +83,8 @@ class PagedAttention:
     page_tables[b]: the pages of row b (enough for its cache plus what `append` stores);
     cached_lens[b]: tokens already cached; query_valid: bool [B, Lq], False for padding;
     window: keys read per row (>= the longest cache; None = exactly that), the tail masked, so
-    the shapes stay static across steps for CUDA graphs (engine/cuda_graphs.py). A context with
+    the shapes stay static across steps for CUDA graphs (engine/cuda_graphs.py);
+    hidden: per row, cached slots [start, end) the queries do not see (read-only contexts). A context with
     a window always takes the masked SDPA path: a graph binds only read_slots and key_valid,
     and the varlen path's packed sizes change with the lengths. Otherwise the path is
     kernels.attention.use_varlen's (the same for a tensor-parallel follower, which rebuilds
@@ -87,12 +92,16 @@ class PagedAttention:
     Index tensors are built once (the varlen ones on first use) and reused by every layer."""
 
     def __init__(self, pool: PagedKVPool, page_tables: list[list[int]], cached_lens: list[int],
-                 query_valid: torch.Tensor, append: bool, window: int | None = None):
+                 query_valid: torch.Tensor, append: bool, window: int | None = None,
+                 hidden: list[tuple[int, int]] | None = None):
+        if hidden is not None and append:
+            raise ValueError("hidden cached slots are for read-only contexts")
         self.pool, self.append = pool, append
         # what pool.context() was given: a tensor-parallel follower rebuilds the same context
         # over its own pool from these (engine/tensor_parallel.py)
         self.args = dict(page_tables=page_tables, cached_lens=cached_lens,
-                         query_valid=query_valid, append=append, window=window)
+                         query_valid=query_valid, append=append, window=window,
+                         hidden=hidden)
         dev = query_valid.device
         B, Lq = query_valid.shape
         ps = pool.page_size
@@ -115,6 +124,9 @@ class PagedAttention:
         self.total_keys = sum(cached_lens) + B * Lq
         self._varlen_plan: tuple | None = None
         cached = j[None, :] < lens[:, None]  # [B, S]
+        if hidden is not None:
+            h = torch.tensor(hidden, dtype=torch.long, device=dev).view(B, 2)
+            cached &= ~((j[None, :] >= h[:, :1]) & (j[None, :] < h[:, 1:]))
         self.key_valid = torch.cat([cached, query_valid], dim=1)  # [B, S + Lq]
         if append:
             # valid new tokens of row b go to cache positions lens[b] .. lens[b] + n_b - 1
@@ -136,22 +148,24 @@ class PagedAttention:
 
     def varlen_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where each key goes in the packed buffer, row b at cu[b] .. cu[b+1]-1 holding its
-        cached tokens then its valid new ones: (cu int32 [B + 1], slots long [total_keys + 1]:
-        the pool slot each packed row is read from (new-token rows and the dump row last:
-        slot 0, overwritten or never read), new_dest long [B * Lq]: the packed row of each new
+        visible cached tokens (in slot order, skipping hidden ones) then its valid new ones:
+        (cu int32 [B + 1], slots long [total_keys + 1]: the pool slot each packed row is read
+        from (new-token rows and the dump row last: slot 0, overwritten or never read), new_dest long [B * Lq]: the packed row of each new
         token (padding: the dump row total_keys)). No host sync: totals are host bounds."""
         if self._varlen_plan is None:
             B, S, total = self.B, self.S, self.total_keys
-            qv, lens = self.query_valid, self.lens
+            qv = self.query_valid
+            cached = self.key_valid[:, :S]  # [B, S]: not always a prefix (hidden slots)
+            n_cached = cached.sum(1)  # [B]
             cu = torch.zeros(B + 1, dtype=torch.int32, device=qv.device)
-            cu[1:] = (lens + qv.sum(1)).cumsum(0)
+            cu[1:] = (n_cached + qv.sum(1)).cumsum(0)
             start = cu[:-1].long()[:, None]  # [B, 1]
-            j = torch.arange(S, device=qv.device)
-            cached_dest = torch.where(self.key_valid[:, :S], start + j, total)  # [B, S]
+            cached_rank = cached.long().cumsum(1) - 1  # [B, S]
+            cached_dest = torch.where(cached, start + cached_rank, total)  # [B, S]
             slots = torch.zeros(total + 1, dtype=torch.long, device=qv.device)
             slots.scatter_(0, cached_dest.reshape(-1), self.read_slots)
             rank = qv.long().cumsum(1) - 1  # [B, Lq]
-            new_dest = torch.where(qv, start + lens[:, None] + rank, total).reshape(-1)
+            new_dest = torch.where(qv, start + n_cached[:, None] + rank, total).reshape(-1)
             self._varlen_plan = (cu, slots, new_dest)
         return self._varlen_plan
 

@@ -9,6 +9,9 @@ The schedule is model/sampling.generate's, step for step: blocks of `block_lengt
 `max_new_tokens` masks, `steps_for(Lb)` steps per block with the `transfer_schedule` split, the
 block left early when nothing is masked, stop tokens and stop strings checked when a block is done,
 and a finished block re-encoded as clean context (the `pending_append`) before the next one.
+Full-attention rows with `params.full_cache` ("prefix" / "dual") refresh their K/V of the whole
+row at each block's first step and run only `cached_span()` at the later ones (the reference's
+approximation, model/sampling.cached_query_span); they hold pages for the whole row.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from engine.detok import TextStream, render_canvas
 from engine.types import CanvasUpdate, Event, Finished, GenerationRequest, TextDelta
 from model.config import ModelConfig
-from model.sampling import SamplingParams, transfer_schedule, truncate_at_stop
+from model.sampling import SamplingParams, cached_query_span, transfer_schedule, truncate_at_stop
 
 WAITING, RUNNING, DONE = "waiting", "running", "done"
 
@@ -46,6 +49,7 @@ class Sequence:
     canvas: torch.Tensor  # [N] long: the generated region, mask_id where still masked
     stream: TextStream
     block_causal: bool
+    full_cache: str = "none"  # the full-attention cache mode ("none" for block-causal rows)
     state: str = WAITING
     block: int = 0  # index of the active block
     step: int = 0  # steps taken in the active block
@@ -81,7 +85,8 @@ class Sequence:
         return cls(request=request, params=params, cfg=cfg, tokenizer=tokenizer, prompt=prompt,
                    suffix=suffix, stop_ids=stop_ids, banned=banned,
                    canvas=torch.full((n,), cfg.mask_id, dtype=torch.long, device=device),
-                   stream=TextStream(tokenizer, stop_ids, params.stop), block_causal=block_causal)
+                   stream=TextStream(tokenizer, stop_ids, params.stop), block_causal=block_causal,
+                   full_cache="none" if block_causal else params.full_cache)
 
     # --- the block schedule ---------------------------------------------------------------
     @property
@@ -113,19 +118,41 @@ class Sequence:
         steps = self.steps_in(self.block)
         return self.step, transfer_schedule(hi - lo, steps)[self.step], self.step == steps - 1
 
+    @property
+    def full_len(self) -> int:
+        """Prompt + canvas + suffix: the row of a full-attention forward."""
+        return len(self.prompt) + self.n_new + len(self.suffix)
+
+    @property
+    def refreshing(self) -> bool:
+        """A full-cache row at its block's first step: the whole row runs and stores its K/V."""
+        return self.full_cache != "none" and self.step == 0
+
+    def cached_span(self, b: int | None = None) -> tuple[int, int]:
+        """[q0, q1): the positions a cached (not refreshing) step of block b recomputes."""
+        lo, hi = self.span(self.block if b is None else b)
+        return cached_query_span(self.full_cache, len(self.prompt), lo, hi, self.full_len,
+                                 self.cfg.logit_shift)
+
     def cache_tokens_needed(self) -> int:
-        """KV slots reserved at admission: the prompt and every block but the last."""
+        """KV slots reserved at admission: the prompt and every block but the last
+        (block-causal), the whole row (full attention with a cache), else none."""
+        if self.full_cache != "none":
+            return self.full_len
         if not self.block_causal:
             return 0
         lo, _ = self.span(self.n_blocks - 1)
         return len(self.prompt) + lo
 
     def row_len(self) -> int:
-        """Tokens one denoising forward processes for this sequence."""
+        """Tokens the next denoising forward processes for this sequence."""
         if self.block_causal:
             lo, hi = self.block_span()
             return hi - lo
-        return len(self.prompt) + self.n_new + len(self.suffix)
+        if self.full_cache != "none" and not self.refreshing:
+            q0, q1 = self.cached_span()
+            return q1 - q0
+        return self.full_len
 
     def backlog(self) -> int:
         """Token-steps left, an upper bound (see Engine.stats): denoising steps left x tokens per
@@ -135,10 +162,15 @@ class Sequence:
             total += len(self.prompt)
         elif self.pending_append is not None:
             total += self.pending_append[1] - self.pending_append[0]
-        full_row = len(self.prompt) + self.n_new + len(self.suffix)
+        full_row = self.full_len
         for b in range(self.block, self.n_blocks):
             lo, hi = self.span(b)
             left = self.steps_in(b) - (self.step if b == self.block else 0)
+            if self.full_cache != "none" and left > 0:  # one refresh (if still ahead), then cached
+                refresh = 1 if b > self.block or self.step == 0 else 0
+                q0, q1 = self.cached_span(b)
+                total += refresh * full_row + (left - refresh) * (q1 - q0)
+                continue
             total += left * ((hi - lo) if self.block_causal else full_row)
             if self.block_causal and b < self.n_blocks - 1:
                 total += hi - lo  # the cache write of the finished block

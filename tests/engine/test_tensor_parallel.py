@@ -29,14 +29,17 @@ from .conftest import collect, request, streamed_tokens, tiny_config, tiny_net
 PROMPTS = [list(range(20, 44)), list(range(50, 57)), list(range(90, 131))]
 
 
-def scenario_requests(prefix: str, with_suffix: bool) -> list[tuple[int, object]]:
-    """(arrival iteration, request): different prompts, blocks, steps, rules and seeds."""
+def scenario_requests(prefix: str, with_suffix: bool,
+                      full_cache: tuple[str, ...] = ("none",)) -> list[tuple[int, object]]:
+    """(arrival iteration, request): different prompts, blocks, steps, rules and seeds;
+    full_cache modes assigned in turn (full-attention models)."""
     out = []
     for i in range(5):
         kw = dict(max_new_tokens=[24, 13, 32, 9, 20][i], block_length=[8, 4, 16, 1, 8][i],
                   steps=[4, 2, 5, 1, 8][i],
                   remasking=["low_confidence", "margin", "entropy", "random", "low_confidence"][i],
-                  temperature=[0.0, 0.7, 0.0, 1.0, 0.0][i], seed=7 + i)
+                  temperature=[0.0, 0.7, 0.0, 1.0, 0.0][i], seed=7 + i,
+                  full_cache=full_cache[i % len(full_cache)])
         suffix = list(range(140, 146)) if with_suffix and i % 2 else None
         out.append((2 * i, request(f"{prefix}{i}", PROMPTS[i % 3], suffix=suffix, **kw)))
     return out
@@ -70,7 +73,9 @@ def _tp_engine_worker(rank, world_size, device, models, tok, econf):
 def tp_results(tok):
     bc = tiny_net(tiny_config(tok))
     full = tiny_net(tiny_config(tok, attention="full", time_conditioning=False), seed=1)
-    scenarios = [(bc, scenario_requests("bc", False)), (full, scenario_requests("full", True))]
+    # the third: full attention with Fast-dLLM's prefix/dual cache (paged pool on both ranks)
+    scenarios = [(bc, scenario_requests("bc", False)), (full, scenario_requests("full", True)),
+                 (full, scenario_requests("fc", True, ("prefix", "dual", "none")))]
     econf = EngineConfig(max_num_seqs=4, kv_pages=64)  # fewer slots than requests: queueing
     models = [(net.cfg, {k: v.clone() for k, v in net.state_dict().items()}, reqs)
               for net, reqs in scenarios]
@@ -78,7 +83,8 @@ def tp_results(tok):
     return scenarios, econf, tp
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["block_causal", "full_attention"])
+@pytest.mark.parametrize("which", [0, 1, 2],
+                         ids=["block_causal", "full_attention", "full_attention_cache"])
 def test_tp2_engine_gives_the_tokens_of_the_whole_model(tok, tp_results, which):
     scenarios, econf, tp = tp_results
     net, reqs = scenarios[which]
