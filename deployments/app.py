@@ -64,10 +64,15 @@ class EngineArgs(_Args):
     max_queued: int | None = Field(default=256, ge=0)  # beyond: 503 + Retry-After
     kv_cache_bytes: int | None = Field(default=None, ge=1)
     kv_pages: int | None = Field(default=None, ge=1)
+    # Full-attention models (LLaDA, Dream): Fast-dLLM's approximate KV cache for every request
+    # that does not set its own `full_cache` (model/sampling.py). "none": it changes tokens.
+    # Applied by the ingress to each request's SamplingParams, not an EngineConfig field.
+    full_attention_cache: Literal["none", "prefix", "dual"] = "none"
     options: dict[str, Any] = {}
 
     def engine_options(self) -> dict:
-        out = {k: v for k, v in self.model_dump(exclude={"options"}).items() if v is not None}
+        out = {k: v for k, v in self.model_dump(exclude={"options", "full_attention_cache"}).items()
+               if v is not None}
         if "max_queued" not in out:
             out["max_queued"] = None
         out.update(self.options)
@@ -236,7 +241,8 @@ def build_app(args: dict | AppArgs | None = None):
                       max_inflight=a.limits.max_inflight,
                       max_drain_s=a.limits.max_drain_s or float("inf"),
                       retry_after_s=a.limits.retry_after_s, load_refresh_s=a.ladder.refresh_s,
-                      token_healing=a.model.token_healing),
+                      token_healing=a.model.token_healing,
+                      full_attention_cache=a.engine.full_attention_cache),
         api_keys_env=a.auth.api_keys_env, api_keys_file=a.auth.api_keys_file,
         retry_after_s=a.limits.retry_after_s)
     board = make_load_board_deployment().bind()

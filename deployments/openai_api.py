@@ -70,7 +70,7 @@ from deployments.protocol import (
 from deployments.router import StepChoice, StepRouter, estimate_token_steps
 from engine.types import CanvasUpdate, EngineBase, Event, Finished, GenerationRequest, TextDelta
 from model.healing import heal_prompt
-from model.sampling import SamplingParams
+from model.sampling import FULL_CACHE_MODES, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,15 @@ class ServiceSettings:
     # backed off and the first generated token must start with it; the client sees only what
     # comes after. Off for requests with stop strings (the healed text could match them).
     token_healing: bool = True
+    # Full-attention models: the approximate KV cache every request gets unless it sets its
+    # own `full_cache` ("none" | "prefix" | "dual", model/sampling.py); "none" since it changes
+    # tokens. Block-causal models ignore it (their cache is exact).
+    full_attention_cache: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.full_attention_cache not in FULL_CACHE_MODES:
+            raise ValueError(f"full_attention_cache must be one of {FULL_CACHE_MODES}, "
+                             f"got {self.full_attention_cache!r}")
 
 
 def load_api_keys(env_var: str | None = "DLLM_API_KEYS", file: str | None = None) -> frozenset[str]:
@@ -394,7 +403,8 @@ class OpenAIService:
             top_p=req.top_p if req.top_p is not None else info.top_p, seed=seed,
             stop=req.stop_list, suppress_token_ids=list(info.suppress_token_ids),
             defer_token_ids=list(info.defer_token_ids),
-            stop_token_ids=[] if req.ignore_eos else None)
+            stop_token_ids=[] if req.ignore_eos else None,
+            full_cache=req.full_cache or self.settings.full_attention_cache)
         try:
             return params.validate()
         except ValueError as e:

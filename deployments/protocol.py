@@ -20,6 +20,9 @@ Diffusion extensions, grouped at the end of every request model:
   confidence_threshold  commit every prediction above it (Fast-dLLM); steps become a cap
   diffusing             stream whole intermediate canvases (a `diffusion` object per chunk)
   ignore_eos            keep denoising past end-of-text, for benchmarks (vLLM's ignore_eos)
+  full_cache            none | prefix | dual: Fast-dLLM's approximate KV cache on full-attention
+                        models (LLaDA, Dream; model/sampling.py); default: the server's
+                        (app arg engine.full_attention_cache); block-causal models ignore it
 Usage gains `denoising_steps` (forward passes spent over all choices) and
 `denoising_steps_per_block` (the router's choice, also sent as header `x-denoising-steps`).
 """
@@ -38,6 +41,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 RemaskingRule = Literal["low_confidence", "margin", "entropy", "random"]
 Quality = Literal["auto", "max", "balanced", "fast"]
+FullCache = Literal["none", "prefix", "dual"]
 
 
 class OpenAIRequestModel(BaseModel):
@@ -71,7 +75,7 @@ DenoisingSteps = Annotated[int | None, Field(ge=1, le=1024)]
 BlockLength = Annotated[int | None, Field(ge=1, le=1024)]
 ConfidenceThreshold = Annotated[float | None, Field(gt=0.0, le=1.0)]
 EXTENSION_FIELDS = ("denoising_steps", "quality", "block_length", "remasking",
-                    "confidence_threshold", "diffusing", "ignore_eos")
+                    "confidence_threshold", "diffusing", "ignore_eos", "full_cache")
 
 
 def _check_stop(v: str | list[str] | None) -> list[str]:
@@ -151,6 +155,7 @@ class ChatCompletionRequest(OpenAIRequestModel, _SamplingFields):
     confidence_threshold: ConfidenceThreshold = None
     diffusing: bool = False
     ignore_eos: bool = False
+    full_cache: FullCache | None = None
 
     @field_validator("stop")
     @classmethod
@@ -215,6 +220,7 @@ class CompletionRequest(OpenAIRequestModel, _SamplingFields):
     confidence_threshold: ConfidenceThreshold = None
     diffusing: bool = False
     ignore_eos: bool = False
+    full_cache: FullCache | None = None
 
     @field_validator("stop")
     @classmethod
@@ -276,6 +282,7 @@ class FIMCompletionRequest(OpenAIRequestModel, _SamplingFields):
     confidence_threshold: ConfidenceThreshold = None
     diffusing: bool = False
     ignore_eos: bool = False
+    full_cache: FullCache | None = None
 
     @field_validator("stop")
     @classmethod

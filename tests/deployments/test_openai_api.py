@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 
+import pytest
+
 from engine.mock import MockEngine, mock_steps_used
 from engine.types import MASK_GLYPH
 
@@ -177,6 +179,41 @@ async def test_sampling_parameters_reach_the_engine(local_api):
         p = api.backend.requests[0].params
         assert (p.temperature, p.top_p, p.seed, p.block_length, p.remasking,
                 p.confidence_threshold, p.steps) == (0.5, 0.9, 3, 8, "margin", 0.9, 5)
+
+
+async def test_full_cache_default_and_override_reach_the_engine(local_api):
+    """The server default (app arg engine.full_attention_cache -> ServiceSettings) goes into
+    every request's SamplingParams; a request's own `full_cache` wins; a bad one is a 400."""
+    async with local_api(attention="full", full_attention_cache="prefix") as api:
+        c = api.client
+        assert (await c.post("/v1/chat/completions", json=chat_body(max_tokens=4))).status_code \
+            == 200
+        r = await c.post("/v1/completions", json={"model": MODEL_ID, "prompt": "def f(",
+                                                  "max_tokens": 4, "full_cache": "dual"})
+        assert r.status_code == 200
+        await c.post("/v1/chat/completions", json=chat_body(max_tokens=4, full_cache="none"))
+        assert [r.params.full_cache for r in api.backend.requests] == ["prefix", "dual", "none"]
+        n = len(api.backend.requests)
+        err = assert_error(await c.post("/v1/chat/completions",
+                                        json=chat_body(full_cache="suffix")), 400, "full_cache")
+        assert err["type"] == "invalid_request_error"
+        assert len(api.backend.requests) == n  # refused before the engine
+    async with local_api(attention="full") as api:
+        await api.client.post("/v1/chat/completions", json=chat_body(max_tokens=4))
+        assert api.backend.requests[0].params.full_cache == "none"  # the default approximates
+
+
+def test_full_attention_cache_app_arg():
+    from deployments.app import parse_args
+    from deployments.openai_api import ServiceSettings
+
+    a = parse_args({"engine": {"full_attention_cache": "dual", "max_num_seqs": 4}})
+    assert a.engine.full_attention_cache == "dual"
+    assert "full_attention_cache" not in a.engine.engine_options()  # an ingress setting
+    with pytest.raises(ValueError):
+        parse_args({"engine": {"full_attention_cache": "sideways"}})
+    with pytest.raises(ValueError, match="full_attention_cache"):
+        ServiceSettings(full_attention_cache="sideways")
 
 
 async def test_unknown_fields_are_ignored_with_a_log_line(local_api, caplog):
