@@ -220,3 +220,38 @@ async def test_pool_only_for_cache_requests_and_sized_by_the_config(full_net, to
     await engine.shutdown()
     assert events[-1].error is None
     assert engine.pool is not None and engine.pool.num_pages == 4
+
+
+class PoisonedCachedSteps(torch.nn.Module):
+    """Raises in a cached step (a forward with positions) whose batch holds the poison token."""
+
+    def __init__(self, net, poison: int):
+        super().__init__()
+        self.inner, self.cfg, self.poison = net, net.cfg, poison
+
+    def forward(self, ids, **kw):
+        if kw.get("positions") is not None and bool((ids == self.poison).any()):
+            raise RuntimeError("poisoned cached step")
+        return self.inner(ids, **kw)
+
+
+async def test_a_failing_cached_row_does_not_stop_the_others(full_net, tok):
+    """The bad row's refresh succeeds (its K/V are written, its commit applied), then its first
+    cached step fails: the batch (refreshing, cached and uncached rows) is retried row by row,
+    re-running refreshes over the same slots; only the bad row ends with an error."""
+    poison = 399
+    engine = make_engine(PoisonedCachedSteps(full_net, poison), tok)
+    kw = dict(max_new_tokens=16, steps=4, block_length=8)
+    bad = request("bad", PROMPT[:7], suffix=SUFFIX[:3] + [poison], full_cache="prefix", **kw)
+    good = [request("p", PROMPT[:9], suffix=SUFFIX, full_cache="prefix", **kw),
+            request("d", PROMPT[:5], suffix=SUFFIX, full_cache="dual", **kw),
+            request("n", PROMPT[:11], suffix=SUFFIX, **kw)]
+    results = await asyncio.gather(*[collect(engine, r) for r in [bad, *good]])
+    stats = engine.stats()
+    await engine.shutdown()
+    fin = results[0][-1]
+    assert fin.finish_reason == "error" and "poisoned" in fin.error
+    assert fin.steps == 1  # the refresh
+    for r, events in zip(good, results[1:], strict=True):
+        assert_like_reference(full_net, tok, r, events)
+    assert stats.kv_pages_used == 0
