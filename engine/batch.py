@@ -13,15 +13,22 @@ way). `n` is the real (unpadded) tokens the forward processed: the token-steps o
 Block-causal models: a step runs only the active blocks, [B, Lb] padded to a length bucket, each
 row attending to its own cached prompt + finished blocks through the paged pool. Full-attention
 models (LLaDA, Dream): a step runs prompt + whole canvas + suffix of every row, right-padded, pad
-keys masked; the active block's logits are gathered per row. The commit is model/sampling's
-`commit_step` over the batch, which is why the tokens equal the reference's.
+keys masked; the active block's logits are gathered per row. Rows with `params.full_cache`
+(Fast-dLLM's approximate cache, model/sampling.py) use the paged pool instead: at a block's first
+step the same whole-row forward also stores every position's K/V in the row's pages (eager, an
+append), and later steps run only the row's cached span over the pool (prefix: keys [0, q0);
+dual: every slot but the recomputed span, as PagedAttention `hidden`). One step therefore runs up
+to three forwards (uncached rows, refreshing rows, cached rows), each committed before the next.
+The commit is model/sampling's `commit_step` over the batch, which is why the tokens equal the
+reference's.
 
 With EngineConfig.cuda_graphs the denoising forward runs at static shapes through
 engine/cuda_graphs.py (CUDA graphs on CUDA, the same padded path uncaptured elsewhere): rows
 padded to graph_batch_buckets(), the query length to length_buckets, the cache window to a
 multiple of graph_window (masked), the logits rows M to length_buckets (the extra rows are
 unmasked positions, which the commit never picks). Batches past the largest row or length
-bucket take the eager path.
+bucket take the eager path. Cached full-attention steps (read-only) take it too; refreshes
+(they write the pool) stay eager.
 """
 
 from __future__ import annotations
