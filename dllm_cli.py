@@ -3,7 +3,7 @@
     dllm train ...             train a diffusion LM (model/train.py)
     dllm generate ...          complete a prompt, optionally watching the canvas denoise
     dllm eval ...              quality against denoising steps -> benchmarks/results/quality.json
-    dllm bench sampler|engine|serve|burst|tp ...   benchmarks -> benchmarks/results/
+    dllm bench sampler|engine|serve|burst|tp|full-cache ...   benchmarks -> results/
     dllm dashboard ...         Grafana dashboard as code
 
 Each subcommand lives in its own module and is imported only when used, so `dllm generate` does
@@ -26,6 +26,7 @@ BENCHES = {
     "serve": "benchmarks.bench_serve",
     "burst": "benchmarks.bench_burst",
     "tp": "benchmarks.bench_tp",
+    "full-cache": "benchmarks.bench_full_cache",
 }
 OTHER = {"dashboard": "monitoring.dashboard"}
 

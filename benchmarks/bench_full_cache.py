@@ -133,7 +133,7 @@ def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="bench_full_cache", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dllm bench full-cache", description=__doc__.split("\n")[0])
     p.add_argument("--d-model", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=6)

@@ -631,7 +631,8 @@ class OpenAIService:
         block_causal = self.info.attention == "block_causal"
         ledger_key = self.router.admitted(sum(estimate_token_steps(
             len(r.prompt_ids) + len(r.suffix_ids or []), r.params.max_new_tokens,
-            r.params.steps, r.params.block_length, block_causal) for r in job.requests))
+            r.params.steps, r.params.block_length, block_causal, r.params.full_cache,
+            len(r.suffix_ids or [])) for r in job.requests))
         released = False
 
         def release():

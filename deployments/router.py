@@ -197,16 +197,32 @@ class StepRouter:
 
 
 def estimate_token_steps(prompt_tokens: int, max_new_tokens: int, steps: int,
-                         block_length: int, block_causal: bool = True) -> float:
-    """Work of one request in token-steps, as engine stats count it (an upper bound: every block
-    takes all its steps). Block-causal: each step runs the active block; the prompt and each
-    finished block are written to the KV cache once. Full attention: each step runs the prompt
-    and the whole canvas."""
+                         block_length: int, block_causal: bool = True,
+                         full_cache: str = "none", suffix_tokens: int = 0) -> float:
+    """Work of one request in token-steps, counted as the engine counts a new request's backlog
+    (engine/sequence.py; an upper bound: every block takes all its steps, min(steps, its
+    length)). Block-causal: each step runs the active block; the prompt and each finished block
+    but the last are written to the KV cache once. Full attention: each step runs the prompt
+    (prompt_tokens, a FIM suffix's `suffix_tokens` included) and the whole canvas; with a
+    prefix/dual cache (SamplingParams.full_cache) only a block's first step does, the others
+    run the span model.sampling.cached_query_span gives."""
+    from model.sampling import cached_query_span
+
+    total = prompt_tokens + max_new_tokens
+    work = prompt_tokens if block_causal else 0
     blocks = math.ceil(max_new_tokens / block_length)
-    per_block = min(steps, block_length)
-    if block_causal:
-        return blocks * per_block * block_length + prompt_tokens + max_new_tokens
-    return blocks * per_block * (prompt_tokens + max_new_tokens)
+    for b in range(blocks):
+        lo, hi = b * block_length, min(max_new_tokens, (b + 1) * block_length)
+        n = min(steps, hi - lo)
+        if block_causal:
+            work += n * (hi - lo) + (hi - lo if b < blocks - 1 else 0)
+        elif full_cache == "none":
+            work += n * total
+        else:
+            q0, q1 = cached_query_span(full_cache, prompt_tokens - suffix_tokens, lo, hi, total,
+                                       logit_shift=False)
+            work += total + (n - 1) * (q1 - q0)
+    return work
 
 
 class RouterMetrics:

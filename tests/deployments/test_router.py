@@ -127,8 +127,9 @@ def test_a_burst_is_seen_before_the_next_snapshot():
 
 def test_token_step_estimates():
     # 128 tokens in 32-token blocks at 8 steps: 4 blocks x 8 steps x 32 tokens + cache writes
-    assert estimate_token_steps(10, 128, 8, 32) == 4 * 8 * 32 + 10 + 128
-    assert estimate_token_steps(10, 20, 64, 32) == 1 * 32 * 32 + 30  # steps capped by the block
+    # of the prompt and of every finished block but the last
+    assert estimate_token_steps(10, 128, 8, 32) == 4 * 8 * 32 + 10 + 96
+    assert estimate_token_steps(10, 20, 64, 32) == 20 * 20 + 10  # steps capped by the block
     assert estimate_token_steps(10, 64, 8, 64, block_causal=False) == 8 * 74
 
 
@@ -270,3 +271,39 @@ async def test_steps_metric_counts_admitted_requests_only(local_api, max_infligh
         assert len(rec.choices) == recorded
         if recorded:
             assert rec.choices[0][1] == "fast"
+
+
+def test_estimate_counts_the_full_attention_cache():
+    # prompt 100 (+ suffix 10), 64 new tokens, block 32, 8 steps: L = 174
+    none = estimate_token_steps(110, 64, 8, 32, block_causal=False)
+    assert none == 2 * 8 * 174
+    # prefix: a refresh (174) then 7 steps over block + rest + suffix (74, then 42)
+    assert estimate_token_steps(110, 64, 8, 32, False, "prefix", 10) == \
+        (174 + 7 * 74) + (174 + 7 * 42)
+    # dual: a refresh then 7 steps over the block only
+    assert estimate_token_steps(110, 64, 8, 32, False, "dual", 10) == 2 * (174 + 7 * 32)
+
+
+@pytest.mark.parametrize("attention, full_cache, suffix", [
+    ("block_causal", "none", 0), ("full", "none", 0), ("full", "prefix", 0),
+    ("full", "dual", 0), ("full", "prefix", 9), ("full", "dual", 9)])
+@pytest.mark.parametrize("max_new, steps", [(64, 8), (50, 4), (20, 32)])
+def test_estimate_is_the_engines_own_count(api_tokenizer, attention, full_cache, suffix,
+                                           max_new, steps):
+    """The ingress' burst ledger charges a request what the engine will report as its backlog
+    before it starts (engine/sequence.py), for every layout and cache mode."""
+    from engine.sequence import Sequence
+    from engine.types import GenerationRequest
+    from model.sampling import SamplingParams
+
+    from .conftest import tiny_model_config
+
+    cfg = tiny_model_config(api_tokenizer, attention=attention)
+    params = SamplingParams(max_new_tokens=max_new, steps=steps, block_length=32,
+                            full_cache=full_cache)
+    prompt, suffix_ids = list(range(20, 57)), list(range(60, 60 + suffix)) or None
+    seq = Sequence.create(GenerationRequest("r", prompt, params, suffix_ids=suffix_ids), cfg,
+                          api_tokenizer, "cpu")
+    assert seq.backlog() == estimate_token_steps(
+        len(prompt) + suffix, max_new, steps, 32, attention == "block_causal", full_cache,
+        suffix)
