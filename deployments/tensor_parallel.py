@@ -8,6 +8,8 @@
     group.layout()               # where each rank runs: node, GPU ids, bundle
     group.shutdown()
 
+The replica actor is rank 0's worker (it holds bundle 0's GPU): every step's logits and the
+commit then stay in the process that runs the engine, with no extra hop per step or per event.
 Ranks 1..N-1 are `RankWorker` actors pinned to bundles 1..N-1 of the replica's placement group
 (Serve creates the group with the replica and removes it with the replica, so the ranks live and
 die with it). All ranks join one torch.distributed group (NCCL on GPUs, gloo on CPUs), each loads
