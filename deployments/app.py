@@ -53,6 +53,10 @@ class ModelArgs(_Args):
     # > 1: each replica reserves this many GPUs (server.num_gpus = 1 per rank) as one placement
     # group and runs one rank actor per extra GPU (deployments/tensor_parallel.py)
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # how each forward reaches the other ranks: a broadcast on the TP group (one collective per
+    # step, heartbeats while idle) or a Ray actor call per step (deployments/tensor_parallel.py)
+    tensor_parallel_transport: Literal["collective", "ray"] = "collective"
+    tensor_parallel_timeout_s: float = Field(default=120.0, gt=0)  # then a rank counts as dead
     # heal a text prompt's trailing whitespace token (model/healing.py; the ingress strips it)
     token_healing: bool = True
 
@@ -232,7 +236,9 @@ def build_app(args: dict | AppArgs | None = None):
         mock_options=a.model.mock.model_dump(exclude_none=True),
         torch_threads=a.model.torch_threads, drain_timeout_s=a.server.drain_timeout_s,
         report_period_s=a.server.report_period_s, quality_window_s=a.server.quality_window_s,
-        tensor_parallel_size=a.model.tensor_parallel_size)
+        tensor_parallel_size=a.model.tensor_parallel_size,
+        tensor_parallel_transport=a.model.tensor_parallel_transport,
+        tensor_parallel_timeout_s=a.model.tensor_parallel_timeout_s)
     ingress_config = IngressConfig(
         ladder=dict(steps=a.ladder.steps, thresholds_s=a.ladder.thresholds_s,
                     hysteresis=a.ladder.hysteresis, up_hold_s=a.ladder.up_hold_s),

@@ -69,6 +69,8 @@ class ServerConfig:
     mock_options: dict = field(default_factory=dict)  # engine.mock.MockEngineConfig fields
     torch_threads: int | None = None  # CPU replicas: intra-op threads (None: torch default)
     tensor_parallel_size: int = 1  # > 1: ranks in the replica's placement group (tensor_parallel.py)
+    tensor_parallel_transport: str = "collective"  # how specs reach ranks: "collective" | "ray"
+    tensor_parallel_timeout_s: float = 120.0  # a collective waiting longer fails (dead rank)
     drain_timeout_s: float = 30.0
     report_period_s: float = 0.25  # load pushes to the board (the router needs >= 1/s)
     quality_window_s: float = 30.0  # window of below_best_fraction (autoscaling)

@@ -14,11 +14,20 @@ Ranks 1..N-1 are `RankWorker` actors pinned to bundles 1..N-1 of the replica's p
 (Serve creates the group with the replica and removes it with the replica, so the ranks live and
 die with it). All ranks join one torch.distributed group (NCCL on GPUs, gloo on CPUs), each loads
 only its slice of the checkpoint (model/parallel.load_sharded), and rank 0's shard is wrapped in
-engine.tensor_parallel.TPLeader: the engine runs unchanged on rank 0 and every forward is first
-sent to the rank actors as a Ray actor call (ordered per caller), whose collectives then meet rank
-0's. Followers wait on nothing while the replica is idle, so no collective times out between
-requests; a collective does time out (`collective_timeout_s`) when a rank has died mid-step, and
-`check` then fails the health check so Serve replaces the whole replica with a fresh group.
+engine.tensor_parallel.TPLeader: the engine runs unchanged on rank 0 and every forward's spec
+is first sent to the other ranks, whose collectives then meet rank 0's. Two transports
+(`tensor_parallel_transport`):
+- "collective" (default): one torch.distributed broadcast of the spec per forward; each rank
+  actor sits in `follow`, a loop over those broadcasts (engine.tensor_parallel.follow_broadcasts).
+  No Ray call per step. An idle replica's followers would sit in the broadcast past the
+  collective timeout, so a heartbeat thread sends a no-op spec after timeout / 4 without
+  dispatches.
+- "ray": each spec is an actor call to `step` (ordered per caller); idle followers wait on
+  nothing. Simpler, and a Ray call of latency per step (bench_tp --ray measures it).
+A collective times out (`collective_timeout_s`) when a rank has died mid-step (gloo fails at
+once on a closed connection); the group is then broken, new requests get 503 and `check` fails
+the health check, so Serve replaces the whole replica with a fresh group. `check` also fails
+when a rank actor is gone or its broadcast loop has ended.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -54,11 +64,11 @@ def _where() -> dict:
             "pid": os.getpid()}
 
 
-@ray.remote(concurrency_groups={"control": 1})
+@ray.remote(concurrency_groups={"control": 1, "loop": 1})
 class RankWorker:
     """Rank r > 0 of a tensor-parallel replica: its shard, its KV storage, the same steps as
-    rank 0. Steps run one at a time in submission order; `ping` has its own thread so a health
-    check answers during a long step."""
+    rank 0. Steps run one at a time in submission order (or inside `follow`'s loop); `ping` has
+    its own thread so a health check answers during a long step."""
 
     def __init__(self, rank: int, world_size: int, torch_threads: int | None = None):
         self.rank, self.world_size = rank, world_size
@@ -92,6 +102,13 @@ class RankWorker:
             log.exception("tensor-parallel rank %d: forward failed", self.rank)
             raise
 
+    @ray.method(concurrency_group="loop")
+    def follow(self) -> int:
+        """The "collective" transport: run every spec rank 0 broadcasts until the stop spec."""
+        from engine.tensor_parallel import follow_broadcasts
+
+        return follow_broadcasts(self.follower)
+
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
         return -1 if self.follower is None else self.follower.forwards
@@ -123,9 +140,12 @@ class TensorParallelGroup:
     cfg: object  # the full model's config
     workers: list
     ranks: list[dict]  # what each rank reported (rank 0 first)
+    transport: str = "ray"
+    loops: list = field(default_factory=list)  # "collective": each rank's `follow` call
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    async def start(cls, config, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    async def start(cls, config, collective_timeout_s: float | None = None
                     ) -> TensorParallelGroup:
         """Start ranks 1..N-1 in the current placement group's bundles, join them in one
         process group with this process as rank 0, load every rank's slice."""
@@ -135,6 +155,13 @@ class TensorParallelGroup:
         from model.parallel import init_distributed, load_sharded
 
         n = int(config.tensor_parallel_size)
+        transport = getattr(config, "tensor_parallel_transport", "collective")
+        if transport not in ("collective", "ray"):
+            raise ValueError(f"tensor_parallel_transport must be collective or ray, got "
+                             f"{transport!r}")
+        if collective_timeout_s is None:
+            collective_timeout_s = float(getattr(config, "tensor_parallel_timeout_s",
+                                                 COLLECTIVE_TIMEOUT_S))
         pg = get_current_placement_group()
         if pg is None or len(pg.bundle_specs) < n:
             raise RuntimeError(
@@ -172,17 +199,41 @@ class TensorParallelGroup:
         ranks = [{"rank": 0, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                   "params": sum(p.numel() for p in net.parameters()), **me}]
         ranks += await asyncio.gather(*setups)
-        return cls(TPLeader(net, RayDispatch(workers)), tok, cfg, workers, ranks)
+        if transport == "ray":
+            return cls(TPLeader(net, RayDispatch(workers)), tok, cfg, workers, ranks, transport)
+        from engine.tensor_parallel import BroadcastDispatch
+
+        group = cls(TPLeader(net, BroadcastDispatch()), tok, cfg, workers, ranks, transport,
+                    [w.follow.remote() for w in workers])
+        group._start_heartbeat(collective_timeout_s / 4)
+        return group
+
+    def _start_heartbeat(self, every_s: float) -> None:
+        def beat():
+            while not self._stop.wait(every_s / 2):
+                try:
+                    self.leader.heartbeat(every_s)
+                except Exception as e:  # the group is broken: check() reports it
+                    log.error("tensor-parallel heartbeat failed: %s", e)
+                    return
+
+        threading.Thread(target=beat, name="dllm-tp-heartbeat", daemon=True).start()
 
     def layout(self) -> list[dict]:
         return list(self.ranks)
 
     async def check(self, timeout_s: float = 10.0) -> None:
-        """Raise when a rank actor is gone or does not answer."""
+        """Raise when a rank actor is gone or does not answer, or its broadcast loop ended."""
         await asyncio.wait_for(asyncio.gather(*(w.ping.remote() for w in self.workers)),
                                timeout=timeout_s)
+        if self.loops:
+            done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+            if done:
+                await done[0]  # raises the loop's error, if it had one
+                raise RuntimeError("a tensor-parallel rank left its broadcast loop")
 
     def shutdown(self) -> None:
+        self._stop.set()
         for w in self.workers:
             try:
                 ray.kill(w)
@@ -191,7 +242,8 @@ class TensorParallelGroup:
         try:
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            # NCCL's teardown can wait on the peers just killed; the process is going anyway
+            if dist.is_initialized() and dist.get_backend() != "nccl":
                 dist.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - shutting down anyway
             log.debug("destroy_process_group: %s", e)

@@ -24,14 +24,18 @@ and only rank 0 commits tokens. A vocab-parallel head (apply_tp(..., vocab_paral
 all-gathers its logits, so then followers compute it too.
 
 The spec travels as plain Python and CPU tensors, so any transport works: `BroadcastDispatch`
-(torch.distributed broadcast_object_list) between processes of one group, or Ray actor calls
-(deployments/tensor_parallel.py), where an idle follower waits on nothing: a broadcast would sit
-in a collective with a timeout while the replica has no requests.
+(torch.distributed broadcast_object_list, one collective per forward) between processes of one
+group, or Ray actor calls (deployments/tensor_parallel.py). A follower in a broadcast loop sits
+in a collective while the replica is idle, and collectives time out: `TPLeader.heartbeat` sends a
+no-op spec when nothing was dispatched for a while. Dispatch + forward and heartbeats hold one
+lock, so collectives on the group never interleave between threads.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +48,7 @@ from model.transformer import DenseAttention
 log = logging.getLogger(__name__)
 
 Spec = dict[str, Any]
+NOOP: Spec = {"noop": True}  # a heartbeat: followers run nothing
 
 
 def _cpu(x):
@@ -84,6 +89,8 @@ class TPLeader(nn.Module):
         self.forwards = 0
         # set when a collective failed (a rank died or timed out): the group cannot step again
         self.broken: str | None = None
+        self._lock = threading.Lock()  # one thread at a time issues collectives on the group
+        self.last_dispatch = time.monotonic()
 
     def forward(self, input_ids: torch.Tensor, *, positions=None, t=None, attn=None,
                 logits_slice=None) -> torch.Tensor:
@@ -91,20 +98,46 @@ class TPLeader(nn.Module):
             raise RuntimeError(f"the tensor-parallel group is broken: {self.broken}")
         spec = dict(input_ids=_cpu(input_ids), positions=_cpu(positions), t=_cpu(t),
                     logits_slice=_cpu(logits_slice), attn=describe_attention(attn))
+        with self._lock:
+            try:
+                self._send(spec)
+                self.forwards += 1
+                return self.net(input_ids, positions=positions, t=t, attn=attn,
+                                logits_slice=logits_slice)
+            except Exception as e:
+                self._check_failure(e)
+                raise
+
+    def _send(self, spec: Spec | None) -> None:
         self.dispatch(spec)
-        self.forwards += 1
+        self.last_dispatch = time.monotonic()
+
+    def _check_failure(self, e: Exception) -> None:
+        if is_collective_failure(e):
+            self.broken = f"{type(e).__name__}: {e}"
+            log.error("tensor-parallel collective failed; no further steps: %s", e)
+
+    def heartbeat(self, idle_s: float) -> bool:
+        """Send a no-op spec if nothing was dispatched for idle_s seconds (and no forward is
+        running). -> whether one was sent. Keeps broadcast-loop followers inside their
+        collective timeout while the replica is idle."""
+        if self.broken or not self._lock.acquire(blocking=False):
+            return False
         try:
-            return self.net(input_ids, positions=positions, t=t, attn=attn,
-                            logits_slice=logits_slice)
+            if time.monotonic() - self.last_dispatch < idle_s:
+                return False
+            self._send(NOOP)
+            return True
         except Exception as e:
-            if is_collective_failure(e):
-                self.broken = f"{type(e).__name__}: {e}"
-                log.error("tensor-parallel collective failed; no further steps: %s", e)
+            self._check_failure(e)
             raise
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Tell followers in a broadcast loop to return (None is the stop spec)."""
-        self.dispatch(None)
+        with self._lock:
+            self._send(None)
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -160,6 +193,8 @@ class TPFollower:
 
     def step(self, spec: Spec) -> int:
         """Run one dispatched forward; returns how many this follower has run."""
+        if spec.get("noop"):
+            return self.forwards
         dev = self.device
 
         def on_dev(x):

@@ -9,7 +9,10 @@ clients saw; the tests read it:
 - it answers completions (plain and streamed) with the text of a tp=1 replica of the same
   model at temperature 0, refuses a bad request with a 400 envelope and goes on serving;
 - rank 1's process killed mid-stream: the stream ends with an error event, new requests get
-  503 + Retry-After while Serve replaces the replica, then serving resumes on new processes.
+  503 + Retry-After while Serve replaces the replica, then serving resumes on new processes;
+- idle for longer than the (shortened) collective timeout, the same ranks still serve: the
+  heartbeat kept the followers' broadcast loop alive;
+- redeployed with the "ray" transport (a Ray actor call per step), the answers are the same.
 """
 
 from __future__ import annotations
@@ -96,3 +99,21 @@ def test_rank_death_fails_cleanly_then_the_replica_is_replaced(run):
     old = {r["pid"] for r in run["layout"]}
     new = {r["pid"] for r in kill["layout_after"]}
     assert len(new) == 2 and not old & new  # a fresh group: both ranks are new processes
+
+
+def test_idle_longer_than_the_collective_timeout_keeps_serving(run):
+    from tests.deployments.tp_cluster_scenario import COLLECTIVE_TIMEOUT_S, IDLE_S
+
+    assert IDLE_S > 2 * COLLECTIVE_TIMEOUT_S
+    before, after = run["idle_layouts"]
+    assert [r["pid"] for r in before] == [r["pid"] for r in after]  # not replaced
+    assert run["after_idle"]["status"] == 200
+    assert run["after_idle"]["text"] == run["answers"]["tp2"][0]["text"]
+
+
+def test_ray_transport_answers_the_same(run):
+    ray_run = run["ray_transport"]
+    assert len(ray_run["layout"]) == 2
+    for got, want in zip(ray_run["answers"], run["answers"]["tp1"], strict=True):
+        assert got["status"] == 200 and not got.get("error")
+        assert got["text"] == want["text"]

@@ -28,6 +28,8 @@ PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Sta
 MAX_TOKENS = 48
 CLIENT_TIMEOUT_S = 120.0
 RECOVERY_WAIT_S = 180.0  # bound on waiting for Serve to replace a replica whose rank died
+COLLECTIVE_TIMEOUT_S = 8.0  # the tp app's; heartbeats keep idle followers inside it
+IDLE_S = 20.0  # an idle spell past that timeout
 
 
 def free_port() -> int:
@@ -36,11 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_args(tp: int) -> dict:
+def app_args(tp: int, transport: str = "collective") -> dict:
     server = {"num_replicas": 1, "num_cpus": 1, "num_gpus": 1 if tp > 1 else 0,
               "health_check_period_s": 1}
+    model = {"source": "tiny-coder", "tensor_parallel_size": tp, "torch_threads": 1}
+    if tp > 1:  # a short collective timeout: idle periods longer than it must survive
+        model.update(tensor_parallel_transport=transport,
+                     tensor_parallel_timeout_s=COLLECTIVE_TIMEOUT_S)
     return {
-        "model": {"source": "tiny-coder", "tensor_parallel_size": tp, "torch_threads": 1},
+        "model": model,
         "engine": {"max_num_seqs": 4},
         "ladder": {"steps": [8], "thresholds_s": []},
         "auth": {"api_keys_env": None},
@@ -156,6 +162,17 @@ def main(out_path: str) -> None:
         status = serve.status().applications["tp2"].deployments["ModelServer"]
         results["tp2_replicas"] = status.replica_states
         results["rank_kill"] = kill_rank(base, server, results["layout"][1]["pid"])
+        # idle past the collective timeout: the heartbeats keep the same group serving
+        before = server.tp_layout.remote().result(timeout_s=60)
+        time.sleep(IDLE_S)
+        results["after_idle"] = complete(f"{base}/tp2", PROMPTS[0], stream=False)
+        results["idle_layouts"] = [before, server.tp_layout.remote().result(timeout_s=60)]
+        # the other transport: every spec as a Ray actor call
+        serve.run(build_app(app_args(2, transport="ray")), name="tp2", route_prefix="/tp2")
+        results["ray_transport"] = {
+            "layout": server.tp_layout.remote().result(timeout_s=60),
+            "answers": [complete(f"{base}/tp2", p, stream=i == 1)
+                        for i, p in enumerate(PROMPTS)]}
     finally:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1, default=str)

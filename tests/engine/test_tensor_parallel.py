@@ -107,3 +107,38 @@ def test_describe_attention_refuses_unknown_contexts():
 
     with pytest.raises(TypeError, match="Odd"):
         describe_attention(Odd())
+
+
+def test_heartbeat_sends_a_noop_only_when_idle(tok):
+    net = tiny_net(tiny_config(tok))
+    sent = []
+    leader = TPLeader(net, sent.append)
+    leader.last_dispatch -= 10  # idle for 10 s
+    assert leader.heartbeat(5.0) and sent == [{"noop": True}]
+    assert not leader.heartbeat(5.0) and len(sent) == 1  # just sent: not idle any more
+    leader.last_dispatch -= 10
+    with leader._lock:  # a forward in progress: its own dispatch keeps the followers busy
+        assert not leader.heartbeat(5.0)
+    assert len(sent) == 1
+    follower = TPFollower(tiny_net(tiny_config(tok)))
+    assert follower.step({"noop": True}) == 0 and follower.forwards == 0
+
+
+def test_a_failed_collective_breaks_the_group(tok):
+    def dead_peer(spec):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection reset by peer")
+
+    leader = TPLeader(tiny_net(tiny_config(tok)), dead_peer)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(RuntimeError, match="Connection reset"):
+        leader(ids)
+    assert leader.broken and "Connection reset" in leader.broken
+    with pytest.raises(RuntimeError, match="broken"):
+        leader(ids)  # no further steps, no further dispatches
+
+
+def test_a_bad_input_does_not_break_the_group(tok):
+    leader = TPLeader(tiny_net(tiny_config(tok)), lambda spec: None)
+    with pytest.raises((IndexError, RuntimeError)):
+        leader(torch.tensor([[10_000_000]]))  # out of the vocabulary: every rank fails alike
+    assert leader.broken is None
