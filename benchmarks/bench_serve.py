@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overhead-tokens", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="64-token answers, 1 round, 4 minimum")
     p.add_argument("--out", default=str(RESULTS / "serve"), help="path stem for .json/.png")
+    p.add_argument("--note", default="", help="what else ran on the machine, for the JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.quick:
@@ -523,7 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         "model": model,
         "engine": a.engine if not a.url else "external",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "note": "shared 2-core CPU with a training job running"},
+                    "processor": platform.processor(), "note": a.note},
+        "command": "dllm bench serve " + " ".join(argv or []),
+        "date": time.strftime("%Y-%m-%d"),
         "settings": {"concurrency": levels_c, "modes": modes, "max_tokens": a.max_tokens,
                      "rounds": a.rounds, "min_requests": a.min_requests, "ladder": ladder,
                      "thresholds_s": args.get("ladder", {}).get("thresholds_s"),
