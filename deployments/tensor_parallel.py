@@ -43,19 +43,11 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from deployments.server import _device, _torch_dtype
+
 log = logging.getLogger("ray.serve")
 
 COLLECTIVE_TIMEOUT_S = 120.0  # a dead rank fails the step after this instead of hanging it
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _where() -> dict:
@@ -88,7 +80,7 @@ class RankWorker:
         dev = init_distributed(self.rank, self.world_size, init_method, _device(device),
                                timeout_s=timeout_s)
         net, _, _ = load_sharded(source, self.rank, self.world_size, device=dev,
-                                 dtype=_dtype(dtype))
+                                 dtype=_torch_dtype(dtype))
         self.follower = TPFollower(net)
         return {"rank": self.rank, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                 "params": sum(p.numel() for p in net.parameters()), **_where()}
@@ -195,7 +187,7 @@ class TensorParallelGroup:
         dev = await asyncio.to_thread(init_distributed, 0, n, init_method, device,
                                       collective_timeout_s)
         net, tok, cfg = await asyncio.to_thread(load_sharded, config.model, 0, n, device=dev,
-                                                dtype=_dtype(config.dtype))
+                                                dtype=_torch_dtype(config.dtype))
         ranks = [{"rank": 0, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                   "params": sum(p.numel() for p in net.parameters()), **me}]
         ranks += await asyncio.gather(*setups)

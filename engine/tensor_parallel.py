@@ -52,11 +52,10 @@ NOOP: Spec = {"noop": True}  # a heartbeat: followers run nothing
 
 
 def _cpu(x):
-    # a copy even on the CPU: the graph path reuses its input buffers for the next step, and a
-    # transport may serialise the spec after this returns
-    if not isinstance(x, torch.Tensor):
-        return x
-    return x.detach().clone() if x.device.type == "cpu" else x.detach().cpu()
+    # No copy of CPU tensors: both transports serialise the spec inside dispatch (a broadcast
+    # pickles it, a Ray call serialises its arguments), before the graph path's static input
+    # buffers can change at the next step. A transport that serialised later would need one.
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
 
 def describe_attention(attn) -> tuple | None:
