@@ -75,6 +75,13 @@ async def collect(engine: Engine, req: GenerationRequest, after: int = 0) -> lis
     return [e async for e in engine.submit(req)]
 
 
+async def collect_staggered(engine: Engine, reqs: list[GenerationRequest],
+                            every: int = 1) -> list[list[Event]]:
+    """Request i arrives once the engine has run every * i iterations; the events of each."""
+    return list(await asyncio.gather(*[collect(engine, r, after=every * i)
+                                       for i, r in enumerate(reqs)]))
+
+
 def streamed_tokens(events: list[Event]) -> list[int]:
     return [t for e in events if isinstance(e, TextDelta) for t in e.token_ids]
 

@@ -8,7 +8,6 @@ so these tests pin that path to model.sampling.generate and to the eager engine.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import pytest
@@ -20,7 +19,7 @@ from engine.kv_pool import PagedKVPool
 
 from .conftest import (
     assert_like_reference,
-    collect,
+    collect_staggered,
     make_engine,
     streamed_tokens,
     tiny_config,
@@ -35,8 +34,7 @@ GRAPHS = dict(cuda_graphs=True, graph_window=16)
 
 
 async def run_staggered(engine, reqs, every: int):
-    results = await asyncio.gather(*[collect(engine, r, after=every * i)
-                                     for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs, every)
     stats = engine.runner.static.stats() if engine.runner.static else None
     await engine.shutdown()
     return results, stats

@@ -16,6 +16,7 @@ from model.sampling import SamplingParams, generate
 from .conftest import (
     assert_like_reference,
     collect,
+    collect_staggered,
     make_engine,
     request,
     streamed_text,
@@ -69,7 +70,7 @@ async def test_mixed_batch_with_staggered_arrivals_equals_reference(bc_net, tok)
     join and leave between steps; each gives its lone reference tokens."""
     engine = make_engine(bc_net, tok, max_num_seqs=4)
     reqs = mixed_requests("m")
-    results = await asyncio.gather(*[collect(engine, r, after=3 * i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs, 3)
     stats = engine.stats()
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
@@ -81,7 +82,7 @@ async def test_full_attention_mixed_batch_with_fim_equals_reference(full_net, to
     """Full-attention (LLaDA-style) rows of different lengths, some with a FIM suffix."""
     engine = make_engine(full_net, tok, max_num_seqs=8)
     reqs = mixed_requests("f", with_suffix=True)
-    results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs)
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(full_net, tok, req, events)
@@ -91,7 +92,7 @@ async def test_time_conditioned_full_attention_equals_reference(tok):
     net = tiny_net(tiny_config(tok, attention="full", time_conditioning=True), seed=2)
     engine = make_engine(net, tok)
     reqs = mixed_requests("tf")[:4]
-    results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs)
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(net, tok, req, events)
@@ -156,7 +157,7 @@ async def test_float32_mixed_batch_equals_reference(tok):
     net = tiny_net(tiny_config(tok), seed=4, dtype=__import__("torch").float32)
     engine = make_engine(net, tok, max_num_seqs=8)
     reqs = mixed_requests("p")
-    results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs)
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(net, tok, req, events)

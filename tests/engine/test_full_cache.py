@@ -19,6 +19,7 @@ from model.sampling import SamplingParams, generate
 from .conftest import (
     assert_like_reference,
     collect,
+    collect_staggered,
     make_engine,
     request,
     tiny_config,
@@ -87,7 +88,7 @@ async def test_staggered_mixed_batch_equals_reference(request, tok, net_name):
     net = request.getfixturevalue(net_name)
     engine = make_engine(net, tok, max_num_seqs=4)
     reqs = cache_requests("m")
-    results = await asyncio.gather(*[collect(engine, r, after=2 * i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs, 2)
     stats = engine.stats()
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
@@ -99,7 +100,7 @@ async def test_time_conditioned_full_model_equals_reference(tok):
     net = tiny_net(tiny_config(tok, attention="full", time_conditioning=True), seed=2)
     engine = make_engine(net, tok, max_num_seqs=4)
     reqs = cache_requests("t")[:4]
-    results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs)
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(net, tok, req, events)
@@ -110,7 +111,7 @@ async def test_static_path_equals_reference(full_net, tok):
     uncaptured here), refreshes stay eager; the tokens are the reference's."""
     engine = make_engine(full_net, tok, max_num_seqs=4, cuda_graphs=True, graph_window=16)
     reqs = cache_requests("g")
-    results = await asyncio.gather(*[collect(engine, r, after=2 * i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs, 2)
     static = engine.runner.static.stats()
     shapes = list(engine.runner.static.shapes)
     await engine.shutdown()
@@ -140,7 +141,7 @@ def attention_path(request, monkeypatch):
 async def test_both_attention_paths_equal_reference(full_net, tok, attention_path):
     engine = make_engine(full_net, tok, max_num_seqs=4)
     reqs = cache_requests("p", modes=("dual", "prefix"))[:4]
-    results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs)
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(full_net, tok, req, events)

@@ -8,8 +8,6 @@ cache and of the full-attention rows is pinned to the reference logits and token
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
@@ -20,7 +18,14 @@ from engine.kv_pool import PagedKVPool
 from engine.sequence import Sequence
 from model.cache import KVCache
 
-from .conftest import assert_like_reference, collect, make_engine, request, tiny_config, tiny_net
+from .conftest import (
+    assert_like_reference,
+    collect_staggered,
+    make_engine,
+    request,
+    tiny_config,
+    tiny_net,
+)
 
 # float32 logits of a batched forward differ from a lone one by rounding only (max seen ~2e-6 on
 # these nets); 1e-4 is far below the gaps that decide commits at these logit scales (~1e-1).
@@ -148,7 +153,7 @@ async def test_engine_tokens_equal_reference_on_both_attention_paths(
     net = request.getfixturevalue(net_name)
     engine = make_engine(net, tok, max_num_seqs=4)
     reqs = _requests(net_name[:2], suffix=net_name == "full_net")
-    results = await asyncio.gather(*[collect(engine, r, after=2 * i) for i, r in enumerate(reqs)])
+    results = await collect_staggered(engine, reqs, 2)
     await engine.shutdown()
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(net, tok, req, events)
@@ -184,7 +189,7 @@ async def test_static_shapes_keep_masked_sdpa_with_flash_forced(tok, bc_net, ful
         calls.clear()
         engine = make_engine(net, tok, max_num_seqs=4, cuda_graphs=True)
         reqs = _requests(f"g{name}", suffix=name == "full")
-        results = await asyncio.gather(*[collect(engine, r, after=i) for i, r in enumerate(reqs)])
+        results = await collect_staggered(engine, reqs)
         await engine.shutdown()
         for req, events in zip(reqs, results, strict=True):
             assert_like_reference(net, tok, req, events)
