@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 import time
 
@@ -30,12 +29,6 @@ CLIENT_TIMEOUT_S = 120.0
 RECOVERY_WAIT_S = 180.0  # bound on waiting for Serve to replace a replica whose rank died
 COLLECTIVE_TIMEOUT_S = 8.0  # the tp app's; heartbeats keep idle followers inside it
 IDLE_S = 20.0  # an idle spell past that timeout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_args(tp: int, transport: str = "collective") -> dict:
@@ -124,23 +117,18 @@ def main(out_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from deployments.app import build_app
+    from tests.cluster_serve import serve_cluster
 
-    port = free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 0})
-    gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="dllm-tp", log_to_driver=False)
-    results: dict = {"gpu_node_id": gpu_node.node_id}
-    try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    results: dict = {}
+    with serve_cluster({"num_cpus": 3, "num_gpus": 0}, [{"num_cpus": 2, "num_gpus": 2}],
+                       "dllm-tp", out_path, results) as (_, (gpu_node,), base):
+        results["gpu_node_id"] = gpu_node.node_id
         t0 = time.monotonic()
         serve.run(build_app(app_args(2)), name="tp2", route_prefix="/tp2")
         results["tp2_ready_s"] = round(time.monotonic() - t0, 1)
         serve.run(build_app(app_args(1)), name="tp1", route_prefix="/tp1")
-        base = f"http://127.0.0.1:{port}"
         server = serve.get_deployment_handle("ModelServer", app_name="tp2")
         results["layout"] = server.tp_layout.remote().result(timeout_s=60)
         results["layout_tp1"] = serve.get_deployment_handle(
@@ -173,14 +161,6 @@ def main(out_path: str) -> None:
             "layout": server.tp_layout.remote().result(timeout_s=60),
             "answers": [complete(f"{base}/tp2", p, stream=i == 1)
                         for i, p in enumerate(PROMPTS)]}
-    finally:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
 
 
 if __name__ == "__main__":

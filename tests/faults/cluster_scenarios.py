@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import socket
 import sys
 import threading
 import time
@@ -35,12 +34,6 @@ SERVER = "ModelServer"
 CLIENT_TIMEOUT_S = 60.0  # a request still open after this counts as hung
 RESTORE_WAIT_S = 180.0  # bound on waiting for Serve to bring the replica count back
 MAX_TOKENS = 128  # 4 blocks x 16 steps x 20 ms: about 1.3 s per request on the mock
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -294,20 +287,15 @@ def main(out_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from deployments.app import build_app
+    from tests.cluster_serve import serve_cluster
 
-    port = free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
-    workers = [cluster.add_node(num_cpus=0, num_gpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="dllm-faults", log_to_driver=False)
     results: dict = {}
-    try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    with serve_cluster({"num_cpus": 4, "num_gpus": 0}, [{"num_cpus": 0, "num_gpus": 1}] * 2,
+                       "dllm-faults", out_path, results) as (cluster, workers, base):
         serve.run(build_app(app_args()), name=APP, route_prefix=PREFIX)
-        url = f"http://127.0.0.1:{port}{PREFIX}"
+        url = f"{base}{PREFIX}"
         model = model_of(url)
         results["setup"] = {"replicas": running(APP), "nodes": len(ray.nodes())}
         log.info("cluster up: %s", results["setup"])
@@ -333,17 +321,9 @@ def main(out_path: str) -> None:
             name=OVERLOAD_APP,
             route_prefix=OVERLOAD_PREFIX,
         )
-        ourl = f"http://127.0.0.1:{port}{OVERLOAD_PREFIX}"
+        ourl = f"{base}{OVERLOAD_PREFIX}"
         results["overload"] = asdict(scenario_overload(ourl, model_of(ourl)))
         log.info("overload done")
-    finally:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
 
 
 if __name__ == "__main__":
