@@ -136,21 +136,18 @@ async def build_engine_async(config: ServerConfig):
     tensor_parallel_size > 1 the engine drives rank 0 of a group of rank actors."""
     if config.tensor_parallel_size <= 1 or config.engine == "mock":
         return (*build_engine(config), None)
-    if config.torch_threads:
-        import torch
-
-        torch.set_num_threads(config.torch_threads)
     from deployments.tensor_parallel import TensorParallelGroup
-    from engine import Engine, EngineConfig
 
     group = await TensorParallelGroup.start(config)
-    engine = Engine(group.leader, group.tokenizer, group.leader.cfg,
-                    EngineConfig(**config.engine_options))
-    return engine, group.tokenizer, group.cfg, group
+    # the engine sizes its KV pool from the rank's config (its share of the heads)
+    engine, tokenizer, _ = build_engine(config, (group.leader, group.tokenizer, group.leader.cfg))
+    return engine, tokenizer, group.cfg, group
 
 
-def build_engine(config: ServerConfig) -> tuple[EngineBase, object, object]:
-    """-> (engine, tokenizer, cfg) for a ServerConfig (one process: no tensor parallelism)."""
+def build_engine(config: ServerConfig, loaded: tuple | None = None
+                 ) -> tuple[EngineBase, object, object]:
+    """-> (engine, tokenizer, cfg) for a ServerConfig; `loaded`: (net, tokenizer, cfg) already
+    built (a tensor-parallel leader), else the model is loaded here."""
     if config.engine == "mock":
         from engine.mock import MockEngine, MockEngineConfig
 
@@ -164,7 +161,7 @@ def build_engine(config: ServerConfig) -> tuple[EngineBase, object, object]:
         torch.set_num_threads(config.torch_threads)
     from engine import Engine, EngineConfig
 
-    net, tokenizer, cfg = load_model(config.model, config.device, config.dtype)
+    net, tokenizer, cfg = loaded or load_model(config.model, config.device, config.dtype)
     return Engine(net, tokenizer, cfg, EngineConfig(**config.engine_options)), tokenizer, cfg
 
 
