@@ -6,12 +6,14 @@
     from monitoring.dashboard import build_dashboard, dashboard_json, query_metric_names
     query_metric_names(dashboard_json())   # every Prometheus series the panels query
 
-Rows: traffic (requests, rejections, output tokens), latency (time to first token, end to end
-at the API and at Serve's proxy, time on a replica), quality (steps the router chooses, its rung, passes per request), load and
-autoscaling (cluster drain time and backlog, healthy/target replicas, handle queues), engine
-(per replica: batch size, queue, backlog, capacity, step time, KV pages). Every query names a
-metric from monitoring/metrics.py, i.e. one the app or Ray exports; the Prometheus test checks
-those names against a real scrape.
+The panels are one table (ROWS: a row title and its panels, each a title, unit, queries and
+description); build_dashboard turns it into the SDK's builders. Rows: at a glance; traffic
+(requests, rejections, output tokens); latency (time to first token, end to end at the API and
+at Serve's proxy, time on a replica); quality (steps the router chooses, its rung, passes per
+request); load and autoscaling (cluster drain time and backlog, healthy/target replicas,
+queues); engine (per replica: batch size, backlog, capacity, step time, KV pages, TP ranks).
+Every query names a metric of monitoring/metrics.py, i.e. one the app or Ray exports; the
+Prometheus test checks those names against a real scrape.
 
 Uploading needs the optional extra `grafana` (grafana-client, which pulls niquests and
 urllib3-future: kept out of the serving environment, see docs/deploy.md). The API key comes
@@ -26,6 +28,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import common as common_builders
@@ -41,75 +44,194 @@ log = logging.getLogger(__name__)
 
 UID = "dllm-serve"
 TITLE = "dllm-serve: diffusion LM serving"
-SERVER = "ModelServer"  # the model-server deployment's name (deployments/server.py)
+SERVER = "ModelServer"  # the Serve name of the model-server deployment
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 APP = 'application=~"$application"'
 SRV = f'{APP},deployment="{SERVER}"'
 RATE = "$__rate_interval"
 
 
-def q(expr: str, legend: str = "") -> prometheus.Dataquery:
-    target = prometheus.Dataquery().expr(expr).datasource(DS)
-    if legend:
-        target = target.legend_format(legend)
-    return target
+# --- queries ------------------------------------------------------------------------------------
+def rate(metric: M.Metric, selector: str = APP, by: str = "", series: str = "") -> str:
+    """Per-second rate summed over replicas (by: the labels to keep)."""
+    group = f" by ({by}) " if by else ""
+    return f"sum{group}(rate({series or metric.prom}{{{selector}}}[{RATE}]))"
 
 
-def ts(
-    title: str,
-    description: str,
-    targets: list[prometheus.Dataquery],
-    unit: str = "short",
-    width: int = 8,
-    stack: bool = False,
-) -> timeseries.Panel:
-    panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DS)
-        .unit(unit)
-        .span(width)
-        .height(8)
-        .line_width(1)
-        .fill_opacity(10)
-        .legend(
-            common_builders.VizLegendOptions()
-            .show_legend(True)
-            .display_mode(common.LegendDisplayMode.LIST)
-            .placement(common.LegendPlacement.BOTTOM)
+def quantile(p: float, metric: M.Metric, selector: str = APP, by: str = "") -> str:
+    group = f"le,{by}" if by else "le"
+    return (f"histogram_quantile({p}, sum by ({group}) "
+            f"(rate({metric.series('bucket')}{{{selector}}}[{RATE}])))")
+
+
+def quantiles(metric: M.Metric, selector: str = APP, by: str = "", qs=(0.5, 0.95, 0.99)):
+    """(query, legend) per quantile: p50, p95, ... (per `by` label when given)."""
+    legend = f" {{{{{by}}}}}" if by else ""
+    return [(quantile(p, metric, selector, by), f"p{round(p * 100)}{legend}") for p in qs]
+
+
+def mean(metric: M.Metric, by: str) -> str:
+    """A histogram's mean observation per `by` group: rate of the sum over rate of the count."""
+    return (f"{rate(metric, by=by, series=metric.series('sum'))} / "
+            f"{rate(metric, by=by, series=metric.series('count'))}")
+
+
+def total(metric: M.Metric, selector: str = APP) -> str:
+    """Summed over replicas (counts of replicas, queue lengths)."""
+    return f"sum({metric.prom}{{{selector}}})"
+
+
+def highest(metric: M.Metric, selector: str = APP) -> str:
+    """The largest value any replica reports (for values every ingress replica holds a copy of,
+    or Serve's per-deployment gauges)."""
+    return f"max({metric.prom}{{{selector}}})"
+
+
+def per_replica(metric: M.Metric) -> list[tuple[str, str]]:
+    return [(f"{metric.prom}{{{SRV}}}", "{{replica}}")]
+
+
+# --- the panels ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Panel:
+    """One panel. Grafana lays panels out left to right on a 24-column grid in table order,
+    wrapping to a new line when a row is full: `width` is the panel's position on it."""
+
+    kind: str  # "stat" (one number, 4 x 4) | "timeseries" (8 high)
+    title: str
+    unit: str
+    targets: list[tuple[str, str]]  # (PromQL, legend)
+    description: str
+    width: int = 8
+    stack: bool = False  # stack the series (a breakdown of one total)
+
+
+def single(title: str, unit: str, query: str, description: str) -> Panel:
+    return Panel("stat", title, unit, [(query, "")], description, width=4)
+
+
+def graph(title: str, unit: str, targets: list[tuple[str, str]], description: str,
+          stack: bool = False) -> Panel:
+    return Panel("timeseries", title, unit, targets, description, stack=stack)
+
+
+# (row title, its panels), top to bottom.
+ROWS: list[tuple[str, list[Panel]]] = [
+    ("At a glance", [
+        single("Requests/s", "reqps", rate(M.HTTP_REQUESTS),
+               "HTTP requests through Serve's proxy."),
+        single("Output tokens/s", "short", rate(M.COMPLETION_TOKENS),
+             "Tokens generated over all replicas."),
+        single("p95 latency", "s", quantile(0.95, M.REQUEST_LATENCY), "End to end at the API."),
+        single("Model-server replicas", "short", total(M.REPLICA_HEALTHY, SRV),
+             "Healthy ModelServer replicas."),
+        single("Router rung", "short", highest(M.ROUTER_RUNG),
+             "0 = best quality; higher = fewer steps."),
+        single("Cluster drain time", "s", highest(M.CLUSTER_DRAIN),
+             "Accepted work over capacity."),
+    ]),
+    ("Traffic", [
+        graph("Requests by status", "reqps",
+              [(rate(M.HTTP_REQUESTS, by="status_code"), "{{status_code}}")],
+              "HTTP requests/s at Serve's proxy by status code.", stack=True),
+        graph("Rejected for load", "reqps",
+              [(rate(M.REQUESTS_REJECTED, by="status"), "{{status}}")],
+              "429 (ingress limits) and 503 (queues full)/s."),
+        graph("Finished and output tokens", "short",
+              [(rate(M.REQUESTS_FINISHED, by="finish_reason"), "{{finish_reason}} req/s"),
+               (rate(M.COMPLETION_TOKENS), "output tok/s")],
+              "Engine requests/s by finish reason; output tokens/s."),
+    ]),
+    ("Latency", [
+        graph("Time to first token", "s",
+              quantiles(M.TIME_TO_FIRST_TOKEN, by="route", qs=(0.5, 0.95)),
+              "From request to the first streamed token, by route."),
+        graph("End-to-end latency", "s",
+              quantiles(M.REQUEST_LATENCY)
+              + [(f"{quantile(0.95, M.HTTP_LATENCY)} / 1000", "p95 at the proxy")],
+              "At the API (until the last token), and at Serve's proxy for comparison."),
+        graph("Time on a model-server replica", "ms", quantiles(M.PROCESSING_LATENCY, SRV),
+              "Serve's processing latency of ModelServer calls."),
+    ]),
+    ("Quality: denoising steps", [
+        graph("Steps chosen per block", "short",
+              [(mean(M.ROUTER_STEPS, by="quality, pinned"), "{{quality}} pinned={{pinned}}")],
+              "Mean steps per block the step router chose, by quality level (pinned requests "
+              "apart)."),
+        graph("Router rung", "short",
+              [(f"max by (replica) ({M.ROUTER_RUNG.prom}{{{APP}}})", "{{replica}}")],
+              "Step-ladder rung per ingress replica (0 = best)."),
+        graph("Forward passes per request", "short",
+              quantiles(M.REQUEST_STEPS, qs=(0.5, 0.95))
+              + [(rate(M.DENOISING_STEPS), "passes/s (all)")],
+              "Denoising passes a request cost."),
+    ]),
+    ("Load and autoscaling", [
+        graph("Cluster load", "short",
+              [(highest(M.CLUSTER_DRAIN), "drain s"),
+               (f"{highest(M.CLUSTER_BACKLOG)} / 1000", "backlog (k token-steps)")],
+              "Drain time (accepted work / capacity) and token backlog, as the step router sees "
+              "them."),
+        graph("Replicas", "short",
+              [(total(M.REPLICA_HEALTHY, SRV), "healthy"),
+               (highest(M.TARGET_REPLICAS, SRV), "target"),
+               (highest(M.DESIRED_REPLICAS, SRV), "desired"),
+               (highest(M.CLUSTER_REPLICAS), "reporting load")],
+              "Healthy ModelServer replicas against the autoscaler's target and the policy's raw "
+              "decision."),
+        graph("Queues", "short",
+              [(total(M.QUEUED_QUERIES, SRV), "in handles"),
+               (total(M.ENGINE_QUEUED, SRV), "in engines"),
+               (total(M.PROCESSING_QUERIES, SRV), "on replicas")],
+              "Requests waiting in Serve handles and in the engines."),
+    ]),
+    ("Engine (per replica)", [
+        graph("Batch size", "short", per_replica(M.ENGINE_RUNNING), "Sequences in the step batch."),
+        graph("Token backlog", "short", per_replica(M.ENGINE_BACKLOG),
+              "Work left on each replica (token-steps)."),
+        graph("Capacity", "short", per_replica(M.ENGINE_CAPACITY),
+              "Measured processing rate (token-steps/s)."),
+        graph("Step latency", "ms", per_replica(M.ENGINE_STEP_LATENCY),
+              "Mean wall time of one batched step."),
+        graph("Output tokens/s", "short", per_replica(M.ENGINE_OUTPUT_TPS),
+              "Committed tokens per second."),
+        graph("KV cache use", "percentunit",
+              [(f"{M.ENGINE_KV_USED.prom}{{{SRV}}} / "
+                f"clamp_min({M.ENGINE_KV_TOTAL.prom}{{{SRV}}}, 1)", "{{replica}}")],
+              "Fraction of the paged KV pool in use."),
+        graph("Tensor-parallel ranks", "short", per_replica(M.TP_RANKS),
+              "Ranks in each replica's group: 1 without TP, 0 while a replica with a failed rank "
+              "waits to be replaced."),
+    ]),
+]
+
+
+# --- building -----------------------------------------------------------------------------------
+def build_panel(spec: Panel) -> stat.Panel | timeseries.Panel:
+    if spec.kind == "stat":
+        panel = stat.Panel().height(4)
+    else:
+        panel = (
+            timeseries.Panel()
+            .height(8)
+            .line_width(1)
+            .fill_opacity(10)
+            .legend(
+                common_builders.VizLegendOptions()
+                .show_legend(True)
+                .display_mode(common.LegendDisplayMode.LIST)
+                .placement(common.LegendPlacement.BOTTOM)
+            )
         )
-    )
-    if stack:
-        panel = panel.stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
-    for i, target in enumerate(targets):
-        panel = panel.with_target(target.ref_id(chr(ord("A") + i)))
+        if spec.stack:
+            panel = panel.stacking(
+                common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+    panel = (panel.title(spec.title).description(spec.description).datasource(DS)
+             .unit(spec.unit).span(spec.width))
+    for i, (expr, legend) in enumerate(spec.targets):
+        target = prometheus.Dataquery().expr(expr).datasource(DS).ref_id(chr(ord("A") + i))
+        panel = panel.with_target(target.legend_format(legend) if legend else target)
     return panel
-
-
-def single(title: str, description: str, expr: str, unit: str = "short") -> stat.Panel:
-    return (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DS)
-        .unit(unit)
-        .span(4)
-        .height(4)
-        .with_target(q(expr).ref_id("A"))
-    )
-
-
-def quantiles(metric: M.Metric, selector: str, by: str = "", qs=(0.5, 0.95, 0.99)):
-    group = f"le{',' + by if by else ''}"
-    return [
-        q(
-            f"histogram_quantile({p}, sum by ({group}) "
-            f"(rate({metric.series('bucket')}{{{selector}}}[{RATE}])))",
-            f"p{round(p * 100)}" + (f" {{{{{by}}}}}" if by else ""),
-        )
-        for p in qs
-    ]
 
 
 def build_dashboard() -> dash.Dashboard:
@@ -133,263 +255,10 @@ def build_dashboard() -> dash.Dashboard:
             .multi(False)
         )
     )
-
-    # --- at a glance ------------------------------------------------------------------------
-    d = d.with_row(dash.Row("At a glance"))
-    d = d.with_panel(
-        single(
-            "Requests/s",
-            "HTTP requests through Serve's proxy.",
-            f"sum(rate({M.HTTP_REQUESTS.prom}{{{APP}}}[{RATE}]))",
-            "reqps",
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Output tokens/s",
-            "Tokens generated over all replicas.",
-            f"sum(rate({M.COMPLETION_TOKENS.prom}{{{APP}}}[{RATE}]))",
-        )
-    )
-    d = d.with_panel(
-        single(
-            "p95 latency",
-            "End to end at the API.",
-            f"histogram_quantile(0.95, sum by (le) (rate("
-            f"{M.REQUEST_LATENCY.series('bucket')}{{{APP}}}[{RATE}])))",
-            "s",
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Model-server replicas",
-            "Healthy ModelServer replicas.",
-            f"sum({M.REPLICA_HEALTHY.prom}{{{SRV}}})",
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Router rung",
-            "0 = best quality; higher = fewer steps.",
-            f"max({M.ROUTER_RUNG.prom}{{{APP}}})",
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Cluster drain time",
-            "Accepted work over capacity.",
-            f"max({M.CLUSTER_DRAIN.prom}{{{APP}}})",
-            "s",
-        )
-    )
-
-    # --- traffic ----------------------------------------------------------------------------
-    d = d.with_row(dash.Row("Traffic"))
-    d = d.with_panel(
-        ts(
-            "Requests by status",
-            "HTTP requests/s at Serve's proxy by status code.",
-            [
-                q(
-                    f"sum by (status_code) (rate({M.HTTP_REQUESTS.prom}{{{APP}}}[{RATE}]))",
-                    "{{status_code}}",
-                )
-            ],
-            "reqps",
-            stack=True,
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Rejected for load",
-            "429 (ingress limits) and 503 (queues full)/s.",
-            [
-                q(
-                    f"sum by (status) (rate({M.REQUESTS_REJECTED.prom}{{{APP}}}[{RATE}]))",
-                    "{{status}}",
-                )
-            ],
-            "reqps",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Finished and output tokens",
-            "Engine requests/s by finish reason; output tokens/s.",
-            [
-                q(
-                    f"sum by (finish_reason) (rate({M.REQUESTS_FINISHED.prom}{{{APP}}}[{RATE}]))",
-                    "{{finish_reason}} req/s",
-                ),
-                q(f"sum(rate({M.COMPLETION_TOKENS.prom}{{{APP}}}[{RATE}]))", "output tok/s"),
-            ],
-        )
-    )
-
-    # --- latency ----------------------------------------------------------------------------
-    d = d.with_row(dash.Row("Latency"))
-    d = d.with_panel(
-        ts(
-            "Time to first token",
-            "From request to the first streamed token, by route.",
-            quantiles(M.TIME_TO_FIRST_TOKEN, APP, by="route", qs=(0.5, 0.95)),
-            "s",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "End-to-end latency",
-            "At the API (until the last token), and at Serve's proxy for comparison.",
-            quantiles(M.REQUEST_LATENCY, APP)
-            + [
-                q(
-                    f"histogram_quantile(0.95, sum by (le) (rate("
-                    f"{M.HTTP_LATENCY.series('bucket')}{{{APP}}}[{RATE}]))) / 1000",
-                    "p95 at the proxy",
-                )
-            ],
-            "s",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Time on a model-server replica",
-            "Serve's processing latency of ModelServer calls.",
-            quantiles(M.PROCESSING_LATENCY, SRV),
-            "ms",
-        )
-    )
-
-    # --- quality ----------------------------------------------------------------------------
-    d = d.with_row(dash.Row("Quality: denoising steps"))
-    d = d.with_panel(
-        ts(
-            "Steps chosen per block",
-            "Mean steps per block the step router chose, by quality level (pinned requests apart).",
-            [
-                q(
-                    f"sum by (quality, pinned) (rate({M.ROUTER_STEPS.series('sum')}{{{APP}}}[{RATE}])) / "
-                    f"sum by (quality, pinned) (rate({M.ROUTER_STEPS.series('count')}{{{APP}}}[{RATE}]))",
-                    "{{quality}} pinned={{pinned}}",
-                )
-            ],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Router rung",
-            "Step-ladder rung per ingress replica (0 = best).",
-            [q(f"max by (replica) ({M.ROUTER_RUNG.prom}{{{APP}}})", "{{replica}}")],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Forward passes per request",
-            "Denoising passes a request cost.",
-            quantiles(M.REQUEST_STEPS, APP, qs=(0.5, 0.95))
-            + [q(f"sum(rate({M.DENOISING_STEPS.prom}{{{APP}}}[{RATE}]))", "passes/s (all)")],
-        )
-    )
-
-    # --- load and autoscaling ---------------------------------------------------------------
-    d = d.with_row(dash.Row("Load and autoscaling"))
-    d = d.with_panel(
-        ts(
-            "Cluster load",
-            "Drain time (accepted work / capacity) and token "
-            "backlog, as the step router sees them.",
-            [
-                q(f"max({M.CLUSTER_DRAIN.prom}{{{APP}}})", "drain s"),
-                q(f"max({M.CLUSTER_BACKLOG.prom}{{{APP}}}) / 1000", "backlog (k token-steps)"),
-            ],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Replicas",
-            "Healthy ModelServer replicas against the autoscaler's "
-            "target and the policy's raw decision.",
-            [
-                q(f"sum({M.REPLICA_HEALTHY.prom}{{{SRV}}})", "healthy"),
-                q(f"max({M.TARGET_REPLICAS.prom}{{{SRV}}})", "target"),
-                q(f"max({M.DESIRED_REPLICAS.prom}{{{SRV}}})", "desired"),
-                q(f"max({M.CLUSTER_REPLICAS.prom}{{{APP}}})", "reporting load"),
-            ],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Queues",
-            "Requests waiting in Serve handles and in the engines.",
-            [
-                q(f"sum({M.QUEUED_QUERIES.prom}{{{SRV}}})", "in handles"),
-                q(f"sum({M.ENGINE_QUEUED.prom}{{{SRV}}})", "in engines"),
-                q(f"sum({M.PROCESSING_QUERIES.prom}{{{SRV}}})", "on replicas"),
-            ],
-        )
-    )
-
-    # --- engine -----------------------------------------------------------------------------
-    d = d.with_row(dash.Row("Engine (per replica)"))
-    per = "{{replica}}"
-    d = d.with_panel(
-        ts(
-            "Batch size",
-            "Sequences in the step batch.",
-            [q(f"{M.ENGINE_RUNNING.prom}{{{SRV}}}", per)],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Token backlog",
-            "Work left on each replica (token-steps).",
-            [q(f"{M.ENGINE_BACKLOG.prom}{{{SRV}}}", per)],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Capacity",
-            "Measured processing rate (token-steps/s).",
-            [q(f"{M.ENGINE_CAPACITY.prom}{{{SRV}}}", per)],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Step latency",
-            "Mean wall time of one batched step.",
-            [q(f"{M.ENGINE_STEP_LATENCY.prom}{{{SRV}}}", per)],
-            "ms",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Output tokens/s",
-            "Committed tokens per second.",
-            [q(f"{M.ENGINE_OUTPUT_TPS.prom}{{{SRV}}}", per)],
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "KV cache use",
-            "Fraction of the paged KV pool in use.",
-            [
-                q(
-                    f"{M.ENGINE_KV_USED.prom}{{{SRV}}} / "
-                    f"clamp_min({M.ENGINE_KV_TOTAL.prom}{{{SRV}}}, 1)",
-                    per,
-                )
-            ],
-            "percentunit",
-        )
-    )
-    d = d.with_panel(
-        ts(
-            "Tensor-parallel ranks",
-            "Ranks in each replica's group: 1 without TP, 0 while a replica with a failed rank "
-            "waits to be replaced.",
-            [q(f"{M.TP_RANKS.prom}{{{SRV}}}", per)],
-        )
-    )
+    for row, panels in ROWS:
+        d = d.with_row(dash.Row(row))
+        for spec in panels:
+            d = d.with_panel(build_panel(spec))
     return d
 
 
