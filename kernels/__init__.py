@@ -15,6 +15,7 @@
 
 Dispatch (kernels/dispatch.py): Triton for CUDA tensors, torch elsewhere; `DLLM_KERNELS=triton`
 or `torch` forces one (Triton on CPU tensors needs TRITON_INTERPRET=1: correctness only). The
-Triton modules are imported only when chosen, so the package imports without Triton. Tests pin
+Triton modules are imported only when chosen, so the package imports without Triton; a result
+type both sides return lives in its own module (commit_types.py), so neither imports the other. Tests pin
 every kernel to its reference (tests/kernels/); speed is in benchmarks/bench_kernels.py.
 """

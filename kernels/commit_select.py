@@ -18,20 +18,13 @@ pass with an online softmax.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from kernels.commit_types import CommitCandidates
 from kernels.dispatch import use_triton
 from kernels.noise import gumbel, uniform_noise
 
-
-@dataclass
-class CommitCandidates:
-    tokens: torch.Tensor
-    confidence: torch.Tensor
-    margin: torch.Tensor
-    entropy: torch.Tensor
+__all__ = ["CommitCandidates", "commit_candidates", "commit_candidates_reference", "top_p_filter"]
 
 
 def _per_row(x, n: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -75,7 +68,7 @@ def commit_candidates_reference(logits, temperature, top_p, seeds, positions, st
 
 def commit_candidates(logits, temperature, top_p, seeds, positions, steps) -> CommitCandidates:
     if use_triton(logits):
-        from kernels import commit_select_triton
+        from kernels import commit_select_triton  # imported when chosen: triton is optional on CPU
 
         return commit_select_triton.commit_candidates(logits, temperature, top_p, seeds,
                                                       positions, steps)

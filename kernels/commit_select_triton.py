@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.commit_select import CommitCandidates
+from kernels.commit_types import CommitCandidates
 from kernels.noise import SALT_VOCAB
 
 try:  # accurate log (__nv_logf, what torch.log runs on CUDA), for the same Gumbel bits

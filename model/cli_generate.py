@@ -3,9 +3,15 @@
     dllm generate --prompt "def fib(n):" --max-tokens 64 --steps 8
     dllm generate --prompt "x = 1\n" --suffix "\nprint(y)\n" --show-steps
     dllm generate --model /models/LLaDA-8B-Instruct --prompt "..." --block-length 32
+    dllm generate --model /models/LLaDA-8B-Instruct --prompt "..." --tensor-parallel 2 --device cuda
 
 `--steps` is denoising steps per block. `--show-steps` redraws the generated region after every
 step, masks shown as a shaded block, so you can watch the text appear out of the masks.
+
+One path for every tensor-parallel degree: `complete` builds the prompt, heals its last token,
+sets the family's sampling rules and generates; only where the network comes from differs (one
+process loads it whole; with --tensor-parallel N each of N processes loads its slice and runs
+`complete` in lockstep, and rank 0's answer is printed here), so TP N prints what TP 1 prints.
 """
 
 from __future__ import annotations
@@ -14,19 +20,15 @@ import argparse
 import logging
 import sys
 
-import torch
-
+from model.families import family_defaults
 from model.healing import heal_prompt
-from model.sampling import REMASKING_RULES, SamplingParams, generate
+from model.loaders import load_pretrained, resolve_device, torch_dtype
+from model.parallel import load_sharded, run_tp
+from model.sampling import REMASKING_RULES, GenerationResult, SamplingParams, generate
 
 log = logging.getLogger("dllm.generate")
 
-
-def load_model(name_or_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A preset name ("tiny-coder") or a checkpoint directory -> (net, tokenizer, cfg)."""
-    from model.loaders import load_pretrained  # every format, ours included
-
-    return load_pretrained(name_or_dir, device=device, dtype=dtype)
+MASK_GLYPH = "\u2591"  # light shade: a still-masked position in --show-steps frames
 
 
 def build_prompt(tokenizer, cfg, prompt: str, suffix: str | None):
@@ -56,17 +58,65 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-steps", action="store_true")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="shard the model over N processes (gloo on CPU, NCCL on GPUs)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda if present)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
 
 
-def family_tokens(params: SamplingParams, cfg) -> SamplingParams:
-    """The family's suppressed and deferred tokens (model/families.py), as the server uses."""
-    from model.families import family_defaults
-
+def sampling_params(args: argparse.Namespace, cfg) -> SamplingParams:
+    """The command line's settings, the model's defaults where none is given, and the family's
+    suppressed and deferred tokens (model/families.py), as the server uses them."""
     fam = family_defaults(cfg)
-    params.suppress_token_ids = list(fam.suppress_token_ids)
-    params.defer_token_ids = list(fam.defer_token_ids)
-    return params
+    return SamplingParams(
+        max_new_tokens=args.max_tokens, steps=args.steps or cfg.default_steps_per_block,
+        block_length=args.block_length or cfg.block_length, remasking=args.remasking,
+        confidence_threshold=args.confidence_threshold, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache,
+        suppress_token_ids=list(fam.suppress_token_ids),
+        defer_token_ids=list(fam.defer_token_ids))
+
+
+def step_printer(args: argparse.Namespace, tok, cfg):
+    """on_step for --show-steps (None without it): one frame of the canvas per step."""
+    if not args.show_steps:
+        return None
+    # On a terminal each step redraws the screen; piped output gets one frame per step.
+    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
+
+    def on_step(canvas, info):
+        shown = "".join(MASK_GLYPH if t == cfg.mask_id else tok.decode([t]) for t in canvas)
+        sys.stdout.write(f"{clear}-- block {info['block']} step {info['step']} "
+                         f"(total {info['steps']}) --\n{args.prompt}{shown}\n")
+        sys.stdout.flush()
+
+    return on_step
+
+
+def complete(net, tok, cfg, args: argparse.Namespace,
+             on_step=None) -> tuple[GenerationResult, str]:
+    """Prompt building, token healing and generation for the parsed command line.
+
+    -> (result, healed): `healed` is the prompt's tail that healing moved into the completion
+    (e.g. "\\n" of "class Point:\\n"), which the printed text leaves out."""
+    params = sampling_params(args, cfg)
+    prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
+    healed = ""
+    if args.suffix is None:
+        prompt_ids, healed, params.first_token_ids = heal_prompt(tok, prompt_ids)
+    result = generate(net, prompt_ids, params, suffix_ids=suffix_ids, tokenizer=tok,
+                      on_step=on_step)
+    return result, healed
+
+
+def completion_text(result: GenerationResult, healed: str) -> str:
+    """What the user asked for: the completion after the prompt they typed."""
+    return result.text[len(healed):] if result.text.startswith(healed) else result.text
+
+
+def _rank_complete(rank: int, world_size: int, device, args: argparse.Namespace):
+    """One rank of `--tensor-parallel N`: its slice of the model, then the same `complete`."""
+    net, tok, cfg = load_sharded(args.model, rank, world_size, device=device,
+                                 dtype=torch_dtype(args.dtype))
+    return complete(net, tok, cfg, args, step_printer(args, tok, cfg) if rank == 0 else None)
 
 
 def main(argv=None) -> None:
@@ -74,40 +124,18 @@ def main(argv=None) -> None:
     add_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
     if args.tensor_parallel > 1:
-        from model.parallel import tp_generate_cli
-
-        tp_generate_cli(args)
-        return
-    net, tok, cfg = load_model(args.model, device=args.device)
-    params = SamplingParams(
-        max_new_tokens=args.max_tokens, steps=args.steps or cfg.default_steps_per_block,
-        block_length=args.block_length or cfg.block_length, remasking=args.remasking,
-        confidence_threshold=args.confidence_threshold, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
-    family_tokens(params, cfg)
-    prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
-    healed = ""
-    if args.suffix is None:
-        prompt_ids, healed, params.first_token_ids = heal_prompt(tok, prompt_ids)
-    on_step = None
-    if args.show_steps:
-        # On a terminal each step redraws the screen; piped output gets one frame per step.
-        clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
-
-        def on_step(canvas, info):
-            shown = "".join("\u2591" if t == cfg.mask_id else tok.decode([t]) for t in canvas)
-            sys.stdout.write(f"{clear}-- block {info['block']} step {info['step']} "
-                             f"(total {info['steps']}) --\n{args.prompt}{shown}\n")
-            sys.stdout.flush()
-    try:
-        result = generate(net, prompt_ids, params, suffix_ids=suffix_ids, tokenizer=tok,
-                          on_step=on_step)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        result, healed = run_tp(_rank_complete, args.tensor_parallel, args, device=device)
+    else:
+        net, tok, cfg = load_pretrained(args.model, device=device, dtype=torch_dtype(args.dtype))
+        try:
+            result, healed = complete(net, tok, cfg, args, step_printer(args, tok, cfg))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if args.show_steps:
         print(f"-- done: {result.steps} steps, finish {result.finish_reason} --")
-    print(result.text[len(healed):] if result.text.startswith(healed) else result.text)
+    print(completion_text(result, healed))
 
 
 if __name__ == "__main__":

@@ -112,23 +112,25 @@ class ModelConfig:
         return cls.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
 
 
+def _published(**shape) -> dict:
+    """A published full-attention diffusion LM: no time conditioning, untied LM head, blocks of
+    32 at 8 steps each by default (the samplers' defaults; a request may override them)."""
+    return dict(attention="full", block_length=32, time_conditioning=False, tie_embeddings=False,
+                default_steps_per_block=8, **shape)
+
+
 PRESETS: dict[str, dict] = {
-    # The embedded model: ~7M parameters, trained on CPU from the Python standard library.
+    # The embedded model: 5.04M parameters (5,036,928 with the LM head tied to the embedding),
+    # trained on CPU from the Python standard library.
     "tiny-coder": dict(name="tiny-coder"),
     # LLaDA-8B (GSAI-ML/LLaDA-8B-Base): a Llama block without the causal mask.
-    "llada-8b": dict(
-        name="llada-8b", vocab_size=126464, d_model=4096, n_layers=32, n_heads=32,
-        n_kv_heads=32, mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5,
-        max_seq_len=4096, mask_id=126336, eos_id=126081, pad_id=126081, eot_id=126348,
-        attention="full", block_length=32, time_conditioning=False, logit_shift=False,
-        qkv_bias=False, tie_embeddings=False, default_steps_per_block=8,
-    ),
+    "llada-8b": _published(
+        name="llada-8b", vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+        mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5, max_seq_len=4096, mask_id=126336,
+        eos_id=126081, pad_id=126081, eot_id=126348, logit_shift=False, qkv_bias=False),
     # Dream-v0-7B (Dream-org/Dream-v0-Base-7B): Qwen2.5-7B shapes, shifted logits.
-    "dream-7b": dict(
-        name="dream-7b", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
-        n_kv_heads=4, mlp_hidden=18944, rope_theta=1000000.0, norm_eps=1e-6,
-        max_seq_len=2048, mask_id=151666, eos_id=151643, pad_id=151643, eot_id=151645,
-        attention="full", block_length=32, time_conditioning=False, logit_shift=True,
-        qkv_bias=True, tie_embeddings=False, default_steps_per_block=8,
-    ),
+    "dream-7b": _published(
+        name="dream-7b", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+        mlp_hidden=18944, rope_theta=1000000.0, norm_eps=1e-6, max_seq_len=2048, mask_id=151666,
+        eos_id=151643, pad_id=151643, eot_id=151645, logit_shift=True, qkv_bias=True),
 }

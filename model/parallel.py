@@ -36,7 +36,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,7 +47,9 @@ import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
+from model.loaders import load_pretrained
 from model.loaders import tp as plan
+from model.sampling import generate
 from model.transformer import Attention, DiffusionTransformer
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,6 @@ def load_sharded(path_or_preset, rank: int, world_size: int, *, group=None,
                  vocab_parallel: bool = False):
     """Any checkpoint model/loaders reads (published formats, ours, "tiny-coder"), sliced per
     rank on the way from disk, then wired for TP. -> (net, tokenizer, full ModelConfig)."""
-    from model.loaders import load_pretrained
-
     net, tok, cfg = load_pretrained(path_or_preset, device=device, dtype=dtype, tp_rank=rank,
                                     tp_size=world_size, progress=rank == 0)
     return apply_tp(net, rank, world_size, group, vocab_parallel=vocab_parallel), tok, cfg
@@ -356,8 +355,6 @@ def tp_forward(source, input_ids: torch.Tensor, tensor_parallel: int = 2, *,
 
 def _generate_worker(rank, world_size, device, source, prompt_ids, params, gen_kwargs,
                      build_kwargs):
-    from model.sampling import generate
-
     net = build_rank_model(source, rank, world_size, device, **build_kwargs)
     return generate(net, prompt_ids, params, **gen_kwargs)
 
@@ -374,37 +371,3 @@ def tp_generate(source, prompt_ids: list[int], params, tensor_parallel: int = 2,
     return run_tp(_generate_worker, tensor_parallel, source, list(prompt_ids), params, gen,
                   build, device=device)
 
-
-# --- `dllm generate --tensor-parallel N` ------------------------------------------------------
-
-def _cli_worker(rank, world_size, device, args):
-    from model.cli_generate import build_prompt, family_tokens
-    from model.sampling import SamplingParams, generate
-
-    net, tok, cfg = load_sharded(args.model, rank, world_size, device=device)
-    params = SamplingParams(
-        max_new_tokens=args.max_tokens, steps=args.steps or cfg.default_steps_per_block,
-        block_length=args.block_length or cfg.block_length, remasking=args.remasking,
-        confidence_threshold=args.confidence_threshold, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
-    family_tokens(params, cfg)
-    prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
-    on_step = None
-    if rank == 0 and args.show_steps:
-        def on_step(canvas, info):
-            shown = "".join("\u2591" if t == cfg.mask_id else tok.decode([t]) for t in canvas)
-            sys.stdout.write(f"-- block {info['block']} step {info['step']} "
-                             f"(total {info['steps']}) --\n{args.prompt}{shown}\n")
-            sys.stdout.flush()
-    return generate(net, prompt_ids, params, suffix_ids=suffix_ids, tokenizer=tok,
-                    on_step=on_step)
-
-
-def tp_generate_cli(args) -> None:
-    """The body of `dllm generate` for --tensor-parallel N > 1 (args as model/cli_generate
-    parses them): N processes (gloo on CPU, NCCL with --device cuda), rank 0's completion is
-    printed here."""
-    result = run_tp(_cli_worker, args.tensor_parallel, args, device=args.device)
-    if args.show_steps:
-        print(f"-- done: {result.steps} steps, finish {result.finish_reason} --")
-    print(result.text)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.data import ExampleSampler, python_corpus, split_files
 from model.diffusion import diffusion_loss
@@ -120,41 +120,12 @@ def train(args) -> Path:
     device = torch.device(args.device)
     net = DiffusionTransformer(cfg).to(device)
     log.info("model: %.2fM parameters", net.num_params() / 1e6)
-    decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in net.named_parameters() if p.dim() < 2 or "embeddings" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    state = {"step": 0, "tokens": 0, "wall_s": 0.0}
+    opt = _optimizer(net, args)
     ckpt = out / "ckpt.pt"
-    if args.init_from and not ckpt.exists():
-        from model.checkpoint import load_checkpoint
-
-        init, _, init_cfg = load_checkpoint(args.init_from, device=device)
-        if init_cfg.to_dict() != cfg.to_dict():
-            raise ValueError(f"--init-from config differs from preset {args.preset!r}")
-        net.load_state_dict(init.state_dict())
-        log.info("initialised from %s", args.init_from)
-    if ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
-        net.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        random.setstate(saved["py_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        log.info("resumed from %s at step %d (%d tokens seen)", ckpt, state["step"], state["tokens"])
-
+    state = _restore(net, opt, cfg, args, ckpt, device)
     engine = None
     if args.deepspeed:
-        import deepspeed  # only on GPU launches
-
-        ds_config = {
-            "train_micro_batch_size_per_gpu": args.batch_size,
-            "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": args.zero_stage},
-            "bf16": {"enabled": device.type == "cuda"},
-        }
-        engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config)
+        engine, opt = _deepspeed(net, opt, args, device)
         net = engine.module
 
     sampler = ExampleSampler(tok, train_files, seq_len=args.seq_len, seed=args.seed + rank + state["step"])
@@ -202,16 +173,66 @@ def train(args) -> Path:
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if rank == 0 and (state["step"] % args.ckpt_every == 0 or state["step"] == args.max_steps):
-            tmp = out / "ckpt.pt.tmp"
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                        "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                        "config": cfg.to_dict()}, tmp)
-            tmp.replace(ckpt)
-            if args.export:
-                save_checkpoint(args.export, net, tok)
-                (Path(args.export) / "train_state.json").write_text(json.dumps(state, indent=2))
+            _save(net, opt, tok, cfg, state, ckpt, args.export)
     bar.close()
     return out
+
+
+def _optimizer(net: DiffusionTransformer, args) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, embeddings, norms and biases do not (GPT-2 / nanoGPT practice)."""
+    decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "embeddings" not in n]
+    no_decay = [p for n, p in net.named_parameters() if p.dim() < 2 or "embeddings" in n]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def _restore(net, opt, cfg: ModelConfig, args, ckpt: Path, device) -> dict:
+    """Resume from `ckpt` (weights, optimizer, counters, RNG states) when it exists, else start
+    from --init-from's weights if given. -> the training counters."""
+    state = {"step": 0, "tokens": 0, "wall_s": 0.0}
+    if args.init_from and not ckpt.exists():
+        init, _, init_cfg = load_checkpoint(args.init_from, device=device)
+        if init_cfg.to_dict() != cfg.to_dict():
+            raise ValueError(f"--init-from config differs from preset {args.preset!r}")
+        net.load_state_dict(init.state_dict())
+        log.info("initialised from %s", args.init_from)
+    if ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        random.setstate(saved["py_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        log.info("resumed from %s at step %d (%d tokens seen)", ckpt, state["step"], state["tokens"])
+    return state
+
+
+def _deepspeed(net, opt, args, device):
+    """-> (DeepSpeed engine, its optimizer) for GPU launches under ZeRO stage --zero-stage."""
+    import deepspeed  # only on GPU launches
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": device.type == "cuda"},
+    }
+    engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config)
+    return engine, opt
+
+
+def _save(net, opt, tok, cfg: ModelConfig, state: dict, ckpt: Path, export: str | None) -> None:
+    """The resumable checkpoint (written to a temporary name, then renamed, so a kill mid-write
+    leaves the previous one), and with --export the servable model directory."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                "py_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                "config": cfg.to_dict()}, tmp)
+    tmp.replace(ckpt)
+    if export:
+        save_checkpoint(export, net, tok)
+        (Path(export) / "train_state.json").write_text(json.dumps(state, indent=2))
 
 
 def main(argv=None) -> None:

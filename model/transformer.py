@@ -125,21 +125,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU without biases (w2(silu(w1 x) * w3 x)) for "llama"; GPT-2's two-layer GELU MLP with
+    biases (proj(gelu_tanh(fc x))) for "gpt2" and "dit", whose checkpoints share that MLP."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gpt2 = cfg.arch in ("gpt2", "dit")  # GELU MLP with biases
-        if self.gpt2:
-            self.fc = nn.Linear(cfg.d_model, cfg.mlp_hidden)
-            self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model)
-        else:
+        self.swiglu = cfg.arch == "llama"
+        if self.swiglu:
             self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)  # gate
             self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)  # up
             self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)  # down
+        else:
+            self.fc = nn.Linear(cfg.d_model, cfg.mlp_hidden)
+            self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model)
 
     def forward(self, x):
-        if self.gpt2:
-            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):

@@ -3,12 +3,15 @@
     net, tok, cfg = load_pretrained("ckpt/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
     net, tok, cfg = load_pretrained("tiny-coder")            # the embedded model
     net, tok, cfg = load_pretrained(d, tp_rank=r, tp_size=n)  # each rank reads only its slice
+    load_pretrained(d, device=resolve_device("auto"), dtype=torch_dtype("bfloat16"))  # from text
 
-The one entry point for `dllm generate --model DIR` and the server. It returns our own network
-(model/transformer.py) with the published weights mapped onto it, whatever the family: forward
-takes ids [B, L] and returns logits [B, L, V] where logits[:, i] predicts token i (the shift of
-Dream-style models is applied inside), so every sampler works on every model. No code from the
-checkpoint directory is ever run (no trust_remote_code): architectures are re-implemented here.
+The one entry point for `dllm generate --model DIR` and the server (`torch_dtype` and
+`resolve_device` turn the dtype and device names of a command line or a YAML config into its
+arguments). It returns our own network (model/transformer.py) with the published weights mapped
+onto it, whatever the family: forward takes ids [B, L] and returns logits [B, L, V] where
+logits[:, i] predicts token i (the shift of Dream-style models is applied inside), so every
+sampler works on every model. No code from the checkpoint directory is ever run (no
+trust_remote_code): architectures are re-implemented here.
 
 Formats, detected from config.json (`model_type`; our own format by its field names):
 
@@ -58,7 +61,26 @@ log = logging.getLogger(__name__)
 FORMATS: tuple[Format, ...] = (llada.FORMAT, dream.FORMAT, llama.FORMAT, gpt2.FORMAT, bd3lm.FORMAT)
 _BY_MODEL_TYPE = {mt: f for f in FORMATS for mt in f.model_types}
 
-__all__ = ["load_pretrained", "detect_format", "resolve_path", "FormatError", "FORMATS"]
+__all__ = ["load_pretrained", "detect_format", "resolve_path", "torch_dtype", "resolve_device",
+           "FormatError", "FORMATS"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"float32" | "bfloat16" | "float16" -> the torch dtype (the names a YAML config or a
+    command line gives); ValueError for anything else."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; any other name is returned as given."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_path(path_or_preset: str | Path) -> Path:

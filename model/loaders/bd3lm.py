@@ -37,41 +37,7 @@ from __future__ import annotations
 import torch
 
 from model.config import ModelConfig
-from model.loaders.common import (
-    Format,
-    Target,
-    chunk,
-    first,
-    require,
-    special_id,
-    split_layer,
-    strip_prefix,
-)
-
-PREFIXES = ("backbone.",)
-_TOP = {
-    "vocab_embed.embedding": "tok_embeddings.weight",
-    "sigma_map.mlp.0.weight": "time_embed.mlp.0.weight",
-    "sigma_map.mlp.0.bias": "time_embed.mlp.0.bias",
-    "sigma_map.mlp.2.weight": "time_embed.mlp.2.weight",
-    "sigma_map.mlp.2.bias": "time_embed.mlp.2.bias",
-    "output_layer.norm_final.weight": "norm.weight",
-    "output_layer.linear.weight": "lm_head.weight",
-    "output_layer.linear.bias": "lm_head.bias",
-    "output_layer.adaLN_modulation.weight": "final_ada.weight",
-    "output_layer.adaLN_modulation.bias": "final_ada.bias",
-}
-_LAYER = {
-    "norm1.weight": "attn_norm.weight",
-    "norm2.weight": "mlp_norm.weight",
-    "attn_out.weight": "attn.wo.weight",
-    "mlp.0.weight": "mlp.fc.weight",
-    "mlp.0.bias": "mlp.fc.bias",
-    "mlp.2.weight": "mlp.proj.weight",
-    "mlp.2.bias": "mlp.proj.bias",
-    "adaLN_modulation.weight": "ada.weight",
-}
-_BUFFERS = ("rotary_emb.inv_freq", "sampling_eps_min", "sampling_eps_max", "sampling_eps")
+from model.loaders.common import Format, NameMap, Target, chunk, first, require, special_id
 
 
 def _gate_bias(t: torch.Tensor) -> torch.Tensor:
@@ -84,24 +50,36 @@ def _gate_bias(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def map_tensor(key: str, cfg: ModelConfig) -> list[Target] | None:
-    name = strip_prefix(key, PREFIXES)
-    if name in _BUFFERS:
-        return []
-    if name in _TOP:
-        return [Target(_TOP[name])]
-    layer = split_layer(name)
-    if layer is None:
-        return None
-    i, rest = layer
-    p = f"layers.{i}."
-    if rest in _LAYER:
-        return [Target(p + _LAYER[rest])]
-    if rest == "adaLN_modulation.bias":
-        return [Target(p + "ada.bias", _gate_bias)]
-    if rest == "attn_qkv.weight":  # 'b s (three h d)': q rows first, then k, then v
-        return [Target(p + f"attn.{w}.weight", chunk(j, 3)) for j, w in enumerate(("wq", "wk", "wv"))]
-    return None
+map_tensor = NameMap(
+    prefixes=("backbone.",),
+    top={
+        "vocab_embed.embedding": "tok_embeddings.weight",
+        "sigma_map.mlp.0.weight": "time_embed.mlp.0.weight",
+        "sigma_map.mlp.0.bias": "time_embed.mlp.0.bias",
+        "sigma_map.mlp.2.weight": "time_embed.mlp.2.weight",
+        "sigma_map.mlp.2.bias": "time_embed.mlp.2.bias",
+        "output_layer.norm_final.weight": "norm.weight",
+        "output_layer.linear.weight": "lm_head.weight",
+        "output_layer.linear.bias": "lm_head.bias",
+        "output_layer.adaLN_modulation.weight": "final_ada.weight",
+        "output_layer.adaLN_modulation.bias": "final_ada.bias",
+    },
+    layer={
+        "norm1.weight": "attn_norm.weight",
+        "norm2.weight": "mlp_norm.weight",
+        "attn_out.weight": "attn.wo.weight",
+        "mlp.0.weight": "mlp.fc.weight",
+        "mlp.0.bias": "mlp.fc.bias",
+        "mlp.2.weight": "mlp.proj.weight",
+        "mlp.2.bias": "mlp.proj.bias",
+        "adaLN_modulation.weight": "ada.weight",
+        "adaLN_modulation.bias": Target("ada.bias", _gate_bias),
+        # 'b s (three h d)': q rows first, then k, then v
+        "attn_qkv.weight": tuple(Target(f"attn.{w}.weight", chunk(j, 3))
+                                 for j, w in enumerate(("wq", "wk", "wv"))),
+    },
+    dropped=("rotary_emb.inv_freq", "sampling_eps_min", "sampling_eps_max", "sampling_eps"),
+)
 
 
 def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
@@ -113,8 +91,8 @@ def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
             "time_conditioning=true (adaLN fed sigma(t) of the log-linear schedule) is not "
             "reproduced; the published BD3-LM/MDLM checkpoints use time_conditioning=false")
 
-    def shape(suffix):
-        return next((v for k, v in shapes.items() if strip_prefix(k, PREFIXES) == suffix), None)
+    def shape(name):
+        return map_tensor.shape(shapes, name)
 
     emb = shape("vocab_embed.embedding")
     require(emb is not None, "no backbone.vocab_embed.embedding in the checkpoint")

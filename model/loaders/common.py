@@ -8,7 +8,8 @@
 
 A format module (llada.py, dream.py, ...) only says how a stored tensor name becomes our module
 names (`map_tensor`, returning `Target`s with an optional transform for fused or transposed
-storage). Everything else lives here: each tensor is read, transformed, cut to this rank's slice,
+storage), as a `NameMap` of tables: prefixes, whole-model names, per-layer names. Everything else
+lives here: each tensor is read, transformed, cut to this rank's slice,
 converted to the target dtype in the same copy that moves it to the device, and assigned in place
 of the meta parameter, so peak host memory is one tensor, not one model.
 """
@@ -107,6 +108,61 @@ def split_layer(name: str) -> tuple[int, str] | None:
     """'blocks.3.attn_out.weight' -> (3, 'attn_out.weight'); None if not a per-layer name."""
     m = LAYER_RE.match(name)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+# A stored per-layer tensor's place in a NameMap: one of our names (relative to layers.{i}.),
+# a Target (relative name + transform), or several Targets (a fused tensor split in parts).
+LayerEntry = str | Target | tuple[Target, ...]
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """A format's tensor names as tables: a MapTensor (stored name -> our Targets) for every
+    format whose stored names are a prefix, whole-model names and per-layer names.
+
+        map_tensor = NameMap(prefixes=("model.",), top={"norm.weight": "norm.weight"},
+                             layer={"self_attn.o_proj.weight": "attn.wo.weight"})
+
+    A stored name loses the first matching prefix; then `dropped` names (buffers: rotary
+    tables, causal masks) map to nothing, `top` names to one of ours, and per-layer names
+    ("h.3.attn.c_proj.weight", "blocks.3..." or "layers.3...") to `layer[rest]` under
+    "layers.3.". Anything else is unknown (None), so a wrong mapping fails the load. With
+    `bias_needs_qkv_bias` a per-layer ".bias" is unknown unless cfg.qkv_bias (Llama/Qwen2
+    names are the same with and without q/k/v biases)."""
+
+    prefixes: tuple[str, ...]
+    top: dict[str, str]
+    layer: dict[str, LayerEntry]
+    dropped: tuple[str, ...] = ()  # whole names after the prefix
+    dropped_in_layer: tuple[str, ...] = ()  # names after "layers.{i}."
+    bias_needs_qkv_bias: bool = False
+
+    def __call__(self, key: str, cfg: ModelConfig) -> list[Target] | None:
+        name = strip_prefix(key, self.prefixes)
+        if name in self.dropped:
+            return []
+        if name in self.top:
+            return [Target(self.top[name])]
+        layer = split_layer(name)
+        if layer is None:
+            return None
+        i, rest = layer
+        if rest in self.dropped_in_layer:
+            return []
+        if self.bias_needs_qkv_bias and rest.endswith(".bias") and not cfg.qkv_bias:
+            return None
+        entry = self.layer.get(rest)
+        if entry is None:
+            return None
+        if isinstance(entry, str):
+            entry = Target(entry)
+        parts = entry if isinstance(entry, tuple) else (entry,)
+        return [Target(f"layers.{i}.{t.name}", t.transform) for t in parts]
+
+    def shape(self, shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ...] | None:
+        """The stored shape of tensor `name` (given without prefix), or None if absent."""
+        return next((v for k, v in shapes.items() if strip_prefix(k, self.prefixes) == name),
+                    None)
 
 
 def chunk(i: int, n: int, dim: int = 0, then: Transform | None = None) -> Transform:

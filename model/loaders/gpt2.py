@@ -31,13 +31,12 @@ import logging
 from model.config import ModelConfig
 from model.loaders.common import (
     Format,
+    NameMap,
     Target,
     chunk,
     first,
     require,
     special_id,
-    split_layer,
-    strip_prefix,
     transpose,
 )
 
@@ -45,40 +44,30 @@ log = logging.getLogger(__name__)
 
 GPT2_VOCAB = 50257
 DIFFUGPT_SMALL_MASK_ID = 10541  # LLaMA-Factory/src/llamafactory/model/loader.py
-PREFIXES = ("transformer.", "denoise_model.", "model.transformer.")
-_TOP = {"wte.weight": "tok_embeddings.weight", "embed_tokens.weight": "tok_embeddings.weight",
-        "wpe.weight": "pos_embeddings.weight", "ln_f.weight": "norm.weight",
-        "ln_f.bias": "norm.bias", "lm_head.weight": "lm_head.weight"}
-_PLAIN = {"ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
-          "ln_2.weight": "mlp_norm.weight", "ln_2.bias": "mlp_norm.bias",
-          "attn.c_proj.bias": "attn.wo.bias", "mlp.c_fc.bias": "mlp.fc.bias",
-          "mlp.c_proj.bias": "mlp.proj.bias"}
-_CONV1D = {"attn.c_proj.weight": "attn.wo.weight", "mlp.c_fc.weight": "mlp.fc.weight",
-           "mlp.c_proj.weight": "mlp.proj.weight"}
-_BUFFERS = ("attn.bias", "attn.masked_bias")
+_QKV = ("wq", "wk", "wv")
 
-
-def map_tensor(key: str, cfg: ModelConfig) -> list[Target] | None:
-    name = strip_prefix(key, PREFIXES)
-    if name in _TOP:
-        return [Target(_TOP[name])]
-    layer = split_layer(name)
-    if layer is None:
-        return None
-    i, rest = layer
-    p = f"layers.{i}."
-    if rest in _BUFFERS:
-        return []
-    if rest in _PLAIN:
-        return [Target(p + _PLAIN[rest])]
-    if rest in _CONV1D:
-        return [Target(p + _CONV1D[rest], transpose)]
-    if rest == "attn.c_attn.weight":  # [d, 3d] -> q, k, v each [d, d] after the transpose
-        return [Target(p + f"attn.{w}.weight", chunk(j, 3, dim=1, then=transpose))
-                for j, w in enumerate(("wq", "wk", "wv"))]
-    if rest == "attn.c_attn.bias":
-        return [Target(p + f"attn.{w}.bias", chunk(j, 3)) for j, w in enumerate(("wq", "wk", "wv"))]
-    return None
+map_tensor = NameMap(
+    prefixes=("transformer.", "denoise_model.", "model.transformer."),
+    top={"wte.weight": "tok_embeddings.weight", "embed_tokens.weight": "tok_embeddings.weight",
+         "wpe.weight": "pos_embeddings.weight", "ln_f.weight": "norm.weight",
+         "ln_f.bias": "norm.bias", "lm_head.weight": "lm_head.weight"},
+    layer={
+        "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
+        "ln_2.weight": "mlp_norm.weight", "ln_2.bias": "mlp_norm.bias",
+        "attn.c_proj.bias": "attn.wo.bias", "mlp.c_fc.bias": "mlp.fc.bias",
+        "mlp.c_proj.bias": "mlp.proj.bias",
+        # Conv1D weights are [in, out]
+        "attn.c_proj.weight": Target("attn.wo.weight", transpose),
+        "mlp.c_fc.weight": Target("mlp.fc.weight", transpose),
+        "mlp.c_proj.weight": Target("mlp.proj.weight", transpose),
+        # [d, 3d] -> q, k, v each [d, d] after the transpose
+        "attn.c_attn.weight": tuple(Target(f"attn.{w}.weight", chunk(j, 3, dim=1, then=transpose))
+                                    for j, w in enumerate(_QKV)),
+        "attn.c_attn.bias": tuple(Target(f"attn.{w}.bias", chunk(j, 3))
+                                  for j, w in enumerate(_QKV)),
+    },
+    dropped_in_layer=("attn.bias", "attn.masked_bias"),
+)
 
 
 def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
@@ -89,8 +78,8 @@ def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
     require(not hf.get("scale_attn_by_inverse_layer_idx", False),
             "scale_attn_by_inverse_layer_idx is not supported")
 
-    def shape(suffix):
-        return next((v for k, v in shapes.items() if strip_prefix(k, PREFIXES) == suffix), None)
+    def shape(name):
+        return map_tensor.shape(shapes, name)
 
     emb = shape("wte.weight") or shape("embed_tokens.weight") or shape("lm_head.weight")
     require(emb is not None, "no token embedding (wte / embed_tokens / lm_head) in the checkpoint")

@@ -26,46 +26,20 @@ rather than silently mis-loaded.
 from __future__ import annotations
 
 from model.config import ModelConfig
-from model.loaders.common import (
-    Format,
-    Target,
-    first,
-    require,
-    special_id,
-    split_layer,
-    strip_prefix,
-    token_id,
+from model.loaders.common import Format, NameMap, first, require, special_id, token_id
+
+map_tensor = NameMap(
+    prefixes=("model.transformer.", "transformer."),
+    top={"wte.weight": "tok_embeddings.weight", "ln_f.weight": "norm.weight",
+         "ff_out.weight": "lm_head.weight"},
+    layer={
+        "attn_norm.weight": "attn_norm.weight", "attn_out.weight": "attn.wo.weight",
+        **{f"{p}_proj.{kind}": f"attn.w{p}.{kind}" for p in "qkv" for kind in ("weight", "bias")},
+        "ff_norm.weight": "mlp_norm.weight", "ff_proj.weight": "mlp.w1.weight",  # gate (SiLU)
+        "up_proj.weight": "mlp.w3.weight", "ff_out.weight": "mlp.w2.weight",  # up, down
+    },
+    bias_needs_qkv_bias=True,  # include_qkv_bias
 )
-
-_LAYER = {
-    "attn_norm.weight": "attn_norm.weight",
-    "q_proj.weight": "attn.wq.weight",
-    "k_proj.weight": "attn.wk.weight",
-    "v_proj.weight": "attn.wv.weight",
-    "q_proj.bias": "attn.wq.bias",
-    "k_proj.bias": "attn.wk.bias",
-    "v_proj.bias": "attn.wv.bias",
-    "attn_out.weight": "attn.wo.weight",
-    "ff_norm.weight": "mlp_norm.weight",
-    "ff_proj.weight": "mlp.w1.weight",
-    "up_proj.weight": "mlp.w3.weight",
-    "ff_out.weight": "mlp.w2.weight",
-}
-_TOP = {"wte.weight": "tok_embeddings.weight", "ln_f.weight": "norm.weight",
-        "ff_out.weight": "lm_head.weight"}
-PREFIXES = ("model.transformer.", "transformer.")
-
-
-def map_tensor(key: str, cfg: ModelConfig) -> list[Target] | None:
-    name = strip_prefix(key, PREFIXES)
-    if name in _TOP:
-        return [Target(_TOP[name])]
-    layer = split_layer(name)
-    if layer is None or layer[1] not in _LAYER:
-        return None
-    if layer[1].endswith(".bias") and not cfg.qkv_bias:
-        return None
-    return [Target(f"layers.{layer[0]}.{_LAYER[layer[1]]}")]
 
 
 def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
@@ -86,8 +60,8 @@ def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:
     require(not hf.get("scale_logits", False), "scale_logits is not supported")
     require(not hf.get("input_emb_norm", False), "input_emb_norm is not supported")
 
-    def shape(suffix):
-        return next((v for k, v in shapes.items() if strip_prefix(k, PREFIXES) == suffix), None)
+    def shape(name):
+        return map_tensor.shape(shapes, name)
 
     emb = shape("wte.weight")
     require(emb is not None, "no model.transformer.wte.weight in the checkpoint")

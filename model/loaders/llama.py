@@ -24,52 +24,30 @@ from __future__ import annotations
 import logging
 
 from model.config import ModelConfig
-from model.loaders.common import (
-    Format,
-    Target,
-    first,
-    require,
-    rope_theta,
-    special_id,
-    split_layer,
-    strip_prefix,
-)
+from model.loaders.common import Format, NameMap, first, require, rope_theta, special_id
 
 log = logging.getLogger(__name__)
 
 DIFFULLAMA_MASK_ID = 811  # LLaMA-Factory/src/llamafactory/model/loader.py
 
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "mlp_norm.weight",
-    "mlp.gate_proj.weight": "mlp.w1.weight",
-    "mlp.up_proj.weight": "mlp.w3.weight",
-    "mlp.down_proj.weight": "mlp.w2.weight",
-    "self_attn.o_proj.weight": "attn.wo.weight",
-}
-for _p, _o in (("q", "wq"), ("k", "wk"), ("v", "wv")):
-    _LAYER[f"self_attn.{_p}_proj.weight"] = f"attn.{_o}.weight"
-    _LAYER[f"self_attn.{_p}_proj.bias"] = f"attn.{_o}.bias"
-_IGNORED_LAYER = ("self_attn.rotary_emb.inv_freq",)
-_TOP = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
-        "lm_head.weight": "lm_head.weight"}
-PREFIXES = ("model.", "denoise_model.")
-
-
-def map_hf_llama(key: str, cfg: ModelConfig) -> list[Target] | None:
-    """Llama / Qwen2 tensor names (transformers) -> ours."""
-    name = strip_prefix(key, PREFIXES)
-    if name in _TOP:
-        return [Target(_TOP[name])]
-    layer = split_layer(name)
-    if layer is None:
-        return None
-    i, rest = layer
-    if rest in _IGNORED_LAYER:
-        return []
-    if rest.endswith(".bias") and not cfg.qkv_bias:
-        return None
-    return [Target(f"layers.{i}.{_LAYER[rest]}")] if rest in _LAYER else None
+# Llama / Qwen2 tensor names (transformers) -> ours.
+map_hf_llama = NameMap(
+    prefixes=("model.", "denoise_model."),
+    top={"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
+         "lm_head.weight": "lm_head.weight"},
+    layer={
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "mlp_norm.weight",
+        "mlp.gate_proj.weight": "mlp.w1.weight",
+        "mlp.up_proj.weight": "mlp.w3.weight",
+        "mlp.down_proj.weight": "mlp.w2.weight",
+        "self_attn.o_proj.weight": "attn.wo.weight",
+        **{f"self_attn.{p}_proj.{kind}": f"attn.w{p}.{kind}"
+           for p in "qkv" for kind in ("weight", "bias")},
+    },
+    dropped_in_layer=("self_attn.rotary_emb.inv_freq",),
+    bias_needs_qkv_bias=True,  # Qwen2 (Dream) has q/k/v biases, LLaMA-2 none
+)
 
 
 def llama_like_config(hf: dict, shapes: dict, *, name: str, family: str, theta_default: float,
@@ -84,9 +62,9 @@ def llama_like_config(hf: dict, shapes: dict, *, name: str, family: str, theta_d
     head_dim = hf.get("head_dim")
     require(head_dim in (None, d // n_heads),
             f"head_dim {head_dim} != hidden_size / num_attention_heads ({d // n_heads})")
-    emb = _find(shapes, "embed_tokens.weight")
-    gate = _find(shapes, "layers.0.mlp.gate_proj.weight")
-    lm_key = next((k for k in shapes if strip_prefix(k, PREFIXES) == "lm_head.weight"), None)
+    emb = map_hf_llama.shape(shapes, "embed_tokens.weight")
+    gate = map_hf_llama.shape(shapes, "layers.0.mlp.gate_proj.weight")
+    lm_head = map_hf_llama.shape(shapes, "lm_head.weight")
     return ModelConfig(
         name=name,
         vocab_size=emb[0],  # the stored embedding, which may be larger than config.vocab_size
@@ -98,19 +76,12 @@ def llama_like_config(hf: dict, shapes: dict, *, name: str, family: str, theta_d
         rope_theta=rope_theta(hf, theta_default),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         # A tied checkpoint stores no lm_head at all.
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)) or lm_key is None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)) or lm_head is None,
         time_conditioning=False,
         arch="llama",
         extra={"family": family, "model_type": hf.get("model_type")},
         **fields,
     )
-
-
-def _find(shapes: dict, suffix: str) -> tuple[int, ...] | None:
-    for k, v in shapes.items():
-        if k.endswith(suffix):
-            return v
-    return None
 
 
 def build_config(hf: dict, shapes: dict, raw_tok) -> ModelConfig:

@@ -8,7 +8,12 @@ match within per-dtype tolerances; the logits' dtype only changes what is read, 
 import pytest
 import torch
 
-from kernels.commit_select import commit_candidates, commit_candidates_reference, top_p_filter
+from kernels.commit_select import (
+    CommitCandidates,
+    commit_candidates,
+    commit_candidates_reference,
+    top_p_filter,
+)
 from kernels.noise import gumbel, uniform_noise
 
 LLADA_VOCAB = 126464
@@ -132,6 +137,46 @@ def test_dispatch_switch(device, monkeypatch):
     monkeypatch.setenv("DLLM_KERNELS", "bogus")
     with pytest.raises(ValueError):
         commit_candidates(logits, 0.0, 1.0, *coords)
+
+
+@pytest.mark.parametrize("field", ["confidence", "margin", "entropy"])
+def test_comparison_fails_on_an_all_nan_candidate(field, device, report):
+    """The pin can fail: a kernel whose scores came out NaN is caught (errors that are not
+    finite count as infinite, they are not dropped)."""
+    logits = _logits(4, 301, torch.float32, device, seed=9)
+
+    def nan_kernel(*args):
+        want = commit_candidates_reference(*args)
+        scores = {f: getattr(want, f) for f in ("confidence", "margin", "entropy")}
+        scores[field] = torch.full_like(scores[field], float("nan"))
+        return CommitCandidates(want.tokens, **scores)
+
+    real = globals()["_triton"]
+    globals()["_triton"] = nan_kernel
+    try:
+        with pytest.raises(AssertionError):
+            _compare(logits, 0.0, 1.0, report, f"all-NaN {field}")
+    finally:
+        globals()["_triton"] = real
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log(0)
+def test_row_without_a_finite_logit_is_nan_in_both(device, report):
+    """Every token banned in a row: no distribution, so the reference's scores are NaN there,
+    and the kernel's contract is the same NaN at the same place (and token 0); other rows are
+    unaffected."""
+    logits = _logits(3, 500, torch.float32, device, seed=10)
+    logits[1] = float("-inf")
+    coords = _coords(3, device)
+    for temperature in (0.0, 1.0):
+        want = commit_candidates_reference(logits, temperature, 1.0, *coords)
+        got = _triton(logits, temperature, 1.0, *coords)
+        assert torch.equal(got.tokens, want.tokens) and int(got.tokens[1]) == 0
+        for f, atol in (("confidence", PROB_ATOL), ("margin", PROB_ATOL),
+                        ("entropy", ENTROPY_RTOL * float(want.entropy[0]))):
+            g, w = getattr(got, f), getattr(want, f)
+            assert bool(w[1].isnan()) and bool(w[[0, 2]].isfinite().all())
+            assert report(f"all banned T={temperature} {f}", g, w)[0] <= atol
 
 
 @pytest.mark.cuda

@@ -332,6 +332,28 @@ DREAM_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 
+def llama_weights(g: torch.Generator, vocab: int, D: int, M: int, H: int, Hkv: int,
+                  qkv_bias: bool, n_layers: int = 2) -> dict[str, torch.Tensor]:
+    """Random transformers Llama / Qwen2 tensors (DiffuLLaMA, Dream): embedding, untied head,
+    n_layers of RMSNorm + GQA attention (q/k/v biases for Qwen2) + SwiGLU."""
+    hd = D // H
+    W = {"model.embed_tokens.weight": randn(g, vocab, D, std=1.0),
+         "model.norm.weight": norm_weight(g, D), "lm_head.weight": randn(g, vocab, D)}
+    for i in range(n_layers):
+        b = f"model.layers.{i}.self_attn."
+        W |= {f"model.layers.{i}.input_layernorm.weight": norm_weight(g, D),
+              f"model.layers.{i}.post_attention_layernorm.weight": norm_weight(g, D)}
+        for proj, rows in (("q", H * hd), ("k", Hkv * hd), ("v", Hkv * hd)):
+            W[b + f"{proj}_proj.weight"] = randn(g, rows, D)
+            if qkv_bias:
+                W[b + f"{proj}_proj.bias"] = randn(g, rows)
+        W[b + "o_proj.weight"] = randn(g, D, H * hd)
+        b = f"model.layers.{i}.mlp."
+        W |= {b + "gate_proj.weight": randn(g, M, D), b + "up_proj.weight": randn(g, M, D),
+              b + "down_proj.weight": randn(g, D, M)}
+    return W
+
+
 def make_dream(d: Path, seed: int = 1, shards: int = 1, tokenizer_json: bool = False):
     d.mkdir(parents=True, exist_ok=True)
     tcfg = {"bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>",
@@ -344,7 +366,6 @@ def make_dream(d: Path, seed: int = 1, shards: int = 1, tokenizer_json: bool = F
         (d / f).write_text(TRAP)
     vocab = max(ids.values()) + 1 + 6
     D, M, H, Hkv = 32, 80, 4, 2
-    hd = D // H
     c = {"model_type": "Dream", "architectures": ["DreamModel"],
          "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
                       "AutoModel": "modeling_dream.DreamModel"},
@@ -356,22 +377,7 @@ def make_dream(d: Path, seed: int = 1, shards: int = 1, tokenizer_json: bool = F
          "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
          "sliding_window": None, "max_window_layers": 2, "rope_scaling": None,
          "attention_dropout": 0.0, "torch_dtype": "bfloat16"}
-    g = torch.Generator().manual_seed(seed)
-    W = {"model.embed_tokens.weight": randn(g, vocab, D, std=1.0),
-         "model.norm.weight": norm_weight(g, D), "lm_head.weight": randn(g, vocab, D)}
-    for i in range(2):
-        b = f"model.layers.{i}."
-        W |= {b + "input_layernorm.weight": norm_weight(g, D),
-              b + "post_attention_layernorm.weight": norm_weight(g, D),
-              b + "self_attn.q_proj.weight": randn(g, H * hd, D),
-              b + "self_attn.q_proj.bias": randn(g, H * hd),
-              b + "self_attn.k_proj.weight": randn(g, Hkv * hd, D),
-              b + "self_attn.k_proj.bias": randn(g, Hkv * hd),
-              b + "self_attn.v_proj.weight": randn(g, Hkv * hd, D),
-              b + "self_attn.v_proj.bias": randn(g, Hkv * hd),
-              b + "self_attn.o_proj.weight": randn(g, D, H * hd),
-              b + "mlp.gate_proj.weight": randn(g, M, D), b + "mlp.up_proj.weight": randn(g, M, D),
-              b + "mlp.down_proj.weight": randn(g, D, M)}
+    W = llama_weights(torch.Generator().manual_seed(seed), vocab, D, M, H, Hkv, qkv_bias=True)
     write_checkpoint(d, c, W, shards)
     return W, c, ids
 
@@ -390,17 +396,7 @@ def make_diffullama(d: Path, seed: int = 2):
          "eos_token_id": ids["</s>"], "pad_token_id": None, "tie_word_embeddings": False,
          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
          "rope_scaling": None, "torch_dtype": "bfloat16"}
-    g = torch.Generator().manual_seed(seed)
-    W = {"model.embed_tokens.weight": randn(g, vocab, D, std=1.0),
-         "model.norm.weight": norm_weight(g, D), "lm_head.weight": randn(g, vocab, D)}
-    for i in range(2):
-        b = f"model.layers.{i}."
-        W |= {b + "input_layernorm.weight": norm_weight(g, D),
-              b + "post_attention_layernorm.weight": norm_weight(g, D),
-              b + "self_attn.q_proj.weight": randn(g, D, D), b + "self_attn.k_proj.weight": randn(g, D, D),
-              b + "self_attn.v_proj.weight": randn(g, D, D), b + "self_attn.o_proj.weight": randn(g, D, D),
-              b + "mlp.gate_proj.weight": randn(g, M, D), b + "mlp.up_proj.weight": randn(g, M, D),
-              b + "mlp.down_proj.weight": randn(g, D, M)}
+    W = llama_weights(torch.Generator().manual_seed(seed), vocab, D, M, H, H, qkv_bias=False)
     write_checkpoint(d, c, W)
     return W, c, ids
 

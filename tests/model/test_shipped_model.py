@@ -31,7 +31,17 @@ def test_completes_code_as_text():
 
 
 def test_fim_prompt_is_served():
+    """Fill in the middle: what a user gets is a non-empty middle that the model ends itself
+    (end of text inside the first block, not the token budget), free of special tokens, which
+    joins prefix and suffix into a file Python can parse; the steps reported are the 8 of the
+    one block denoised."""
     net, tok, cfg = load_checkpoint(EMBEDDED_DIR)
-    r = generate(net, tok.fim_prompt("x = [1, 2, 3]\n", "\nprint(total)\n"),
-                 SamplingParams(max_new_tokens=32, steps=8), tokenizer=tok)
-    assert isinstance(r.text, str) and r.finish_reason in ("stop", "length")
+    prefix, suffix = "x = [1, 2, 3]\n", "\nprint(total)\n"
+    r = generate(net, tok.fim_prompt(prefix, suffix), SamplingParams(max_new_tokens=32, steps=8),
+                 tokenizer=tok)
+    assert r.text, "empty middle"
+    assert r.finish_reason == "stop" and r.tokens[-1] == cfg.eos_id
+    special = {cfg.mask_id, tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id}
+    assert not special & set(r.tokens)
+    compile(prefix + r.text + suffix, "<fim>", "exec")  # SyntaxError fails the test
+    assert r.blocks == 1 and r.steps == 8
