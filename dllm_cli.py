@@ -3,7 +3,7 @@
     dllm train ...             train a diffusion LM (model/train.py)
     dllm generate ...          complete a prompt, optionally watching the canvas denoise
     dllm eval ...              quality against denoising steps -> benchmarks/results/quality.json
-    dllm bench sampler|engine|serve|burst|tp|full-cache ...   benchmarks -> results/
+    dllm bench sampler|engine|serve|burst|tp|full-cache|kernels ...   benchmarks -> results/
     dllm dashboard ...         Grafana dashboard as code
 
 Each subcommand lives in its own module and is imported only when used, so `dllm generate` does
@@ -27,13 +27,14 @@ BENCHES = {
     "burst": "benchmarks.bench_burst",
     "tp": "benchmarks.bench_tp",
     "full-cache": "benchmarks.bench_full_cache",
+    "kernels": "benchmarks.bench_kernels",
 }
 OTHER = {"dashboard": "monitoring.dashboard"}
 
 USAGE = __doc__
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         module = COMMANDS.get(cmd) or OTHER[cmd]
     else:
         sys.exit(f"unknown command {cmd!r}\n{USAGE}")
-    importlib.import_module(module).main(rest)
+    return importlib.import_module(module).main(rest)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

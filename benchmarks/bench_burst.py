@@ -17,7 +17,7 @@ model-server replicas, the steps per block the router chose (and its rung: the q
 p95 latency of the requests that finished in the last 5 s, and the cluster drain time; then
 writes benchmarks/results/burst.json and draws burst.png (one column per variant).
 
-By default the model servers run the mock engine (engine/mock.py): a step takes
+By default the model servers run the mock engine (benchmarks/mock_engine.py): a step takes
 `step_delay_s + token_cost_s * tokens in the batch` of sleep, so each replica behaves like a
 compute-bound accelerator with its own capacity and adding replicas adds capacity, which this
 2-core machine could not show with real CPU replicas. `--engine real` serves tiny-coder.
@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from tqdm import tqdm
+
+from benchmarks import harness
 
 log = logging.getLogger(__name__)
 
-RESULTS = Path(__file__).parent / "results"
 SERVER = "ModelServer"
 LATENCY_WINDOW_S = 5.0
 
@@ -109,19 +107,26 @@ class VariantResult:
 
 
 # --- variants ----------------------------------------------------------------------------------
+# ~2000 token-steps/s per mock replica; a 64-token answer at 16 steps/block = 1024 of them.
+MOCK_OPTIONS = {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32}
+
+
+def engine_factory(engine: str):
+    """The replicas' engine: the mock (MOCK_OPTIONS) or None for tiny-coder's real engine."""
+    if engine != "mock":
+        return None
+    from benchmarks.mock_engine import MockEngineFactory
+
+    return MockEngineFactory("tiny-coder", **MOCK_OPTIONS)
+
+
 def variant_args(
     name: str, engine: str, max_replicas: int, upscale_delay_s: float, downscale_delay_s: float
 ) -> dict:
     """deployments.app args for a variant (the same engine, bounds and delays for both)."""
-    if engine == "mock":
-        # ~2000 token-steps/s per replica; a 64-token answer at 16 steps/block = 1024 of them.
-        model = {
-            "source": "tiny-coder",
-            "engine": "mock",
-            "mock": {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32},
-        }
-    else:
-        model = {"source": "tiny-coder", "engine": "real", "device": "cpu", "torch_threads": 1}
+    model = {"source": "tiny-coder"}
+    if engine != "mock":
+        model.update(device="cpu", torch_threads=1)
     autoscaling = {
         "min_replicas": 1,
         "initial_replicas": 1,
@@ -166,9 +171,11 @@ async def send(
     model: str,
     max_tokens: int,
     i: int,
-    out: Outcome,
+    outcomes: list[Outcome],
     timeout_s: float,
 ) -> None:
+    out = Outcome(sent_at=time.monotonic())
+    outcomes.append(out)
     body = {
         "model": model,
         "prompt": f"# task {i}\ndef f{i}(x):\n",
@@ -206,55 +213,59 @@ def running_replicas(app_name: str | None) -> int | None:
         return None
 
 
+async def sample_seconds(
+    client: httpx.AsyncClient, url: str, seconds: list[Second], start: float, app_name: str | None,
+    load: asyncio.Task, schedule: Schedule, desc: str
+) -> int:
+    """At the end of each second: the router's rung and steps, the drain time and the running
+    replicas; stops once the load is done and the schedule is over -> seconds sampled."""
+    bar = harness.progress(total=len(seconds), desc=desc, unit="s")
+    sampled = 0
+    for sec in seconds:
+        await asyncio.sleep(max(0.0, start + sec.t + 1 - time.monotonic()))
+        health = await sample_health(client, url)
+        sec.rung = health.get("rung")
+        sec.router_steps = health.get("steps")
+        sec.drain_s = (health.get("load") or {}).get("drain_s")
+        sec.replicas = await asyncio.to_thread(running_replicas, app_name)
+        if sec.replicas is None:
+            sec.replicas = (health.get("load") or {}).get("replicas")
+        bar.update(1)
+        sampled = sec.t + 1
+        if load.done() and sec.t >= schedule.total_s:
+            break
+    bar.close()
+    return sampled
+
+
 async def run_load(
     url: str, schedule: Schedule, app_name: str | None, max_tokens: int, grace_s: float, desc: str
 ) -> list[Second]:
-    arrivals = schedule.arrivals()
+    """The open-loop schedule against `url`, bounded at its end + grace_s, sampled per second."""
     outcomes: list[Outcome] = []
-    seconds = [Second(t=i) for i in range(int(math.ceil(schedule.total_s + grace_s)))]
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits) as client:
-        model = (await client.get(f"{url}/v1/models", timeout=30)).json()["data"][0]["id"]
+    max_s = schedule.total_s + grace_s
+    seconds = [Second(t=i) for i in range(int(math.ceil(max_s)))]
+    async with harness.loopback_client(url, 2048, timeout_s=max_s) as client:
+        model = (await client.get("/v1/models", timeout=30)).json()["data"][0]["id"]
         start = time.monotonic()
-        tasks: list[asyncio.Task] = []
 
-        async def launcher() -> None:
-            for i, at in enumerate(arrivals):
-                delay = start + at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                out = Outcome(sent_at=time.monotonic())
-                outcomes.append(out)
-                tasks.append(
-                    asyncio.create_task(
-                        send(client, url, model, max_tokens, i, out, schedule.total_s + grace_s)
-                    )
-                )
+        def call(i: int):
+            return send(client, url, model, max_tokens, i, outcomes, max_s)
 
-        launch = asyncio.create_task(launcher())
-        bar = tqdm(total=len(seconds), desc=desc, unit="s")
-        sampled = 0
-        for sec in seconds:
-            # Sample at the end of each second.
-            await asyncio.sleep(max(0.0, start + sec.t + 1 - time.monotonic()))
-            health = await sample_health(client, url)
-            sec.rung = health.get("rung")
-            sec.router_steps = health.get("steps")
-            sec.drain_s = (health.get("load") or {}).get("drain_s")
-            sec.replicas = await asyncio.to_thread(running_replicas, app_name)
-            if sec.replicas is None:
-                sec.replicas = (health.get("load") or {}).get("replicas")
-            bar.update(1)
-            sampled = sec.t + 1
-            if launch.done() and all(t.done() for t in tasks) and sec.t >= schedule.total_s:
-                break
-        bar.close()
-        launch.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(launch, *tasks, return_exceptions=True)
+        load = asyncio.create_task(harness.open_loop(call, schedule.arrivals(), max_s=max_s))
+        sampled = await sample_seconds(client, url, seconds, start, app_name, load, schedule,
+                                       desc)
+        load.cancel()
+        await asyncio.gather(load, return_exceptions=True)
+    bucket(outcomes, seconds, start)
+    unfinished = sum(1 for o in outcomes if not o.done_at or o.status == 0)
+    if unfinished:
+        log.warning("%s: %d requests unfinished or failed at the end of the run", desc, unfinished)
+    return seconds[:sampled]
 
-    # Bucket the outcomes into seconds.
+
+def bucket(outcomes: list[Outcome], seconds: list[Second], start: float) -> None:
+    """Outcomes into the seconds they were sent / finished in; p95 over the latency window."""
     for out in outcomes:
         sent = int(out.sent_at - start)
         if 0 <= sent < len(seconds):
@@ -282,10 +293,6 @@ async def run_load(
         ]
         if steps:
             sec.steps_chosen = sum(steps) / len(steps)
-    unfinished = sum(1 for o in outcomes if not o.done_at or o.status == 0)
-    if unfinished:
-        log.warning("%s: %d requests unfinished or failed at the end of the run", desc, unfinished)
-    return seconds[:sampled]
 
 
 def summarize(seconds: list[Second], schedule: Schedule) -> dict:
@@ -317,78 +324,48 @@ def summarize(seconds: list[Second], schedule: Schedule) -> dict:
 
 
 # --- deploy and run ----------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
+def deployed_variants(args, schedule: Schedule) -> list[VariantResult]:
+    """Each variant deployed in turn on one local Ray + Serve, loaded, then deleted."""
+    from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from deployments.app import build_app
+
+    results: list[VariantResult] = []
+    with harness.serve_cluster(args.max_replicas + 2, "dllm-bench-burst") as base:
+        for name in args.variants:
+            app_args = variant_args(
+                name, args.engine, args.max_replicas, args.upscale_delay_s, args.downscale_delay_s
+            )
+            app_name = f"burst-{name}"
+            app = build_app(app_args, engine_factory=engine_factory(args.engine))
+            url = harness.deploy_app(app, base, app_name, route_prefix=f"/{app_name}")
+            time.sleep(args.settle_s)  # load stats and capacity measured before the load
+            secs = asyncio.run(
+                run_load(url, schedule, app_name, args.max_tokens, args.grace_s, name)
+            )
+            results.append(
+                VariantResult(
+                    name, DESCRIPTIONS[name], secs, app_args, summarize(secs, schedule)
+                )
+            )
+            serve.delete(app_name)
+    return results
 
 
 def run_variants(args) -> dict:
     schedule = Schedule(
         args.base_rps, args.burst_factor, args.quiet_s, args.burst_s, args.after_s, args.seed
     )
-    results: list[VariantResult] = []
     if args.url:
+        url = harness.require_loopback(args.url)
+        results = []
         for name in args.variants:
-            secs = asyncio.run(
-                run_load(args.url.rstrip("/"), schedule, None, args.max_tokens, args.grace_s, name)
-            )
+            secs = asyncio.run(run_load(url, schedule, None, args.max_tokens, args.grace_s, name))
             results.append(
-                VariantResult(
-                    name, f"{name} (app at {args.url})", secs, summary=summarize(secs, schedule)
-                )
+                VariantResult(name, f"{name} (app at {url})", secs, summary=summarize(secs, schedule))
             )
     else:
-        import ray
-        from ray import serve
-
-        from deployments.app import build_app
-
-        port = free_port()
-        ray.init(
-            num_cpus=args.max_replicas + 2,
-            include_dashboard=False,
-            log_to_driver=False,
-            namespace="dllm-bench-burst",
-        )
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
-            for name in args.variants:
-                app_args = variant_args(
-                    name,
-                    args.engine,
-                    args.max_replicas,
-                    args.upscale_delay_s,
-                    args.downscale_delay_s,
-                )
-                app_name, prefix = f"burst-{name}", f"/burst-{name}"
-                serve.run(build_app(app_args), name=app_name, route_prefix=prefix)
-                time.sleep(args.settle_s)  # load stats and capacity measured before the load
-                secs = asyncio.run(
-                    run_load(
-                        f"http://127.0.0.1:{port}{prefix}",
-                        schedule,
-                        app_name,
-                        args.max_tokens,
-                        args.grace_s,
-                        name,
-                    )
-                )
-                results.append(
-                    VariantResult(
-                        name,
-                        DESCRIPTIONS[name],
-                        secs,
-                        summary=summarize(secs, schedule),
-                        app_args=app_args,
-                    )
-                )
-                serve.delete(app_name)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        results = deployed_variants(args, schedule)
     return {
         "benchmark": "burst",
         "engine": "external" if args.url else args.engine,
@@ -400,8 +377,8 @@ def run_variants(args) -> dict:
             "downscale_delay_s": args.downscale_delay_s,
             "grace_s": args.grace_s,
             "latency_window_s": LATENCY_WINDOW_S,
+            "mock_engine": MOCK_OPTIONS if args.engine == "mock" and not args.url else None,
         },
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "variants": {
             r.name: {
                 "description": r.description,
@@ -415,14 +392,9 @@ def run_variants(args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     variants = result["variants"]
     sched = result["schedule"]
-    fig, axes = plt.subplots(
+    fig, axes = harness.figure(
         3, len(variants), figsize=(6.5 * len(variants), 9), sharex=True, sharey="row", squeeze=False
     )
     lat_max = max(
@@ -492,9 +464,24 @@ def plot(result: dict, path: Path) -> None:
         f"{sched['burst_s']:.0f} s (shaded); engine: {result['engine']}",
         fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
+
+
+# (flag, type, default, help): the schedule, then the serving set-up both variants share
+NUMERIC_FLAGS = [
+    ("--base-rps", float, 1.0, "quiet load, requests/s"),
+    ("--burst-factor", float, 4.0, "the burst's load over the quiet one"),
+    ("--quiet-s", float, 20.0, "seconds of quiet load before the burst"),
+    ("--burst-s", float, 40.0, "seconds of burst"),
+    ("--after-s", float, 60.0, "seconds of quiet load after it"),
+    ("--grace-s", float, 15.0, "wait this long after the schedule for stragglers, then stop"),
+    ("--max-tokens", int, 64, "tokens per answer"),
+    ("--max-replicas", int, 4, "autoscaling bound"),
+    ("--upscale-delay-s", float, 2.0, None),
+    ("--downscale-delay-s", float, 15.0, None),
+    ("--settle-s", float, 3.0, "seconds between deploying and loading a variant"),
+    ("--seed", int, 0, "of the arrival schedule"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -504,31 +491,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--url", help="measure an app already running here (no deploy, no Ray)")
     p.add_argument("--engine", choices=["mock", "real"], default="mock")
-    p.add_argument("--base-rps", type=float, default=1.0)
-    p.add_argument("--burst-factor", type=float, default=4.0)
-    p.add_argument("--quiet-s", type=float, default=20.0)
-    p.add_argument("--burst-s", type=float, default=40.0)
-    p.add_argument("--after-s", type=float, default=60.0)
-    p.add_argument(
-        "--grace-s",
-        type=float,
-        default=15.0,
-        help="wait this long after the schedule for stragglers, then stop",
-    )
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-replicas", type=int, default=4)
-    p.add_argument("--upscale-delay-s", type=float, default=2.0)
-    p.add_argument("--downscale-delay-s", type=float, default=15.0)
-    p.add_argument("--settle-s", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS / "burst.json"))
-    args = p.parse_args(argv)
+    for flag, kind, default, help_ in NUMERIC_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=help_)
+    p.add_argument("--out", default=None, help="JSON path (default results/burst.json)")
+    args = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
     result = run_variants(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out.with_suffix(".png"))
+    out = harness.write_results("burst", result, args.out, indent=1)
+    plot(result, out)
     for name, v in result["variants"].items():
         s = v["summary"]
         print(

@@ -16,29 +16,23 @@ absolute numbers (a shared 2-core CPU).
 engine then first serves the same requests once untimed (--warm-pass, on by default with graphs),
 so the graphs of the shapes the run meets are captured before the clock starts, and the row
 records the graph counters of the timed pass. benchmarks/gpu_check.py runs eager and graphs side
-by side on CUDA with these functions.
+by side on CUDA through the same harness.run_engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import logging
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from engine import Engine, EngineConfig
-from engine.types import Finished, GenerationRequest
-from model.sampling import SamplingParams, generate
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks import harness
+from benchmarks.harness import run_engine, run_generate
+from engine.types import GenerationRequest
+from model.sampling import SamplingParams
 
 SNIPPETS = [
     "import os\n\n\ndef read_config(path):\n",
@@ -58,81 +52,6 @@ def make_requests(tok, n: int, params: SamplingParams) -> list[GenerationRequest
         prompt = f"# task {i}\n" + SNIPPETS[i % len(SNIPPETS)]
         out.append(GenerationRequest(f"bench-{i}", tok.encode(prompt), params))
     return out
-
-
-async def _closed_loop(engine: Engine, reqs: list[GenerationRequest], concurrency: int,
-                       tag: str = "") -> tuple[float, int, list[float], dict[str, list[int]]]:
-    """c clients, each submitting its next request when the previous one finishes.
-    -> (seconds, completion tokens, latencies, token ids per request id)."""
-    todo = [dataclasses.replace(r, request_id=r.request_id + tag) for r in reqs]
-    latencies: list[float] = []
-    outputs: dict[str, list[int]] = {}
-    tokens = 0
-
-    async def client():
-        nonlocal tokens
-        while todo:
-            req = todo.pop(0)
-            t0 = time.perf_counter()
-            ids: list[int] = []
-            async for ev in engine.submit(req):
-                ids += getattr(ev, "token_ids", None) or []
-                if isinstance(ev, Finished):
-                    assert ev.error is None, ev.error
-                    tokens += ev.completion_tokens
-            latencies.append(time.perf_counter() - t0)
-            outputs[req.request_id.removesuffix(tag) if tag else req.request_id] = ids
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*[client() for _ in range(concurrency)])
-    return time.perf_counter() - t0, tokens, latencies, outputs
-
-
-async def run_engine(net, tok, reqs: list[GenerationRequest], concurrency: int,
-                     max_num_seqs: int, engine_options: dict | None = None,
-                     warm_pass: bool = False, keep_tokens: bool = False) -> dict:
-    """One fresh Engine(EngineConfig(max_num_seqs, **engine_options)) serving `reqs` with c
-    clients. warm_pass: serve them once untimed first (graph captures, allocator growth)."""
-    engine = Engine(net, tok, net.cfg, EngineConfig(max_num_seqs=max_num_seqs,
-                                                    **(engine_options or {})))
-    await engine.start()
-    before = {"iterations": 0, "busy_s": 0.0, "cache_write_s": 0.0, "worker_s": 0.0}
-    static = engine.runner.static
-    graphs_before = static.stats() if static is not None else None
-    if warm_pass:
-        await _closed_loop(engine, reqs, concurrency, tag="-warm")
-        before = {k: engine.stats().extra[k] for k in before}
-        graphs_before = static.stats() if static is not None else None
-    seconds, tokens, latencies, outputs = await _closed_loop(engine, reqs, concurrency)
-    stats = engine.stats()
-    await engine.shutdown()
-    ex = {k: stats.extra[k] - before[k] for k in before}
-    it = ex["iterations"]
-    row = {"concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens,
-           "seconds": seconds, "tokens_per_s": tokens / seconds,
-           "mean_latency_s": statistics.mean(latencies),
-           "p50_latency_s": statistics.median(latencies),
-           "iterations": it, "mean_iteration_ms": 1000 * ex["busy_s"] / max(it, 1),
-           "cache_write_share": ex["cache_write_s"] / max(ex["busy_s"], 1e-9),
-           "capacity_token_steps_per_s": stats.capacity_token_steps_per_s,
-           "worker_share": ex["worker_s"] / max(ex["busy_s"], 1e-9),
-           "warm_pass": warm_pass}
-    if static is not None:
-        now = static.stats()
-        # counters of the timed pass; "graphs" and "shapes" are totals
-        row["cuda_graphs"] = {**now, **{k: now[k] - graphs_before[k]
-                                        for k in ("captures", "replays", "uncaptured")}}
-    if keep_tokens:
-        row["tokens"] = outputs
-    return row
-
-
-def run_generate(net, tok, reqs: list[GenerationRequest]) -> dict:
-    t0 = time.perf_counter()
-    tokens = sum(len(generate(net, r.prompt_ids, r.params).tokens) for r in reqs)
-    seconds = time.perf_counter() - t0
-    return {"requests": len(reqs), "output_tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}
 
 
 def main(argv=None) -> None:
@@ -157,13 +76,14 @@ def main(argv=None) -> None:
     p.add_argument("--no-generate", action="store_true", help="skip the generate() baseline")
     p.add_argument("--out", default=None, help="default results/bench_engine.json "
                    "(bench_engine_cuda_graphs.json with --cuda-graphs)")
-    args = p.parse_args(argv)
+    args = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from model.cli_generate import load_model
+    from model.loaders import load_pretrained
 
-    net, tok, cfg = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    net, tok, cfg = load_pretrained(args.model, device=args.device,
+                                    dtype=getattr(torch, args.dtype), progress=False)
     params = SamplingParams(max_new_tokens=args.new_tokens, block_length=args.block_length,
                             steps=args.steps, stop_token_ids=[])
     reqs = make_requests(tok, args.requests, params)
@@ -174,8 +94,8 @@ def main(argv=None) -> None:
     settings = list(args.concurrency) + ([] if args.no_generate else ["generate"])
     runs: dict = {c: [] for c in settings}
     plan = [c for _ in range(args.repeats) for c in settings]
-    for c in _progress(plan, desc="runs"):
-        runs[c].append(run_generate(net, tok, reqs) if c == "generate" else
+    for c in harness.progress(plan, desc="runs"):
+        runs[c].append(run_generate(net, reqs) if c == "generate" else
                        asyncio.run(run_engine(net, tok, reqs, c, max(args.concurrency), options,
                                               warm_pass=warm)))
 
@@ -196,15 +116,12 @@ def main(argv=None) -> None:
                                                 "device": args.device, "dtype": args.dtype,
                                                 "engine_options": options,
                                                 "warm_pass": warm},
-              "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(),
               "load_average_1m": [load_before, os.getloadavg()[0]],
               "rows": rows, "generate_sequential": ref}
-    out = Path(args.out or RESULTS / ("bench_engine_cuda_graphs.json" if args.cuda_graphs
-                                      else "bench_engine.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    _plot(rows, ref, out.with_suffix(".png"), result)
+    name = "bench_engine_cuda_graphs" if args.cuda_graphs else "bench_engine"
+    out = harness.write_results(name, result, args.out)
+    _plot(rows, ref, out, result)
     print(f"{'concurrency':>12}{'tok/s':>10}{'x seq':>8}{'iter ms':>9}{'write %':>9}{'p50 s':>8}")
     for r in rows:
         print(f"{r['concurrency']:>12}{r['tokens_per_s']:>10.1f}{r['speedup_vs_sequential']:>8.2f}"
@@ -214,21 +131,8 @@ def main(argv=None) -> None:
         print(f"{'generate()':>12}{ref['tokens_per_s']:>10.1f}  (one after another, no engine)")
 
 
-def _progress(items, desc: str):
-    try:  # tqdm is not needed to run this from benchmarks/gpu_check.py (torch + triton only)
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return items
-    return tqdm(items, desc=desc)
-
-
 def _plot(rows, ref, path: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = harness.figure(figsize=(7, 4.5))
     xs = [str(r["concurrency"]) for r in rows]
     bars = ax.bar(xs, [r["tokens_per_s"] for r in rows], color="tab:blue", label="engine")
     for b, r in zip(bars, rows, strict=True):
@@ -245,9 +149,7 @@ def _plot(rows, ref, path: Path, result: dict) -> None:
                  f"block {s['block_length']}, {s['steps_per_block']} steps/block "
                  f"({result['threads']} torch thread{'s' if result['threads'] > 1 else ''})", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

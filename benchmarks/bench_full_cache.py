@@ -20,25 +20,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
-import json
 import logging
 import os
-import platform
-import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine import Engine, EngineConfig
-from engine.types import Finished, GenerationRequest
+from benchmarks import harness
+from benchmarks.harness import agreement
+from engine.types import GenerationRequest
 from model.config import ModelConfig
-from model.sampling import FULL_CACHE_MODES, SamplingParams, generate
+from model.sampling import FULL_CACHE_MODES, SamplingParams
 from model.transformer import DiffusionTransformer
-
-RESULTS = Path(__file__).parent / "results"
 
 
 class CountingNet(nn.Module):
@@ -77,59 +71,22 @@ def make_requests(cfg: ModelConfig, n: int, prompt_len: int, params: SamplingPar
 
 
 def run_generate(net, reqs) -> dict:
+    """generate one request after another, counting its forwards and the tokens they ran."""
     counting = CountingNet(net)
-    t0 = time.perf_counter()
-    outputs = {r.request_id: generate(counting, r.prompt_ids, r.params).tokens for r in reqs}
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(t) for t in outputs.values())
-    return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
-            "forwards": counting.forwards,
-            "tokens_per_forward": counting.tokens / counting.forwards, "outputs": outputs}
+    row = harness.run_generate(counting, reqs, keep_tokens=True)
+    return {"seconds": row["seconds"], "output_tokens": row["output_tokens"],
+            "tokens_per_s": row["tokens_per_s"], "forwards": counting.forwards,
+            "tokens_per_forward": counting.tokens / counting.forwards, "outputs": row["tokens"]}
 
 
 async def run_engine(net, tok, reqs, concurrency: int) -> dict:
-    engine = Engine(net, tok, net.cfg, EngineConfig(max_num_seqs=concurrency))
-    steps: list[tuple[int, int]] = []  # (rows, real tokens) of each denoising step
-    denoise = engine.runner.denoise
-
-    def counting(seqs):
-        n, outcome, apply = denoise(seqs)
-        steps.append((len(seqs), n))
-        return n, outcome, apply
-
-    engine.runner.denoise = counting
-    todo = list(reqs)
-    outputs: dict[str, list[int]] = {}
-
-    async def client():
-        while todo:
-            req = todo.pop(0)
-            ids: list[int] = []
-            async for ev in engine.submit(req):
-                ids += getattr(ev, "token_ids", None) or []
-                if isinstance(ev, Finished):
-                    outputs[req.request_id] = ids
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*[client() for _ in range(concurrency)])
-    seconds = time.perf_counter() - t0
-    await engine.shutdown()
-    tokens = sum(len(t) for t in outputs.values())
-    rows = sum(r for r, _ in steps)
-    return {"concurrency": concurrency, "seconds": seconds, "output_tokens": tokens,
-            "tokens_per_s": tokens / seconds, "iterations": len(steps),
-            "token_steps": sum(n for _, n in steps),
-            "tokens_per_row_step": sum(n for _, n in steps) / max(rows, 1),
-            "outputs": outputs}
-
-
-def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
-    same = total = 0
-    for rid, ta in a.items():
-        tb = b[rid]
-        same += sum(x == y for x, y in zip(ta, tb, strict=False))
-        total += max(len(ta), len(tb))
-    return same / max(total, 1)
+    """A fresh Engine with `concurrency` clients, the tokens its denoising steps ran counted."""
+    row = await harness.run_engine(net, tok, reqs, concurrency, max_num_seqs=concurrency,
+                                   keep_tokens=True, count_steps=True)
+    return {"concurrency": concurrency, "seconds": row["seconds"],
+            "output_tokens": row["output_tokens"], "tokens_per_s": row["tokens_per_s"],
+            "iterations": row["iterations"], "token_steps": row["token_steps"],
+            "tokens_per_row_step": row["tokens_per_row_step"], "outputs": row["tokens"]}
 
 
 def main(argv=None) -> None:
@@ -145,19 +102,19 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=None, help="default results/bench_full_cache_cpu.json")
-    args = p.parse_args(argv)
+    args = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    from model.cli_generate import load_model
+    from model.loaders import load_pretrained
 
-    _, tok, _ = load_model("tiny-coder")  # its tokenizer: detokenising the engine's stream
+    _, tok, _ = load_pretrained("tiny-coder", progress=False)  # its tokenizer: detokenising the engine's stream
     net = random_model(tok, args.d_model, args.layers, args.heads)
     load_before = os.getloadavg()[0]
     base = SamplingParams(max_new_tokens=args.new_tokens, block_length=args.block_length,
                           steps=args.steps, stop_token_ids=[])
     asyncio.run(run_engine(net, tok, make_requests(net.cfg, 2, 32, base), 2))  # warm-up
     rows = {}
-    for mode in _progress(FULL_CACHE_MODES, "modes"):
+    for mode in harness.progress(FULL_CACHE_MODES, "modes"):
         reqs = make_requests(net.cfg, args.requests, args.prompt_tokens,
                              dataclasses.replace(base, full_cache=mode))
         with torch.no_grad():
@@ -174,13 +131,7 @@ def main(argv=None) -> None:
     for row in rows.values():
         for kind in ("generate", "engine"):
             del row[kind]["outputs"]
-    flags = " ".join(sys.argv[1:] if argv is None else argv)
     result = {"benchmark": "bench_full_cache",
-              "command": f"python -m benchmarks.bench_full_cache {flags}".strip(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__},
               "load_average_1m": [load_before, os.getloadavg()[0]],
               "model": {"name": net.cfg.name, "params": net.num_params(),
                         "d_model": args.d_model, "layers": args.layers, "heads": args.heads,
@@ -189,10 +140,8 @@ def main(argv=None) -> None:
                            "block_length": args.block_length, "steps_per_block": args.steps,
                            "requests": args.requests, "concurrency": args.concurrency},
               "rows": rows}
-    out = Path(args.out or RESULTS / "bench_full_cache_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    _plot(result, out.with_suffix(".png"))
+    out = harness.write_results("bench_full_cache_cpu", result, args.out)
+    _plot(result, out)
     print(f"{'mode':>8}{'gen tok/s':>11}{'x':>6}{'tok/fwd':>9}{'agree':>7}"
           f"{'eng tok/s':>11}{'x':>6}{'tok/row-step':>14}{'agree':>7}")
     for mode, row in rows.items():
@@ -203,23 +152,10 @@ def main(argv=None) -> None:
               f"{e['tokens_per_row_step']:>14.1f}{e['agreement_with_none']:>7.2f}")
 
 
-def _progress(items, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return items
-    return tqdm(items, desc=desc)
-
-
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
     modes = list(rows)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (ax, ax2) = harness.figure(1, 2, figsize=(10, 4.2))
     w = 0.38
     for k, (kind, color) in enumerate((("generate", "tab:gray"), ("engine", "tab:blue"))):
         xs = [i + (k - 0.5) * w for i in range(len(modes))]
@@ -243,12 +179,10 @@ def _plot(result: dict, path: Path) -> None:
     ax2.set_title("work per forward; token agreement with none (random weights)", fontsize=9)
     s, mdl = result["settings"], result["model"]
     fig.suptitle(f"full-attention KV cache, {mdl['name']} ({mdl['params'] / 1e6:.1f}M, random), "
-                 f"CPU {result['machine']['torch_threads']} thread(s): prompt ~{s['prompt_tokens']}, "
+                 f"CPU {torch.get_num_threads()} thread(s): prompt ~{s['prompt_tokens']}, "
                  f"{s['new_tokens']} new, block {s['block_length']}, {s['steps_per_block']} steps",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

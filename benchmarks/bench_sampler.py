@@ -12,19 +12,14 @@ benchmarks/results/bench_sampler.json and .png; ratios are what to read, not abs
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
+from benchmarks import harness
 from model.sampling import SamplingParams, generate
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = '''import os
 
 
@@ -51,12 +46,12 @@ def main(argv=None) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(RESULTS / "bench_sampler.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, help="JSON path (default results/bench_sampler.json)")
+    args = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.WARNING)
-    from model.cli_generate import load_model
+    from model.loaders import load_pretrained
 
-    net, tok, cfg = load_model(args.model)
+    net, tok, cfg = load_pretrained(args.model, progress=False)
     prompt_ids = tok.encode(PROMPT)
     n = args.new_tokens
     common = dict(max_new_tokens=n, stop_token_ids=[])
@@ -71,7 +66,7 @@ def main(argv=None) -> None:
                                   fused_commit=cache)))
     generate(net, prompt_ids, SamplingParams(**common, **settings[1][1]))  # warm-up
     rows = []
-    for name, kw in tqdm(settings, desc="settings"):
+    for name, kw in harness.progress(settings, desc="settings"):
         params = SamplingParams(**common, **kw)
         sec, steps = timed(net, prompt_ids, params, args.repeats)
         rows.append({"setting": name, **kw, "new_tokens": n, "seconds": sec,
@@ -79,12 +74,9 @@ def main(argv=None) -> None:
     ar = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup_vs_autoregressive"] = r["tokens_per_s"] / ar
-    result = {"model": args.model, "prompt_tokens": len(prompt_ids), "machine": platform.processor()
-              or platform.machine(), "threads": torch.get_num_threads(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    _plot(rows, out.with_suffix(".png"), n)
+    result = {"model": args.model, "prompt_tokens": len(prompt_ids), "rows": rows}
+    out = harness.write_results("bench_sampler", result, args.out)
+    _plot(rows, out, n)
     print(f"{'setting':<22}{'tok/s':>10}{'x AR':>8}{'steps':>7}")
     for r in rows:
         print(f"{r['setting']:<22}{r['tokens_per_s']:>10.1f}{r['speedup_vs_autoregressive']:>8.2f}"
@@ -92,12 +84,7 @@ def main(argv=None) -> None:
 
 
 def _plot(rows, path: Path, n: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = harness.figure(figsize=(7, 4.5))
     for cache, style in ((True, "-o"), (False, "--s")):
         pts = [(r["steps"], r["tokens_per_s"]) for r in rows[1:] if r["use_cache"] == cache]
         ax.plot([x for x, _ in pts], [y for _, y in pts], style,
@@ -109,9 +96,7 @@ def _plot(rows, path: Path, n: int) -> None:
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"tiny-coder sampler throughput, {n} new tokens (CPU)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

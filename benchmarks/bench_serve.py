@@ -3,7 +3,7 @@ steps, side by side in one run -> benchmarks/results/serve.json + serve.png.
 
     dllm bench serve                          # deploy serve_config.yaml's app on a local Ray
     dllm bench serve --quick                  # short settings (64-token answers, fewer requests)
-    dllm bench serve --engine mock            # the mock engine (HTTP + Ray cost alone)
+    dllm bench serve --engine mock            # benchmarks/mock_engine.py: HTTP + Ray cost alone
     dllm bench serve --url http://127.0.0.1:8000 --model-id tiny-coder   # a running server
 
 For each mode (adaptive: the step router decides; best: every request pins the ladder's first
@@ -21,7 +21,7 @@ Closed-loop clients cannot overload a server (they wait), which is why this phas
 
 Overhead: at concurrency 1, a 128-token answer at the best rung through HTTP + Ray against the
 same request on an engine in this process (same model, same EngineConfig), alternating, medians
-of `--overhead-repeats`. Goals the issue sets (on this CPU): HTTP+Ray overhead < 15 % of the
+of `--overhead-repeats`. Goals (on this CPU): HTTP+Ray overhead < 15 % of the
 end-to-end latency; under 4x overload (C=64 on 16 engine slots) the adaptive router keeps p95
 within 2x of the unloaded p95 (best rung, C=1) while fixed best quality goes past 4x.
 """
@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
-import math
-import os
-import platform
-import socket
+import random
 import statistics
 import time
 from collections import Counter
@@ -44,12 +43,14 @@ from pathlib import Path
 
 import httpx
 import yaml
-from tqdm import tqdm
+
+from benchmarks import harness
+from benchmarks.harness import percentile
 
 log = logging.getLogger("dllm.bench.serve")
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+APP_NAME = "dllm-bench"
 PROMPTS = [
     "def fibonacci(n):", "Write a function that parses a CSV line.", "class LRUCache:",
     "import json\n\ndef load(path):", "Sort a list of dicts by a key.", "def is_prime(n):",
@@ -87,16 +88,7 @@ class Level:
     mean_forward_passes: float | None
 
 
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-# --- the load generator ----------------------------------------------------------------------
+# --- the load ---------------------------------------------------------------------------------
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
                       pin: int | None) -> Sample:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
@@ -135,31 +127,6 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return sample
 
 
-async def run_open_loop(url: str, model: str, mode: str, rate: float, total: int,
-                        max_tokens: int, pin: int | None, seed: int, bar: tqdm) -> Level:
-    """Poisson arrivals at `rate` requests/s, `total` requests, each on its own connection."""
-    import random
-
-    rng = random.Random(seed)
-    samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=total + 4, max_keepalive_connections=total)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1200.0),
-                                 limits=limits) as client:
-        async def fire(i: int):
-            prompt = PROMPTS[i % len(PROMPTS)] + f"  # {i}"
-            samples.append(await one_request(client, model, prompt, max_tokens, pin))
-            bar.update(1)
-
-        t0 = time.perf_counter()
-        tasks = []
-        for i in range(total):
-            tasks.append(asyncio.create_task(fire(i)))
-            await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
-    return summarize(samples, mode, -1, wall)
-
-
 def summarize(samples: list[Sample], mode: str, concurrency: int, wall: float) -> Level:
     good = [s for s in samples if s.ok]
     lat = [s.latency_s for s in good]
@@ -178,22 +145,36 @@ def summarize(samples: list[Sample], mode: str, concurrency: int, wall: float) -
 
 
 async def run_level(url: str, model: str, mode: str, concurrency: int, total: int,
-                    max_tokens: int, pin: int | None, bar: tqdm) -> Level:
-    samples: list[Sample] = []
-    counter = iter(range(total))
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1200.0),
-                                 limits=limits) as client:
-        async def worker(w: int):
-            for i in counter:
-                prompt = PROMPTS[(w + i) % len(PROMPTS)] + f"  # {i}"
-                samples.append(await one_request(client, model, prompt, max_tokens, pin))
-                bar.update(1)
+                    max_tokens: int, pin: int | None, bar) -> Level:
+    """Closed loop: `concurrency` clients, `total` requests."""
+    async with harness.loopback_client(url, concurrency) as client:
+        async def call(i: int, w: int) -> Sample:
+            prompt = PROMPTS[(w + i) % len(PROMPTS)] + f"  # {i}"
+            sample = await one_request(client, model, prompt, max_tokens, pin)
+            bar.update(1)
+            return sample
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(w) for w in range(concurrency)])
-        wall = time.perf_counter() - t0
+        wall, samples = await harness.closed_loop(call, concurrency, total)
     return summarize(samples, mode, concurrency, wall)
+
+
+async def run_open_loop(url: str, model: str, mode: str, rate: float, total: int,
+                        max_tokens: int, pin: int | None, seed: int, bar) -> Level:
+    """Poisson arrivals at `rate` requests/s, `total` requests, each on its own connection."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(total):
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    async with harness.loopback_client(url, total) as client:
+        async def call(i: int) -> Sample:
+            prompt = PROMPTS[i % len(PROMPTS)] + f"  # {i}"
+            sample = await one_request(client, model, prompt, max_tokens, pin)
+            bar.update(1)
+            return sample
+
+        wall, samples = await harness.open_loop(call, arrivals)
+    return summarize(samples, mode, -1, wall)
 
 
 def wait_idle(url: str, best_rung_too: bool = True, max_s: float = 600.0) -> None:
@@ -211,15 +192,12 @@ def wait_idle(url: str, best_rung_too: bool = True, max_s: float = 600.0) -> Non
     log.warning("the cluster did not go idle within %.0f s", max_s)
 
 
-# --- deployment ------------------------------------------------------------------------------
-def app_args(config: Path, engine: str, ladder: list[int] | None,
-             thresholds: list[float] | None) -> dict:
+# --- the app under test --------------------------------------------------------------------------
+def app_args(config: Path, ladder: list[int] | None, thresholds: list[float] | None) -> dict:
+    """serve_config.yaml's app args with the limits lifted, so that the load, not a limit,
+    decides the latencies (4096 queued / in flight: more than any level sends)."""
     apps = yaml.safe_load(config.read_text())["applications"]
     args = dict(apps[0].get("args") or {})
-    args["model"] = {**args.get("model", {}), "engine": engine}
-    if engine == "mock":
-        args["model"]["mock"] = {"step_delay_s": 0.002, "token_cost_s": 5e-5,
-                                 "max_num_seqs": args.get("engine", {}).get("max_num_seqs", 16)}
     args["auth"] = {"api_keys_env": None}
     args["limits"] = {**args.get("limits", {}), "max_inflight": 4096, "max_drain_s": None}
     args["engine"] = {**args.get("engine", {}), "max_queued": 4096}
@@ -231,94 +209,71 @@ def app_args(config: Path, engine: str, ladder: list[int] | None,
     return args
 
 
-def deploy(args: dict) -> tuple[str, object]:
-    import ray
-    from ray import serve
+def mock_factory(args: dict):
+    """The model-free engine: a 2 ms step plus 50 us per token in the batch, as many slots as
+    the real engine would have (so HTTP + Ray cost is what is left to measure)."""
+    from benchmarks.mock_engine import MockEngineFactory
 
-    from deployments.app import build_app
+    return MockEngineFactory(args.get("model", {}).get("source", "tiny-coder"),
+                             step_delay_s=0.002, token_cost_s=5e-5,
+                             max_num_seqs=args.get("engine", {}).get("max_num_seqs", 16))
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="dllm-bench")
-    with socket.socket() as sock:  # a free loopback port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="dllm-bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}", ray
+
+def local_engine(args: dict, factory=None):
+    """The engine the server runs, built in this process -> (engine, tokenizer): the factory's,
+    or the real Engine on args.model with args.engine's EngineConfig fields."""
+    if factory is not None:
+        engine, tok, _ = factory()
+        return engine, tok
+    import torch
+
+    from engine import Engine, EngineConfig
+    from model.loaders import load_pretrained, resolve_device, torch_dtype
+
+    model = args.get("model", {})
+    if model.get("torch_threads"):
+        torch.set_num_threads(model["torch_threads"])
+    net, tok, cfg = load_pretrained(model.get("source", "tiny-coder"),
+                                    device=resolve_device(model.get("device", "cpu")),
+                                    dtype=torch_dtype(model.get("dtype", "float32")),
+                                    progress=False)
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    opts = {k: v for k, v in args.get("engine", {}).items() if k in fields}
+    return Engine(net, tok, cfg, EngineConfig(**opts)), tok
 
 
 # --- overhead: HTTP + Ray against the engine alone ----------------------------------------------
-async def engine_alone_latency(args: dict, prompt_ids: list[int], max_tokens: int, steps: int,
-                               block_length: int):
-    """The engine the server runs, in this process: -> async callable timing one request."""
-    from deployments.app import parse_args
-    from deployments.server import ServerConfig, build_engine
-    from engine.types import GenerationRequest, TextDelta
+def _params(max_tokens: int, steps: int, block_length: int):
     from model.sampling import SamplingParams
 
-    a = parse_args(args)
-    engine, _, _ = build_engine(ServerConfig(
-        model=a.model.source, dtype=a.model.dtype, device=a.model.device, engine=a.model.engine,
-        engine_options=a.engine.engine_options(), mock_options=a.model.mock.model_dump(
-            exclude_none=True), torch_threads=a.model.torch_threads))
-    await engine.start()
-    count = {"n": 0}
-
-    async def timed() -> tuple[float, float | None]:
-        count["n"] += 1
-        params = SamplingParams(max_new_tokens=max_tokens, steps=steps, block_length=block_length,
-                                stop_token_ids=[])
-        t0, first = time.perf_counter(), None
-        async for ev in engine.submit(GenerationRequest(f"alone-{count['n']}", prompt_ids,
-                                                        params)):
-            if first is None and isinstance(ev, TextDelta) and ev.text:
-                first = time.perf_counter() - t0
-        return time.perf_counter() - t0, first
-
-    return engine, timed
+    return SamplingParams(max_new_tokens=max_tokens, steps=steps, block_length=block_length,
+                          stop_token_ids=[])
 
 
-async def handle_latency(app_name: str, prompt_ids: list[int], max_tokens: int, steps: int,
-                         block_length: int, i: int) -> float:
+async def engine_alone_latency(engine, prompt_ids: list[int], params, i: int) -> float:
+    """One request straight to an engine in this process."""
+    from engine.types import GenerationRequest
+
+    t0 = time.perf_counter()
+    async for _ in engine.submit(GenerationRequest(f"alone-{i}", prompt_ids, params)):
+        pass
+    return time.perf_counter() - t0
+
+
+async def handle_latency(app_name: str, prompt_ids: list[int], params, i: int) -> float:
     """The same request straight to the ModelServer through a DeploymentHandle (Ray, no HTTP)."""
     from ray import serve
 
     from engine.types import GenerationRequest
-    from model.sampling import SamplingParams
 
     h = serve.get_deployment_handle("ModelServer", app_name=app_name).options(stream=True)
-    params = SamplingParams(max_new_tokens=max_tokens, steps=steps, block_length=block_length,
-                            stop_token_ids=[])
     t0 = time.perf_counter()
     async for _ in h.generate.remote(GenerationRequest(f"handle-{i}", prompt_ids, params)):
         pass
     return time.perf_counter() - t0
 
 
-async def measure_overhead(url: str, model: str, args: dict | None, tokenizer, max_tokens: int,
-                           steps: int, block_length: int, repeats: int,
-                           app_name: str | None = None) -> dict:
-    """Alternating, medians: HTTP (streaming, as clients call it), the ModelServer through a
-    Ray handle, and the same engine in this process."""
-    prompt = PROMPTS[0]
-    http, alone, handle = [], [], []
-    out: dict = {"max_tokens": max_tokens, "steps_per_block": steps, "repeats": repeats}
-    engine = timed = None
-    ids = None
-    if args is not None and tokenizer is not None:
-        ids = tokenizer.chat_prompt([{"role": "user", "content": prompt}])
-        engine, timed = await engine_alone_latency(args, ids, max_tokens, steps, block_length)
-    async with httpx.AsyncClient(base_url=url, timeout=1200) as client:
-        for i in tqdm(range(repeats), desc="overhead (HTTP vs handle vs engine alone)"):
-            if timed is not None:
-                alone.append((await timed())[0])
-            if app_name is not None and ids is not None:
-                handle.append(await handle_latency(app_name, ids, max_tokens, steps,
-                                                   block_length, i))
-            s = await one_request(client, model, prompt, max_tokens, steps)
-            if s.ok:
-                http.append(s.latency_s)
-    if engine is not None:
-        await engine.shutdown()
+def _medians(out: dict, http: list, handle: list, alone: list) -> dict:
     out["http_latency_s"] = statistics.median(http) if http else None
     out["http_samples_s"] = http
     if handle:
@@ -335,6 +290,33 @@ async def measure_overhead(url: str, model: str, args: dict | None, tokenizer, m
                 out["http_ingress_share"] = (out["http_latency_s"] - out["ray_handle_latency_s"]
                                              ) / out["http_latency_s"]
     return out
+
+
+async def measure_overhead(url: str, model: str, args: dict | None, factory, max_tokens: int,
+                           steps: int, block_length: int, repeats: int,
+                           app_name: str | None = None) -> dict:
+    """Alternating, medians: HTTP (streaming, as clients call it), the ModelServer through a
+    Ray handle, and the same engine in this process (when the app was deployed here)."""
+    prompt, params = PROMPTS[0], _params(max_tokens, steps, block_length)
+    http, alone, handle = [], [], []
+    engine = ids = None
+    if args is not None:
+        engine, tok = local_engine(args, factory)
+        ids = tok.chat_prompt([{"role": "user", "content": prompt}])
+        await engine.start()
+    async with harness.loopback_client(url, 4) as client:
+        for i in harness.progress(range(repeats), desc="overhead (HTTP vs handle vs engine alone)"):
+            if engine is not None:
+                alone.append(await engine_alone_latency(engine, ids, params, i))
+            if app_name is not None and ids is not None:
+                handle.append(await handle_latency(app_name, ids, params, i))
+            s = await one_request(client, model, prompt, max_tokens, steps)
+            if s.ok:
+                http.append(s.latency_s)
+    if engine is not None:
+        await engine.shutdown()
+    out = {"max_tokens": max_tokens, "steps_per_block": steps, "repeats": repeats}
+    return _medians(out, http, handle, alone)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -372,14 +354,28 @@ def goals(levels: list[Level], overhead: dict, overload: list[Level] | None = No
     return out
 
 
+def _plot_overload(ax, ax_steps, overload: list[Level], unloaded_p95: float | None) -> None:
+    if not overload:
+        ax.axis("off")
+        ax_steps.axis("off")
+        return
+    names = [lv.mode for lv in overload]
+    ax.bar(names, [lv.latency_p95_s or 0 for lv in overload], color="tab:orange", label="p95")
+    ax.bar(names, [lv.latency_p50_s or 0 for lv in overload], color="tab:blue", label="p50")
+    if unloaded_p95:
+        ax.axhline(unloaded_p95, color="k", ls="--", label="unloaded p95")
+        ax.axhline(2 * unloaded_p95, color="g", ls=":", label="2x unloaded")
+    ax.set_ylabel("latency (s)")
+    ax.set_title("open-loop overload")
+    ax.legend()
+    ax_steps.bar(names, [lv.mean_steps_per_block or 0 for lv in overload])
+    ax_steps.set_ylabel("steps per block (mean)")
+    ax_steps.set_title("open-loop overload: steps chosen")
+
+
 def plot(levels: list[Level], overload: list[Level], unloaded_p95: float | None, path: Path,
          title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    fig, axes = harness.figure(2, 3, figsize=(16, 8))
     panels = [("output_tok_per_s", "output tokens/s"), ("latency_p95_s", "p95 latency (s)"),
               ("ttft_p50_s", "time to first token p50 (s)"),
               ("mean_steps_per_block", "steps per block chosen (mean)")]
@@ -397,36 +393,89 @@ def plot(levels: list[Level], overload: list[Level], unloaded_p95: float | None,
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    ax = flat[4]
-    if overload:
-        names = [lv.mode for lv in overload]
-        ax.bar(names, [lv.latency_p95_s or 0 for lv in overload], color="tab:orange",
-               label="p95")
-        ax.bar(names, [lv.latency_p50_s or 0 for lv in overload], color="tab:blue", label="p50")
-        if unloaded_p95:
-            ax.axhline(unloaded_p95, color="k", ls="--", label="unloaded p95")
-            ax.axhline(2 * unloaded_p95, color="g", ls=":", label="2x unloaded")
-        ax.set_ylabel("latency (s)")
-        ax.set_title("open-loop overload")
-        ax.legend()
-    else:
-        ax.axis("off")
-    ax = flat[5]
-    if overload:
-        ax.bar([lv.mode for lv in overload], [lv.mean_steps_per_block or 0 for lv in overload])
-        ax.set_ylabel("steps per block (mean)")
-        ax.set_title("open-loop overload: steps chosen")
-    else:
-        ax.axis("off")
+    _plot_overload(flat[4], flat[5], overload, unloaded_p95)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
+
+
+# --- the run -------------------------------------------------------------------------------------
+def closed_levels(url: str, model: str, a, modes: list[str], levels_c: list[int],
+                  pins: dict) -> list[Level]:
+    levels: list[Level] = []
+    total_requests = sum(max(c * a.rounds, a.min_requests) for c in levels_c) * len(modes)
+    bar = harness.progress(total=total_requests, desc="bench serve")
+    for mode in modes:
+        for c in levels_c:
+            wait_idle(url)
+            total = max(c * a.rounds, a.min_requests)
+            bar.set_postfix(mode=mode, c=c)
+            lv = asyncio.run(run_level(url, model, mode, c, total, a.max_tokens, pins[mode], bar))
+            log.info("%s c=%d: %.1f tok/s, p50 %.2fs p95 %.2fs, ttft p50 %s, steps %s, errors %s",
+                     mode, c, lv.output_tok_per_s, lv.latency_p50_s or -1, lv.latency_p95_s or -1,
+                     lv.ttft_p50_s, lv.steps_chosen, lv.errors)
+            levels.append(lv)
+    bar.close()
+    return levels
+
+
+def overload_levels(url: str, model: str, a, modes: list[str], pins: dict, rate: float
+                    ) -> list[Level]:
+    """Open loop at `rate` (a factor x the best rung's saturated rate) for each mode."""
+    overload: list[Level] = []
+    if rate <= 0 or a.overload_requests <= 0:
+        return overload
+    bar = harness.progress(total=a.overload_requests * len(modes), desc=f"overload {rate:.2f} req/s")
+    for mode in modes:
+        wait_idle(url)
+        lv = asyncio.run(run_open_loop(url, model, mode, rate, a.overload_requests,
+                                       a.max_tokens, pins[mode], seed=0, bar=bar))
+        log.info("overload %s: p50 %.2fs p95 %.2fs, steps %s, errors %s", mode,
+                 lv.latency_p50_s or -1, lv.latency_p95_s or -1, lv.steps_chosen, lv.errors)
+        overload.append(lv)
+    bar.close()
+    return overload
+
+
+def bench(url: str, a, args: dict, deployed: bool, factory) -> dict:
+    """Every phase against the app at `url` -> the result document."""
+    levels_c = [int(x) for x in a.concurrency.split(",")]
+    modes = a.modes.split(",")
+    model = a.model_id or httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
+    card = httpx.get(f"{url}/v1/models/{model}", timeout=60).json()
+    block_length = card.get("block_length") or 32
+    ladder = args.get("ladder", {}).get("steps", [16, 8, 4, 2])
+    pins = {"adaptive": None, "best": ladder[0], "fastest": ladder[-1]}
+    # Warm-up: a burst teaches the replica its peak rate (the router's capacity), then idle.
+    warm = harness.progress(total=16, desc="warm-up")
+    asyncio.run(run_level(url, model, "warmup", 16, 16, 32, ladder[-1], warm))
+    warm.close()
+    levels = closed_levels(url, model, a, modes, levels_c, pins)
+    best_rates = [lv.ok / lv.wall_s for lv in levels if lv.mode == "best" and lv.wall_s > 0]
+    saturated = max(best_rates, default=0.0)
+    rate = a.overload_factor * saturated
+    overload = overload_levels(url, model, a, modes, pins, rate)
+    wait_idle(url)
+    overhead = asyncio.run(measure_overhead(
+        url, model, args if deployed else None, factory, a.overhead_tokens, ladder[0],
+        block_length, a.overhead_repeats, app_name=APP_NAME if deployed else None))
+    return {
+        "benchmark": "serve", "url": url, "model": model,
+        "engine": a.engine if deployed else "external",
+        "settings": {"concurrency": levels_c, "modes": modes, "max_tokens": a.max_tokens,
+                     "rounds": a.rounds, "min_requests": a.min_requests, "ladder": ladder,
+                     "thresholds_s": args.get("ladder", {}).get("thresholds_s"),
+                     "pins": pins, "quick": a.quick},
+        "levels": [asdict(lv) for lv in levels],
+        "overload": {"factor": a.overload_factor, "best_saturated_req_per_s": saturated,
+                     "rate_req_per_s": rate, "levels": [asdict(lv) for lv in overload]},
+        "overhead": overhead,
+        "goals": goals(levels, overhead, overload),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dllm bench serve", description=__doc__.split("\n")[0])
-    p.add_argument("--url", help="benchmark a running server instead of deploying one")
+    p.add_argument("--url", help="benchmark a running server (on this machine) instead")
     p.add_argument("--model-id", help="model name to send (default: the server's)")
     p.add_argument("--config", default=str(REPO / "serve_config.yaml"))
     p.add_argument("--engine", choices=("real", "mock"), default="real")
@@ -442,113 +491,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overhead-repeats", type=int, default=5)
     p.add_argument("--overhead-tokens", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="64-token answers, 1 round, 4 minimum")
-    p.add_argument("--out", default=str(RESULTS / "serve"), help="path stem for .json/.png")
-    p.add_argument("--note", default="", help="what else ran on the machine, for the JSON")
-    a = p.parse_args(argv)
+    p.add_argument("--out", default=None, help="path stem for .json/.png (default results/serve)")
+    a = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.quick:
         a.max_tokens, a.rounds, a.min_requests = 64, 1, 4
         a.overhead_repeats = min(a.overhead_repeats, 3)
         a.overload_requests = min(a.overload_requests, 32)
-    levels_c = [int(x) for x in a.concurrency.split(",")]
-    modes = a.modes.split(",")
-
-    args = app_args(Path(a.config), a.engine,
-                    [int(x) for x in a.ladder.split(",")] if a.ladder else None,
+    args = app_args(Path(a.config), [int(x) for x in a.ladder.split(",")] if a.ladder else None,
                     [float(x) for x in a.thresholds.split(",")] if a.thresholds else None)
-    ray = None
-    if a.url:
-        url, args_local = a.url.rstrip("/"), None
-    else:
-        url, ray = deploy(args)
-        args_local = args
-    model = a.model_id or httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
-    card = httpx.get(f"{url}/v1/models/{model}", timeout=60).json()
-    block_length = card.get("block_length") or 32
-    ladder = args.get("ladder", {}).get("steps", [16, 8, 4, 2])
-    pins = {"adaptive": None, "best": ladder[0], "fastest": ladder[-1]}
-    tokenizer = None
-    if args_local is not None:
-        from deployments.server import load_config_and_tokenizer
+    factory = mock_factory(args) if a.engine == "mock" else None
+    with contextlib.ExitStack() as stack:
+        if a.url:
+            url = harness.require_loopback(a.url)
+        else:
+            from deployments.app import build_app
 
-        try:
-            _, tokenizer = load_config_and_tokenizer(args_local["model"]["source"])
-        except FileNotFoundError:
-            tokenizer = None
-
-    # Warm-up: a burst teaches the replica its peak rate (the router's capacity), then idle.
-    log.info("warm-up")
-    warm = tqdm(total=16, desc="warm-up")
-    asyncio.run(run_level(url, model, "warmup", 16, 16, 32, ladder[-1], warm))
-    warm.close()
-
-    levels: list[Level] = []
-    total_requests = sum(max(c * a.rounds, a.min_requests) for c in levels_c) * len(modes)
-    bar = tqdm(total=total_requests, desc="bench serve")
-    for mode in modes:
-        for c in levels_c:
-            wait_idle(url)
-            total = max(c * a.rounds, a.min_requests)
-            bar.set_postfix(mode=mode, c=c)
-            lv = asyncio.run(run_level(url, model, mode, c, total, a.max_tokens, pins[mode], bar))
-            log.info("%s c=%d: %.1f tok/s, p50 %.2fs p95 %.2fs, ttft p50 %s, steps %s, errors %s",
-                     mode, c, lv.output_tok_per_s, lv.latency_p50_s or -1, lv.latency_p95_s or -1,
-                     lv.ttft_p50_s, lv.steps_chosen, lv.errors)
-            levels.append(lv)
-    bar.close()
-
-    # Open-loop overload at factor x the best rung's saturated rate.
-    overload: list[Level] = []
-    best_rates = [lv.ok / lv.wall_s for lv in levels if lv.mode == "best" and lv.wall_s > 0]
-    saturated = max(best_rates, default=0.0)
-    rate = a.overload_factor * saturated
-    if rate > 0 and a.overload_requests > 0:
-        bar = tqdm(total=a.overload_requests * len(modes), desc=f"overload {rate:.2f} req/s")
-        for mode in modes:
-            wait_idle(url)
-            lv = asyncio.run(run_open_loop(url, model, mode, rate, a.overload_requests,
-                                           a.max_tokens, pins[mode], seed=0, bar=bar))
-            log.info("overload %s: p50 %.2fs p95 %.2fs, steps %s, errors %s", mode,
-                     lv.latency_p50_s or -1, lv.latency_p95_s or -1, lv.steps_chosen, lv.errors)
-            overload.append(lv)
-        bar.close()
-
-    wait_idle(url)
-    overhead = asyncio.run(measure_overhead(url, model, args_local, tokenizer,
-                                            a.overhead_tokens, ladder[0], block_length,
-                                            a.overhead_repeats,
-                                            app_name=None if a.url else "dllm-bench"))
-    result = {
-        "benchmark": "serve",
-        "url": url,
-        "model": model,
-        "engine": a.engine if not a.url else "external",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "processor": platform.processor(), "note": a.note},
-        "command": "dllm bench serve " + " ".join(argv or []),
-        "date": time.strftime("%Y-%m-%d"),
-        "settings": {"concurrency": levels_c, "modes": modes, "max_tokens": a.max_tokens,
-                     "rounds": a.rounds, "min_requests": a.min_requests, "ladder": ladder,
-                     "thresholds_s": args.get("ladder", {}).get("thresholds_s"),
-                     "pins": pins, "quick": a.quick},
-        "levels": [asdict(lv) for lv in levels],
-        "overload": {"factor": a.overload_factor, "best_saturated_req_per_s": saturated,
-                     "rate_req_per_s": rate, "levels": [asdict(lv) for lv in overload]},
-        "overhead": overhead,
-        "goals": goals(levels, overhead, overload),
-    }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(levels, overload, result["goals"].get("unloaded_p95_s"), out.with_suffix(".png"),
-         f"dllm bench serve: {model} ({result['engine']} engine), {a.max_tokens}-token answers")
-    log.info("wrote %s and %s", out.with_suffix(".json"), out.with_suffix(".png"))
+            base = stack.enter_context(harness.serve_cluster(4, "dllm-bench"))
+            url = harness.deploy_app(build_app(args, engine_factory=factory), base, APP_NAME)
+        result = bench(url, a, args, deployed=not a.url, factory=factory)
+    stem = Path(a.out) if a.out else harness.result_path("serve", "")
+    out = harness.write_results("serve", result, stem.with_suffix(".json"))
+    plot([Level(**lv) for lv in result["levels"]],
+         [Level(**lv) for lv in result["overload"]["levels"]],
+         result["goals"].get("unloaded_p95_s"), out,
+         f"dllm bench serve: {result['model']} ({result['engine']} engine), "
+         f"{a.max_tokens}-token answers")
+    log.info("wrote %s and %s", out, out.with_suffix(".png"))
     print(json.dumps(result["goals"], indent=2))
-    if ray is not None:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -24,19 +24,19 @@ import argparse
 import asyncio
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_engine import make_requests, run_engine
+from benchmarks import harness
+from benchmarks.bench_engine import make_requests
+from benchmarks.harness import agreement, run_engine
 from model.config import ModelConfig
 from model.parallel import build_rank_model, run_tp
 from model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-RESULTS = Path(__file__).parent / "results"
 
 
 def wide_config(vocab_size: int) -> ModelConfig:
@@ -81,7 +81,7 @@ def _ray_rows(name: str, tok, reqs, concurrency: list[int]) -> list[dict]:
     import ray
     import torch.distributed as dist
 
-    from deployments.tensor_parallel import RankWorker, RayDispatch, _free_port
+    from deployments.tensor_parallel import RankWorker, RayDispatch
     from engine.tensor_parallel import TPLeader
     from model.checkpoint import save_checkpoint
     from model.parallel import init_distributed, load_sharded
@@ -95,7 +95,7 @@ def _ray_rows(name: str, tok, reqs, concurrency: list[int]) -> list[dict]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             worker = RankWorker.options(num_cpus=1).remote(1, 2, 1)
-            init = f"tcp://127.0.0.1:{_free_port('127.0.0.1')}"
+            init = f"tcp://127.0.0.1:{harness.free_port()}"
             env = {"GLOO_SOCKET_IFNAME": "lo"}
             setup = worker.setup.remote(init, source, "cpu", "float32", 120.0, env)
             os.environ.update(env)
@@ -109,15 +109,6 @@ def _ray_rows(name: str, tok, reqs, concurrency: list[int]) -> list[dict]:
                 dist.destroy_process_group()
             ray.shutdown()
     return rows
-
-
-def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
-    same = total = 0
-    for rid, toks in a.items():
-        other = b.get(rid, [])
-        total += max(len(toks), len(other))
-        same += sum(x == y for x, y in zip(toks, other, strict=False))
-    return same / max(total, 1)
 
 
 def bench_model(name: str, tok, args) -> dict:
@@ -171,12 +162,7 @@ def bench_model(name: str, tok, args) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    fig, axes = harness.figure(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         conc = [s["concurrency"] for s in res["summary"]]
         keys = [k for k in ("tp1_x1", "tp1_x2", "tp2", "tp2_ray") if f"{k}_tok_s" in
@@ -189,8 +175,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{res['model']} ({res['params'] / 1e6:.0f}M params)")
         ax.set_ylabel("output tok/s (CPU)")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> None:
@@ -202,22 +187,17 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--ray", action="store_true",
                    help="also tp2 with rank 1 as a Ray actor (the Serve replica's transport)")
-    p.add_argument("--out", default=str(RESULTS / "bench_tp_cpu.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None, help="JSON path (default results/bench_tp_cpu.json)")
+    args = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from model.loaders import load_pretrained
 
     _, tok, _ = load_pretrained("tiny-coder", progress=False)
     t0 = time.time()
     results = [bench_model(m, tok, args) for m in args.models]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"command": "python -m benchmarks.bench_tp " + " ".join(argv or []),
-           "machine": f"{platform.processor() or platform.machine()}, CPU only, shared",
-           "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-           "wall_s": round(time.time() - t0, 1), "results": results}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
+    doc = {"wall_s": round(time.time() - t0, 1), "results": results}
+    out = harness.write_results("bench_tp_cpu", doc, args.out)
+    plot(results, out)
     for r in results:
         for s in r["summary"]:
             print(r["model"], json.dumps(s))

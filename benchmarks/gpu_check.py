@@ -1,25 +1,23 @@
 """The one GPU check: kernel correctness on CUDA, kernels against their torch references, and
-the engine-style decode of a LLaDA-8B-shaped model; JSON + PNG out, a short table printed last.
+the served engine on a LLaDA-8B-shaped model; JSON + PNG out, a short table printed last.
 
     bash benchmarks/gpu_check.sh                          # on a GPU machine, from the repo root
     PYTHONPATH=. python3 benchmarks/gpu_check.py --tiny   # the same code paths, small, on the CPU
 
-Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-decode, --skip-engine):
+Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-engine):
 1. correctness: pytest tests/kernels on the device (CUDA-marked tests included), summary kept;
 2. kernels: benchmarks/bench_kernels.py rows (median times, speed-up, errors);
-3. decode: benchmarks/gpu_decode.py on ModelConfig.from_name("llada-8b") with random bf16
-   weights: 1000-token prompt, 1000 new tokens (32 blocks of 32), 4 and 8 steps per block,
-   batch 1 and 16, eager and CUDA-graph modes (+ torch.compile with --compile), tok/s, peak
-   memory, the weight-bandwidth bound; plus model/sampling.generate at batch 1 for contrast.
-4. engine: the real Engine (engine/: scheduler, paged KV pool, batched commit) on the same
-   workload as 3, LLaDA-8B-shaped and block-causal with random bf16 weights (--engine-model
-   llama-1b for a launch-bound model): 1000-token prompts to 1000 new tokens (--quick: 256),
-   block 32, 4 and 8 steps per block, 1 and 16 concurrent requests, eager vs
+3. engine: the real Engine (engine/: scheduler, paged KV pool, batched commit; what a replica
+   serves) on ModelConfig.from_name("llada-8b") made block-causal, random bf16 weights
+   (--engine-model llama-1b for a launch-bound model): 1000-token prompts to 1000 new tokens
+   (--quick: 256), block 32, 4 and 8 steps per block, 1 and 16 concurrent requests, eager vs
    EngineConfig(cuda_graphs=True) side by side: tok/s, peak memory, fraction of the weight-
    bandwidth bound, graph counters, token agreement (bf16: informational; the exact check is
    tests/engine). With --tiny the "graphs" rows are the same static path uncaptured, on the CPU.
+Every decode number here is the served engine's: there is no separate decode loop.
 Needs torch + triton only (no ray, flash-attn, deepspeed, tokenizers, network). Output goes to
-$OUT when set, else benchmarks/results/, as gpu_check_<card>_<date>.json: commit that file.
+$OUT when set, else $DLLM_RESULTS_DIR or benchmarks/results/, as gpu_check_<card>_<date>.json:
+commit that file.
 """
 
 from __future__ import annotations
@@ -29,15 +27,18 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks import harness
+
 ROOT = Path(__file__).resolve().parent.parent
-GOAL_COMMIT_SPEEDUP = 3.0  # issue 4: >= 3x the torch reference at N=512, V=126464
+
+GOAL_COMMIT_SPEEDUP = 3.0  # >= 3x the torch reference at N=512, V=126464
 GOAL_TOK_S_BATCH1 = 1109.0  # Mercury Coder Mini on one H100, batch 1
 
 
@@ -49,15 +50,20 @@ class IdTokenizer:
         return "".join(f"<{i}>" for i in ids)
 
 
+# --- the model and what bounds it ----------------------------------------------------------------
+
 def engine_model_config(name: str):
     """A block-causal model for the engine section: "llama-1b" (Llama-3.2-1B-like widths, 32k
     vocabulary: small enough that eager steps are launch-bound, which graphs remove), "tiny"
-    (the CPU dry run) or a ModelConfig preset, made block-causal (the KV-cache engine path)."""
-    from benchmarks import gpu_decode
+    (the CPU dry run: LLaDA's layout at toy size) or a ModelConfig preset, made block-causal
+    (the KV-cache engine path)."""
     from model.config import ModelConfig
 
     if name == "tiny":
-        return gpu_decode.tiny_config("block_causal")
+        return ModelConfig(name="llada-tiny", vocab_size=1000, d_model=128, n_layers=2,
+                           n_heads=4, n_kv_heads=4, mlp_hidden=256, max_seq_len=512, mask_id=999,
+                           eos_id=1, pad_id=1, attention="block_causal", time_conditioning=False,
+                           tie_embeddings=False)
     if name == "llama-1b":
         return ModelConfig(name="llama-1b-shape", vocab_size=32000, d_model=2048, n_layers=16,
                            n_heads=32, n_kv_heads=8, mlp_hidden=8192, max_seq_len=2048,
@@ -68,76 +74,143 @@ def engine_model_config(name: str):
     return cfg
 
 
-def run_engine_section(tiny: bool, model: str, quick: bool) -> dict:
-    """The real Engine (engine/engine.py) on the issue's workload, eager vs cuda_graphs side by
-    side: a `model`-shaped block-causal net with random weights, 1000-token prompts to 1000 new
-    tokens (--quick: 256), block 32, 4 and 8 steps per block, 1 and 16 concurrent requests (one
-    request per client: a batch of c); tok/s, peak memory and the weight-bandwidth bound."""
-    import asyncio
+def build_random_model(cfg, device, dtype, seed: int = 0):
+    """Random weights made on the device in the target dtype: 16 GB for 8B in bf16, never a
+    32 GB fp32 copy first. With a fixed schedule (EOS ignored) the work does not depend on
+    the weights."""
+    import torch
+
+    from model.transformer import DiffusionTransformer
+
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            net = DiffusionTransformer(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return net.to(dtype).eval()
+
+
+def weight_bytes(net) -> tuple[int, int]:
+    """(bytes every forward reads: all weights but the embedding table, of which only B*L rows
+    are read; total weight bytes)."""
+    seen, total, emb = set(), 0, 0
+    for name, p in net.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+        if name == "tok_embeddings.weight" and p is not net.lm_head.weight:
+            emb += p.numel() * p.element_size()
+    return total - emb, total
+
+
+def measure_hbm_bandwidth(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (the achievable ceiling)."""
+    import torch
+
+    x = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / statistics.median(times)
+
+
+# --- 3. the engine --------------------------------------------------------------------------------
+
+def random_prompts(cfg, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of random ids, none of them a special token."""
     import random
+
+    rng = random.Random(seed)
+    special = {cfg.mask_id, cfg.eos_id, cfg.pad_id}
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(3, cfg.vocab_size) for _ in range(length)]
+        out.append([3 if t in special else t for t in ids])
+    return out
+
+
+def engine_rows(net, reqs: list, concurrency: int, engine_options: dict, read_bytes: int,
+                bw: float | None, steps: int) -> list[dict]:
+    """Eager and cuda_graphs runs of the same requests (one per client: a batch of c)."""
+    import asyncio
 
     import torch
 
-    from benchmarks import bench_engine, gpu_decode
+    cuda = next(net.parameters()).device.type == "cuda"
+    rows, outs = [], {}
+    for mode, opts in {"eager": {}, "cuda_graphs": {"cuda_graphs": True}}.items():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            row = asyncio.run(harness.run_engine(
+                net, IdTokenizer(), reqs, concurrency, engine_options["max_num_seqs"],
+                {"kv_pages": engine_options["kv_pages"], **opts}, warm_pass=True,
+                keep_tokens=True))
+        except Exception as e:  # keep the other rows
+            logging.exception("engine %s steps=%d c=%d failed", mode, steps, concurrency)
+            rows.append({"mode": mode, "concurrency": concurrency, "steps_per_block": steps,
+                         "error": f"{type(e).__name__}: {e}"})
+            continue
+        outs[mode] = row.pop("tokens")
+        row.update(mode=mode, steps_per_block=steps)
+        if cuda:
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if bw:  # every forward reads the weights once: committed tokens per read
+            row["bound_tokens_per_s_weights"] = concurrency * (32 / steps) / (read_bytes / bw)
+            row["fraction_of_weight_bound"] = \
+                row["tokens_per_s"] / row["bound_tokens_per_s_weights"]
+        rows.append(row)
+    if len(outs) == 2:
+        eager, graphs = rows
+        graphs["speedup_vs_eager"] = graphs["tokens_per_s"] / eager["tokens_per_s"]
+        graphs["token_agreement_with_eager"] = harness.agreement(outs["eager"],
+                                                                 outs["cuda_graphs"])
+    return rows
+
+
+def run_engine_section(tiny: bool, model: str, quick: bool) -> dict:
+    """The real Engine (engine/engine.py) on the workload in the module docstring, eager vs
+    cuda_graphs side by side -> the section's report."""
+    import torch
+
     from engine.types import GenerationRequest
     from model.sampling import SamplingParams
 
     device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
     cfg = engine_model_config("tiny" if tiny else model)
     t0 = time.perf_counter()
-    net = gpu_decode.build_random_model(cfg, device, dtype)
+    net = build_random_model(cfg, device, dtype)
     build_s = time.perf_counter() - t0
     prompt_len, new_tokens = (48, 64) if tiny else (1000, 256 if quick else 1000)
     concurrency, steps_list = ([1, 4] if tiny else [1, 16]), [4, 8]
-    read_bytes, total_bytes = gpu_decode.weight_bytes(net)
-    bw = gpu_decode.measure_hbm_bandwidth() if device == "cuda" else None
-    rng = random.Random(0)
-    special = {cfg.mask_id, cfg.eos_id, cfg.pad_id}
-    prompts = []
-    for _ in range(max(concurrency)):
-        ids = [rng.randrange(3, cfg.vocab_size) for _ in range(prompt_len)]
-        prompts.append([3 if t in special else t for t in ids])
-    modes = {"eager": {}, "cuda_graphs": {"cuda_graphs": True}}
-    kv_pages = max(concurrency) * -(-(prompt_len + new_tokens) // 16)  # 16-token pages
+    read_bytes, total_bytes = weight_bytes(net)
+    bw = measure_hbm_bandwidth() if device == "cuda" else None
+    prompts = random_prompts(cfg, max(concurrency), prompt_len)
+    options = {"max_num_seqs": max(concurrency),
+               "kv_pages": max(concurrency) * -(-(prompt_len + new_tokens) // 16)}  # 16/page
     rows = []
-    tok = IdTokenizer()
     for steps in steps_list:
         params = SamplingParams(max_new_tokens=new_tokens, block_length=32, steps=steps,
                                 stop_token_ids=[])
         for c in concurrency:
             reqs = [GenerationRequest(f"s{steps}c{c}r{i}", prompts[i], params) for i in range(c)]
-            outs = {}
-            for mode, opts in modes.items():
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    row = asyncio.run(bench_engine.run_engine(
-                        net, tok, reqs, c, max(concurrency), {"kv_pages": kv_pages, **opts},
-                        warm_pass=True, keep_tokens=True))
-                except Exception as e:  # keep the other rows
-                    logging.exception("engine %s steps=%d c=%d failed", mode, steps, c)
-                    rows.append({"mode": mode, "concurrency": c, "steps_per_block": steps,
-                                 "error": f"{type(e).__name__}: {e}"})
-                    continue
-                outs[mode] = row.pop("tokens")
-                row.update(mode=mode, steps_per_block=steps)
-                if device == "cuda":
-                    row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                if bw:  # every forward reads the weights once: committed tokens per read
-                    row["bound_tokens_per_s_weights"] = c * (32 / steps) / (read_bytes / bw)
-                    row["fraction_of_weight_bound"] = \
-                        row["tokens_per_s"] / row["bound_tokens_per_s_weights"]
-                rows.append(row)
-            ok = [r for r in rows if r["concurrency"] == c and r["steps_per_block"] == steps
-                  and "error" not in r]
-            if len(ok) == 2:
-                eager, graphs = ok
-                graphs["speedup_vs_eager"] = graphs["tokens_per_s"] / eager["tokens_per_s"]
-                a, b = outs["eager"], outs["cuda_graphs"]
-                same = sum(x == y for k in a for x, y in zip(a[k], b.get(k, []), strict=False))
-                graphs["token_agreement_with_eager"] = \
-                    same / max(1, sum(len(v) for v in a.values()))
+            rows += engine_rows(net, reqs, c, options, read_bytes, bw, steps)
     del net
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -173,18 +246,13 @@ def format_engine_table(engine: dict) -> str:
 
 
 def environment() -> dict:
+    """What the kernels' speed depends on beyond the machine record: the card's properties,
+    flash-attn, and the kernel switches."""
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda_available": torch.cuda.is_available(), "host": platform.node(),
+    env = {"cuda_available": torch.cuda.is_available(),
            "dllm_kernels": os.environ.get("DLLM_KERNELS", "auto"),
            "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
     try:
         import flash_attn  # noqa: F401
 
@@ -226,7 +294,7 @@ def run_tests(tiny: bool, quick: bool, out_dir: Path, timeout_s: int) -> dict:
             "error_lines": errs[:200]}
 
 
-def goals(kernel_rows: list[dict], decode: dict | None, engine: dict | None = None) -> dict:
+def goals(kernel_rows: list[dict], engine: dict | None = None) -> dict:
     g = {}
     head = next((r for r in kernel_rows if r["kernel"] == "commit_select"
                  and r["shape"] == "512x126464 bfloat16 T=0" and "speedup" in r), None)
@@ -234,17 +302,6 @@ def goals(kernel_rows: list[dict], decode: dict | None, engine: dict | None = No
         g["commit_select_512x126464_speedup"] = head["speedup"]
         g["commit_select_goal_met"] = head["speedup"] >= GOAL_COMMIT_SPEEDUP and \
             not head.get("interpreted", False)
-    if decode:
-        rows = [r for r in decode["rows"] if "error" not in r and r.get("batch") == 1
-                and r.get("tokens_per_step") == 8 and not r["mode"].startswith("sampling")]
-        if rows:
-            best = max(rows, key=lambda r: r["tokens_per_s"])
-            g["batch1_8_per_step_best_tok_s"] = best["tokens_per_s"]
-            g["batch1_8_per_step_best_mode"] = best["mode"]
-            g["batch1_goal_met"] = best["tokens_per_s"] > GOAL_TOK_S_BATCH1 and \
-                decode["device"] == "cuda"
-            if "fraction_of_weight_bound" in best:
-                g["batch1_fraction_of_weight_bound"] = best["fraction_of_weight_bound"]
     if engine:
         for r in engine["rows"]:
             if "speedup_vs_eager" in r:
@@ -257,20 +314,17 @@ def goals(kernel_rows: list[dict], decode: dict | None, engine: dict | None = No
             g["engine_batch1_8_per_step_best_tok_s"] = best["tokens_per_s"]
             g["engine_batch1_goal_met"] = best["tokens_per_s"] > GOAL_TOK_S_BATCH1 and \
                 engine["device"] == "cuda"
+            if "fraction_of_weight_bound" in best:
+                g["engine_batch1_fraction_of_weight_bound"] = best["fraction_of_weight_bound"]
     return g
 
 
-def plot_decode(decode: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in decode["rows"] if "error" not in r]
+def plot_engine(engine: dict, path: Path) -> None:
+    rows = [r for r in engine["rows"] if "error" not in r]
     if not rows:
         return
-    labels = [f"B{r['batch']} spb{r['steps_per_block']} {r['mode']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.6))
+    labels = [f"c{r['concurrency']} spb{r['steps_per_block']} {r['mode']}" for r in rows]
+    fig, ax = harness.figure(figsize=(8, 0.42 * len(rows) + 1.6))
     ax.barh(labels, [r["tokens_per_s"] for r in rows], label="measured")
     bounds = [r.get("bound_tokens_per_s_weights") for r in rows]
     if any(bounds):
@@ -279,127 +333,103 @@ def plot_decode(decode: dict, path: Path) -> None:
     ax.axvline(GOAL_TOK_S_BATCH1, color="r", ls=":", label="Mercury Coder Mini (batch 1)")
     ax.set_xscale("log")
     ax.set_xlabel("output tokens / s")
-    ax.set_title(f"{decode['model']} decode, {decode.get('card', decode['device'])}")
+    ax.set_title(f"{engine['model']}: the engine, {engine['device']}")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
+
+
+def run_sections(args, out_dir: Path, tag: str) -> dict:
+    """Sections 1-3 as the flags ask -> the report (a failing section keeps the others)."""
+    from benchmarks import bench_kernels
+
+    report: dict = {"tiny": args.tiny, "environment": environment()}
+    device = "cpu" if args.tiny else "cuda"
+    if not args.skip_tests:
+        print("== 1. kernel correctness (pytest tests/kernels)", flush=True)
+        report["tests"] = run_tests(args.tiny, args.quick, out_dir, args.test_timeout)
+        print("  ", report["tests"]["summary"], flush=True)
+    if not args.skip_kernels:
+        print("== 2. kernels against their torch references", flush=True)
+        report["kernels"] = bench_kernels.run(device, quick=args.quick, tiny=args.tiny)
+        if device == "cuda":
+            bench_kernels.plot(report["kernels"], out_dir / f"gpu_check_kernels_{tag}.png")
+    if not args.skip_engine:
+        print("== 3. the engine: eager vs cuda_graphs", flush=True)
+        try:
+            report["engine"] = run_engine_section(args.tiny, args.engine_model, args.quick)
+            plot_engine(report["engine"], out_dir / f"gpu_check_engine_{tag}.png")
+        except Exception as e:  # e.g. out of memory building the 8B model: keep the rest
+            logging.exception("engine section failed")
+            report["engine_error"] = f"{type(e).__name__}: {e}"
+    report["goals"] = goals(report.get("kernels", []), report.get("engine"))
+    return report
+
+
+def print_summary(report: dict, path: Path) -> None:
+    """The short table, last."""
+    from benchmarks import bench_kernels
+
+    m = harness.machine_record()
+    print(f"\n== gpu_check on {report['environment']['card']} (torch {m['torch']}, triton "
+          f"{m['triton']}), {report['seconds']:.0f} s -> {path}")
+    if "tests" in report:
+        print(f"tests: {report['tests']['summary']}")
+    if report.get("kernels"):
+        print(bench_kernels.format_table(report["kernels"]))
+    engine = report.get("engine")
+    if engine:
+        bw = engine.get("hbm_bandwidth_measured")
+        print(f"engine {engine['model']} ({engine['layers']} layers, d {engine['d_model']}, "
+              f"{engine['dtype']} on {engine['device']}; {engine['prompt_tokens']}-token prompts, "
+              f"{engine['new_tokens']} new tokens, block {engine['block_length']}, "
+              f"{engine['weight_bytes_read_per_forward'] / 1e9:.2f} GB read per forward"
+              + (f", HBM {bw / 1e12:.2f} TB/s measured" if bw else "")
+              + (", graphs = static shapes uncaptured" if engine["device"] == "cpu" else "") + ")")
+        print(format_engine_table(engine))
+    if "engine_error" in report:
+        print("engine ERROR:", report["engine_error"])
+    print("goals:", json.dumps(report["goals"]))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="bash benchmarks/gpu_check.sh",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true",
                    help="small shapes on the CPU (Triton under its interpreter): a dry run")
-    p.add_argument("--quick", action="store_true", help="fewer kernel cases, one decode repeat")
+    p.add_argument("--quick", action="store_true", help="fewer kernel cases, shorter answers")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
-    p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--engine-model", default="llada-8b",
                    help="engine section model: a preset (llada-8b, default; made block-causal) "
                         "or llama-1b (launch-bound steps, where graphs matter most)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(mode='reduce-overhead') (minutes to compile)")
     p.add_argument("--test-timeout", type=int, default=420)
-    p.add_argument("--out", default=None, help="output folder (default $OUT, else results/)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=None,
+                   help="output folder (default $OUT, else $DLLM_RESULTS_DIR or results/)")
+    args = harness.parse_args(p, argv)
     if args.tiny:  # before anything defines a Triton kernel
         os.environ.setdefault("TRITON_INTERPRET", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import torch
 
-    from benchmarks import bench_kernels, gpu_decode
-
     if args.tiny:  # a dry run: one thread avoids OpenMP barrier stalls on a busy shared CPU
         torch.set_num_threads(1)
-
     if not args.tiny and not torch.cuda.is_available():
         print("no CUDA device: run with --tiny for the CPU dry run", file=sys.stderr)
         return 2
-    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out_dir = Path(args.out or os.environ.get("OUT") or harness.results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    card = re.sub(r"[^A-Za-z0-9]+", "-", env["card"]).strip("-").lower()
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "tiny": args.tiny, "environment": env}
+    card = "cpu" if args.tiny else torch.cuda.get_device_name(0)
+    tag = (re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower() + "_"
+           + dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"))
     t_start = time.perf_counter()
-    device = "cpu" if args.tiny else "cuda"
-
-    if not args.skip_tests:
-        print("== 1. kernel correctness (pytest tests/kernels)", flush=True)
-        report["tests"] = run_tests(args.tiny, args.quick, out_dir, args.test_timeout)
-        print("  ", report["tests"]["summary"], flush=True)
-    kernel_rows = []
-    if not args.skip_kernels:
-        print("== 2. kernels against their torch references", flush=True)
-        kernel_rows = bench_kernels.run(device, quick=args.quick, tiny=args.tiny)
-        report["kernels"] = kernel_rows
-        if device == "cuda":
-            bench_kernels.plot(kernel_rows, out_dir / f"gpu_check_kernels_{card}_{stamp}.png")
-    decode = None
-    if not args.skip_decode:
-        print("== 3. decode throughput", flush=True)
-        try:
-            if args.tiny:
-                decode = gpu_decode.run_all(True, [1, 4], [4, 8], ["eager", "static"], repeats=1,
-                                            new_tokens=96, prompt_len=64, with_reference=True)
-            else:
-                modes = ["eager", "graph"] + (["compile"] if args.compile else [])
-                decode = gpu_decode.run_all(False, [1, 16], [4, 8], modes,
-                                            repeats=1 if args.quick else 2, new_tokens=1000,
-                                            prompt_len=1000, with_reference=True)
-        except Exception as e:  # e.g. out of memory building the 8B model: keep the rest
-            logging.exception("decode section failed")
-            report["decode_error"] = f"{type(e).__name__}: {e}"
-        if decode:
-            report["decode"] = decode
-            try:
-                plot_decode(decode, out_dir / f"gpu_check_decode_{card}_{stamp}.png")
-            except Exception:  # matplotlib missing: the JSON still has everything
-                logging.exception("decode plot failed")
-    engine = None
-    if not args.skip_engine:
-        print("== 4. the engine: eager vs cuda_graphs", flush=True)
-        try:
-            engine = run_engine_section(args.tiny, args.engine_model, args.quick)
-            report["engine"] = engine
-        except Exception as e:
-            logging.exception("engine section failed")
-            report["engine_error"] = f"{type(e).__name__}: {e}"
-    report["goals"] = goals(kernel_rows, decode, engine)
+    report = run_sections(args, out_dir, tag)
     report["seconds"] = time.perf_counter() - t_start
-    path = out_dir / f"gpu_check_{card}_{stamp}{'_tiny' if args.tiny else ''}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-
-    # ---- the short table, last ----
-    print(f"\n== gpu_check on {env['card']} (torch {env['torch']}, triton {env['triton']}), "
-          f"{report['seconds']:.0f} s -> {path}")
-    if "tests" in report:
-        print(f"tests: {report['tests']['summary']}")
-    if kernel_rows:
-        print(bench_kernels.format_table(kernel_rows))
-    if decode:
-        bw = decode.get("hbm_bandwidth_measured")
-        print(f"decode {decode['model']} ({decode['params'] / 1e9:.2f} B params, "
-              f"{decode['weight_bytes_read_per_forward'] / 1e9:.1f} GB read per forward"
-              + (f", HBM {bw / 1e12:.2f} TB/s measured" if bw else "") + ")")
-        print(gpu_decode.format_table(decode))
-        if "tiny_matches_reference" in decode:
-            print("decode loop == model/sampling.generate:", decode["tiny_matches_reference"])
-    if "decode_error" in report:
-        print("decode ERROR:", report["decode_error"])
-    if engine:
-        print(f"engine {engine['model']} ({engine['layers']} layers, d {engine['d_model']}, "
-              f"{engine['dtype']} on {engine['device']}; {engine['prompt_tokens']}-token prompts, "
-              f"{engine['new_tokens']} new tokens, block {engine['block_length']}"
-              + (", graphs = static shapes uncaptured" if engine["device"] == "cpu" else "") + ")")
-        print(format_engine_table(engine))
-    if "engine_error" in report:
-        print("engine ERROR:", report["engine_error"])
-    print("goals:", json.dumps(report["goals"]))
+    name = f"gpu_check_{tag}{'_tiny' if args.tiny else ''}"
+    path = harness.write_results(name, report, out_dir / f"{name}.json")
+    print_summary(report, path)
     failed = "tests" in report and report["tests"]["returncode"] not in (0, 5)
     return 1 if failed else 0
 

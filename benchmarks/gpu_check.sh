@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine (issue 4), from anywhere:
-#   bash benchmarks/gpu_check.sh [--quick] [--compile] [--skip-tests] ...
+# The one script to run on a GPU machine, from anywhere:
+#   bash benchmarks/gpu_check.sh [--quick] [--skip-tests] [--engine-model llama-1b] ...
 #   bash benchmarks/gpu_check.sh --tiny        # CPU dry run of the same code paths
 # Needs python3 with torch + triton (no ray / flash-attn / deepspeed / network). Writes
-# gpu_check_<card>_<date>.json (+ PNGs, pytest log) to $OUT, else benchmarks/results/; prints a
-# short table last. Budget (estimated, never run on a GPU yet): ~7 min on one H100 (tests ~2,
-# kernels ~1, 8B decode ~2, 8B engine eager vs cuda_graphs ~2; --quick shortens the last two,
-# --skip-engine leaves the engine out).
+# gpu_check_<card>_<date>.json (+ PNGs, pytest log) to $OUT, else $DLLM_RESULTS_DIR, else
+# benchmarks/results/; prints a short table last. Budget (estimated, never run on a GPU yet):
+# ~5 min on one H100 (tests ~2, kernels ~1, the engine on 8B shapes eager vs cuda_graphs ~2;
+# --quick shortens the last, --skip-engine leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"

@@ -25,15 +25,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from benchmarks import harness
 from model.data import python_corpus, split_files
 from model.healing import heal_prompt
 from model.sampling import SamplingParams, generate
 
 log = logging.getLogger("dllm.eval")
 
-RESULTS = Path(__file__).parent / "results"
 STEPS = (1, 2, 4, 8, 16, 32)
 
 
@@ -136,7 +134,7 @@ def parses(source: str) -> bool:
 def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
              prompt_tokens: int = 320, parse_tokens: int = 64, defer: list[int] | None = None) -> dict:
     em = sim = 0.0
-    for c in tqdm(fims, desc=f"fim  spb={steps:>2}", leave=False):
+    for c in harness.progress(fims, desc=f"fim  spb={steps:>2}", leave=False):
         params = SamplingParams(max_new_tokens=64, steps=steps, block_length=block_length,
                                 defer_token_ids=list(defer or []))
         if cfg.attention == "block_causal":
@@ -148,7 +146,7 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
         em += got.rstrip() == c.middle.rstrip()
         sim += edit_similarity(got.rstrip(), c.middle.rstrip())
     ok = 0
-    for c in tqdm(parses_, desc=f"parse spb={steps:>2}", leave=False):
+    for c in harness.progress(parses_, desc=f"parse spb={steps:>2}", leave=False):
         # the header ends in a newline: heal it as the server does (model/healing.py)
         ids, healed, allowed = heal_prompt(tok, tok.encode(c.before)[-prompt_tokens:])
         params = SamplingParams(max_new_tokens=parse_tokens, steps=steps,
@@ -166,12 +164,7 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
 
 
 def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = harness.figure(figsize=(7, 4.5))
     x = [r["steps_per_block"] for r in rows]
     for key, label in [("fim_exact_match", "FIM exact match"),
                        ("fim_edit_similarity", "FIM edit similarity"),
@@ -186,9 +179,7 @@ def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> Non
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -199,16 +190,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true", help="skip the autoregressive row")
-    p.add_argument("--out", default=str(RESULTS / "quality.json"))
+    p.add_argument("--out", default=None, help="JSON path (default results/quality.json)")
     p.add_argument("--corpus", default=None, help="folder of .py files (default: the stdlib)")
     p.add_argument("--defer-eos", action="store_true",
                    help="commit EOS/end-of-turn last (LLaDA's confidence_eos_eot_inf): without it, "
                         "one token per step fills blocks with EOS from the end (see quality.json)")
-    args = p.parse_args(argv)
+    args = harness.parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from model.cli_generate import load_model
+    from model.loaders import load_pretrained
 
-    net, tok, cfg = load_model(args.model)
+    net, tok, cfg = load_pretrained(args.model, progress=False)
     _, held = split_files(python_corpus(args.corpus))
     fims = fim_cases(tok, held, args.fim_cases)
     pcs = parse_cases(held, args.parse_cases)
@@ -226,14 +217,12 @@ def main(argv=None) -> None:
         baseline = {"steps_per_block": 1, "block_length": 1,
                     **evaluate(net, tok, cfg, fims, pcs, 1, 1, defer=defer)}
         log.info("autoregressive: %s", baseline)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "defer_eos": args.defer_eos, "rows": rows,
               "autoregressive": baseline,
               "wall_s": round(time.time() - t0, 1),
               "notes": "held-out = stdlib files whose path hash falls in the 3% split"}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, baseline, out.with_suffix(".png"), f"{args.model}: quality vs denoising steps")
+    out = harness.write_results("quality", result, args.out)
+    plot(rows, baseline, out, f"{args.model}: quality vs denoising steps")
     print(json.dumps(rows, indent=2))
 
 
