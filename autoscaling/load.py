@@ -24,7 +24,7 @@ At the peak rate, drain_s reads "seconds to clear the backlog running flat out".
 A replica that has not reported for `stale_after_s` is dropped (dead or removed). A replica that
 has not measured its capacity yet borrows the mean of those that have, or `fallback_capacity`.
 
-No Ray here: deployments/router.py wraps LoadBoard in a Serve deployment and feeds the cache;
+No Ray here: deployments/load_board.py wraps LoadBoard in a Serve deployment that feeds the cache;
 the autoscaling policy can read the same numbers from `record_autoscaling_stats`.
 """
 
@@ -39,6 +39,11 @@ from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
 
+# Token-steps per second assumed for a replica before any has measured its own: about what
+# tiny-coder does on one CPU core at a small batch, so a fresh cluster's first drain estimates
+# are the right order of magnitude; replaced by measurements after the first steps.
+FALLBACK_CAPACITY = 1000.0
+
 
 @dataclass
 class ReplicaLoad:
@@ -50,20 +55,17 @@ class ReplicaLoad:
     peak_capacity: float = 0.0  # the best rate shown recently (PeakRate); preferred when > 0
     step_latency_ms: float = 0.0
     output_tokens_per_s: float = 0.0
-    max_num_seqs: int = 0
     reported_at: float = field(default_factory=time.time)  # wall clock: crosses processes
 
     @classmethod
-    def from_stats(cls, replica_id: str, stats, max_num_seqs: int = 0,
-                   peak_capacity: float = 0.0) -> ReplicaLoad:
+    def from_stats(cls, replica_id: str, stats, peak_capacity: float = 0.0) -> ReplicaLoad:
         """From an engine.types.EngineStats (duck-typed so this module needs no engine import)."""
         return cls(replica_id=replica_id, queued=int(stats.queued), running=int(stats.running),
                    token_backlog=float(stats.token_backlog),
                    capacity=float(stats.capacity_token_steps_per_s),
                    peak_capacity=float(peak_capacity),
                    step_latency_ms=float(stats.step_latency_ms),
-                   output_tokens_per_s=float(stats.output_tokens_per_s),
-                   max_num_seqs=max_num_seqs)
+                   output_tokens_per_s=float(stats.output_tokens_per_s))
 
     @property
     def effective_capacity(self) -> float:
@@ -98,7 +100,7 @@ class ClusterLoad:
 
 
 def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
-                 fallback_capacity: float = 1000.0) -> ClusterLoad:
+                 fallback_capacity: float = FALLBACK_CAPACITY) -> ClusterLoad:
     """Aggregate fresh replica reports into one ClusterLoad (see the module docstring)."""
     now = time.time() if now is None else now
     if not reports:
@@ -124,7 +126,7 @@ def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
 class LoadBoard:
     """Latest report of every replica; a snapshot aggregates the fresh ones."""
 
-    def __init__(self, stale_after_s: float = 5.0, fallback_capacity: float = 1000.0):
+    def __init__(self, stale_after_s: float = 5.0, fallback_capacity: float = FALLBACK_CAPACITY):
         self.stale_after_s = stale_after_s
         self.fallback_capacity = fallback_capacity
         self._reports: dict[str, ReplicaLoad] = {}

@@ -55,7 +55,7 @@ from typing import Any
 logger = logging.getLogger("ray.serve")
 
 # Keys of the model-server replicas' record_autoscaling_stats() dict (the contract with
-# deployments/server.py; monitoring/metrics.py re-exports them for the dashboard's documentation).
+# deployments/replica.py; monitoring/metrics.py re-exports them for the dashboard's documentation).
 STAT_TOKEN_BACKLOG = "token_backlog"
 STAT_CAPACITY = "capacity_token_steps_per_s"
 STAT_BELOW_BEST = "below_best_fraction"

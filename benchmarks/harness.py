@@ -362,6 +362,11 @@ async def _serve_requests(engine, reqs: list, concurrency: int, tag: str = ""
     return await closed_loop(one, concurrency, len(reqs))
 
 
+def _counters(stats, names: tuple[str, ...]) -> dict:
+    """Running totals from EngineStats: `iterations` is a field, the timings are in extra."""
+    return {k: stats.iterations if k == "iterations" else stats.extra[k] for k in names}
+
+
 async def run_engine(net, tok, reqs: list, concurrency: int, max_num_seqs: int,
                      engine_options: dict | None = None, warm_pass: bool = False,
                      keep_tokens: bool = False, count_steps: bool = False) -> dict:
@@ -380,13 +385,14 @@ async def run_engine(net, tok, reqs: list, concurrency: int, max_num_seqs: int,
     graphs_before = static.stats() if static is not None else None
     if warm_pass:
         await _serve_requests(engine, reqs, concurrency, tag="-warm")
-        before = {k: engine.stats().extra[k] for k in counters}
+        before = _counters(engine.stats(), counters)
         graphs_before = static.stats() if static is not None else None
     steps = _count_denoise(engine) if count_steps else None
     seconds, done = await _serve_requests(engine, reqs, concurrency)
     stats = engine.stats()
     await engine.shutdown()
-    ex = {k: stats.extra[k] - before[k] for k in counters}
+    now = _counters(stats, counters)
+    ex = {k: now[k] - before[k] for k in counters}
     it, tokens, latencies = ex["iterations"], sum(d[2] for d in done), [d[3] for d in done]
     row = {"concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens,
            "seconds": seconds, "tokens_per_s": tokens / seconds,

@@ -1,12 +1,19 @@
 """Ray Serve: the OpenAI-compatible API in front of diffusion-LM replicas.
 
-- app.py: `build_app(args)`, the builder serve_config.yaml imports (pydantic args, typos fail)
-- protocol.py: OpenAI request/response models plus the diffusion extensions
-- openai_api.py: the FastAPI app (buildable without Serve, over any Backend) and its
-  `OpenAIIngress` deployment
-- server.py: the `ModelServer` deployment (model + engine per replica) and `RayBackend`, the
-  ingress' client of it
-- router.py: the step router (denoising steps from the cluster load, with hysteresis) and the
-  LoadBoard deployment the replicas report to
-- routing.py: `LeastBacklogRouter`, the replica request router (least token backlog)
+A request's path, file by file:
+- ingress.py: the FastAPI app (buildable without Serve, over any backend) and its
+  `OpenAIIngress` deployment; protocol.py holds the OpenAI request/response models with the
+  diffusion extensions, errors.py the OpenAI error envelope
+- openai_service.py: checks, admission and the answer (JSON or SSE) of one request;
+  jobs.py turns it into engine requests (tokenize, FIM, token healing, context limits)
+- step_router.py: the denoising steps per block from the cluster's load (with hysteresis and
+  a burst ledger); load_board.py, the LoadBoard deployment the replicas report their load to
+- backends.py: where engine requests go, an engine in this process or the replicas through
+  DeploymentHandles; streams.py fans in the events of several choices
+- replica_router.py: `LeastBacklogRouter`, which picks the replica with the least token backlog
+- replica.py: the `ModelServer` deployment (model + engine per replica); tensor_parallel.py,
+  the rank actors of a replica spread over several GPUs
+- app.py: `build_app(args)`, the builder serve_config.yaml imports; config.py validates its
+  args once (unknown keys are errors) into the AppArgs every deployment reads
+- metrics.py: the Serve metrics of the deployments, built from monitoring/metrics.py
 """

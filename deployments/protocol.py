@@ -11,10 +11,14 @@ JSON response_format, best_of > n) are refused with a 400 rather than silently d
 Unknown fields are accepted and ignored with a log line: popular clients send extras (IDE
 plug-ins add their own keys), and failing them would break them for nothing.
 
-Diffusion extensions, grouped at the end of every request model:
+The fields every generation request shares, the diffusion extensions among them, are declared
+once in GenerationRequestBase, which also turns a request into engine SamplingParams
+(`to_sampling_params`); chat, completion and FIM requests add their own fields.
+
+Diffusion extensions:
   denoising_steps       pin the steps per block (1..block_length); bypasses the step router
   quality               auto | max | balanced | fast: the rungs the step router may use
-                        (deployments/router.py says exactly which)
+                        (deployments/step_router.py says exactly which)
   block_length          tokens per block (default: the model's)
   remasking             low_confidence | margin | entropy | random: which predictions to commit
   confidence_threshold  commit every prediction above it (Fast-dLLM); steps become a cap
@@ -29,19 +33,22 @@ Usage gains `denoising_steps` (forward passes spent over all choices) and
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.step_router import QualityLevel
+from engine.types import ModelInfo
+from model.sampling import FullCacheMode, RemaskingRule, SamplingParams
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
-RemaskingRule = Literal["low_confidence", "margin", "entropy", "random"]
-Quality = Literal["auto", "max", "balanced", "fast"]
-FullCache = Literal["none", "prefix", "dual"]
+MAX_PROMPTS = 64
 
 
 class OpenAIRequestModel(BaseModel):
@@ -64,21 +71,11 @@ class ResponseModel(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
-# --- shared pieces ---------------------------------------------------------------------------
 class StreamOptions(OpenAIRequestModel):
     include_usage: bool = False
 
 
-# The diffusion extension fields (see the module docstring), repeated at the end of each request
-# model so that the OpenAI fields keep the reference order (pydantic puts inherited fields first).
-DenoisingSteps = Annotated[int | None, Field(ge=1, le=1024)]
-BlockLength = Annotated[int | None, Field(ge=1, le=1024)]
-ConfidenceThreshold = Annotated[float | None, Field(gt=0.0, le=1.0)]
-EXTENSION_FIELDS = ("denoising_steps", "quality", "block_length", "remasking",
-                    "confidence_threshold", "diffusing", "ignore_eos", "full_cache")
-
-
-def _check_stop(v: str | list[str] | None) -> list[str]:
+def _stop_list(v: str | list[str] | None) -> list[str]:
     if v is None:
         return []
     stops = [v] if isinstance(v, str) else list(v)
@@ -89,13 +86,77 @@ def _check_stop(v: str | list[str] | None) -> list[str]:
     return stops
 
 
-class _SamplingFields:
-    """Cross-field checks shared by the generation requests."""
+class GenerationRequestBase(OpenAIRequestModel):
+    """What chat, completion and FIM requests share: the OpenAI sampling fields (alphabetical,
+    as the reference lists them) and then the diffusion extensions (module docstring)."""
 
-    def _check_common(self):
+    model: str
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    max_tokens: int | None = Field(default=None, ge=1)  # default: the server's default
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # default: the family's
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None  # ignored
+    # --- diffusion extensions ---
+    denoising_steps: int | None = Field(default=None, ge=1, le=1024)
+    quality: QualityLevel = "auto"
+    block_length: int | None = Field(default=None, ge=1, le=1024)
+    remasking: RemaskingRule | None = None
+    confidence_threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    diffusing: bool = False
+    ignore_eos: bool = False
+    full_cache: FullCacheMode | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        _stop_list(v)
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return _stop_list(self.stop)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def block_length_for(self, info: ModelInfo, max_new_tokens: int) -> int:
+        """The request's block length, else the model's; one block when the family has none."""
+        return self.block_length or info.block_length or max_new_tokens
+
+    def to_sampling_params(self, info: ModelInfo, *, max_new_tokens: int, steps: int,
+                           seed: int, default_temperature: float | None = None,
+                           default_full_cache: str = "none") -> SamplingParams:
+        """Engine parameters: the request's settings over the server's defaults over the
+        model family's (validated: ValueError on a combination the engine cannot run)."""
+        temperature = self.temperature if self.temperature is not None \
+            else default_temperature if default_temperature is not None else info.temperature
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, steps=steps,
+            block_length=self.block_length_for(info, max_new_tokens),
+            remasking=self.remasking or info.remasking,
+            confidence_threshold=self.confidence_threshold, temperature=temperature,
+            top_p=self.top_p if self.top_p is not None else info.top_p, seed=seed,
+            stop=self.stop_list, suppress_token_ids=list(info.suppress_token_ids),
+            defer_token_ids=list(info.defer_token_ids),
+            stop_token_ids=[] if self.ignore_eos else None,
+            full_cache=self.full_cache or default_full_cache).validate()
 
 
 # --- chat completions ------------------------------------------------------------------------
@@ -123,49 +184,20 @@ class ChatMessage(OpenAIRequestModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(OpenAIRequestModel, _SamplingFields):
-    # Fields in the order of the OpenAI reference (messages, model, then alphabetical).
+class ChatCompletionRequest(GenerationRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
     logit_bias: dict[str, float] | None = None  # ignored
     logprobs: bool | None = None  # refused when true
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)  # deprecated alias of the above
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # max_tokens' new name
     metadata: dict[str, str] | None = None  # ignored
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
-    seed: int | None = None
-    stop: str | list[str] | None = None
     store: bool | None = None  # ignored
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # default: greedy (0)
     tool_choice: Any | None = None  # refused unless "none"
     tools: list[Any] | None = None  # refused when non-empty
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    user: str | None = None  # ignored
-    # --- diffusion extensions ---
-    denoising_steps: DenoisingSteps = None
-    quality: Quality = "auto"
-    block_length: BlockLength = None
-    remasking: RemaskingRule | None = None
-    confidence_threshold: ConfidenceThreshold = None
-    diffusing: bool = False
-    ignore_eos: bool = False
-    full_cache: FullCache | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        _check_stop(v)
-        return v
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        self._check_common()
         if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported by diffusion models")
         if self.tools:
@@ -180,10 +212,6 @@ class ChatCompletionRequest(OpenAIRequestModel, _SamplingFields):
         return self
 
     @property
-    def stop_list(self) -> list[str]:
-        return _check_stop(self.stop)
-
-    @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -192,54 +220,25 @@ class ChatCompletionRequest(OpenAIRequestModel, _SamplingFields):
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(OpenAIRequestModel, _SamplingFields):
-    # Fields in the order of the OpenAI reference (model, prompt, then alphabetical).
-    model: str
+class CompletionRequest(GenerationRequestBase):
     prompt: Prompt
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # only best_of == n
     echo: bool = False
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
     logit_bias: dict[str, float] | None = None  # ignored
     logprobs: int | None = Field(default=None, ge=0, le=5)  # refused when set
-    max_tokens: int | None = Field(default=None, ge=1)  # default: the server's default
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None  # fill-in-the-middle: the text after the completion
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    user: str | None = None  # ignored
-    # --- diffusion extensions ---
-    denoising_steps: DenoisingSteps = None
-    quality: Quality = "auto"
-    block_length: BlockLength = None
-    remasking: RemaskingRule | None = None
-    confidence_threshold: ConfidenceThreshold = None
-    diffusing: bool = False
-    ignore_eos: bool = False
-    full_cache: FullCache | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        _check_stop(v)
-        return v
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and len(v) > 64 and isinstance(v[0], (str, list)):
-            raise ValueError("at most 64 prompts per request")
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and isinstance(v[0], (str, list)):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        self._check_common()
         if self.logprobs:
             raise ValueError("logprobs are not supported by diffusion models")
         if self.best_of is not None and self.best_of != self.n:
@@ -248,59 +247,12 @@ class CompletionRequest(OpenAIRequestModel, _SamplingFields):
             raise ValueError("echo is not supported with stream")
         return self
 
-    @property
-    def stop_list(self) -> list[str]:
-        return _check_stop(self.stop)
 
-    @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
-
-
-class FIMCompletionRequest(OpenAIRequestModel, _SamplingFields):
+class FIMCompletionRequest(GenerationRequestBase):
     """POST /v1/fim/completions, as Mercury's API has it: prompt = prefix, suffix = after."""
 
-    model: str
     prompt: str
     suffix: str = ""
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    user: str | None = None  # ignored
-    # --- diffusion extensions ---
-    denoising_steps: DenoisingSteps = None
-    quality: Quality = "auto"
-    block_length: BlockLength = None
-    remasking: RemaskingRule | None = None
-    confidence_threshold: ConfidenceThreshold = None
-    diffusing: bool = False
-    ignore_eos: bool = False
-    full_cache: FullCache | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        _check_stop(v)
-        return v
-
-    @model_validator(mode="after")
-    def _cross_checks(self):
-        return self._check_common()
-
-    @property
-    def stop_list(self) -> list[str]:
-        return _check_stop(self.stop)
-
-    @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -400,24 +352,11 @@ class ModelList(ResponseModel):
     data: list[ModelCard]
 
 
-class ErrorInfo(ResponseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(ResponseModel):
-    error: ErrorInfo
-
-
 def sse(payload: BaseModel | dict | str) -> str:
     """One server-sent event: `data: <json>\\n\\n`."""
     if isinstance(payload, BaseModel):
         payload = payload.model_dump_json(exclude_none=True)
     elif isinstance(payload, dict):
-        import json
-
         payload = json.dumps(payload)
     return f"data: {payload}\n\n"
 

@@ -2,7 +2,7 @@
 least outstanding work (token backlog over capacity, not request count).
 
     @serve.deployment(request_router_config=RequestRouterConfig(
-        request_router_class="deployments.routing:LeastBacklogRouter",
+        request_router_class="deployments.replica_router:LeastBacklogRouter",
         request_routing_stats_period_s=1))
 
 Why not Serve's default (power of two choices on request counts): a diffusion request's cost is
@@ -25,6 +25,8 @@ import logging
 from collections import defaultdict
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from autoscaling.load import FALLBACK_CAPACITY
 
 log = logging.getLogger("ray.serve")
 
@@ -54,7 +56,7 @@ def rank_by_drain(drains: list[tuple[float, object]], tie_s: float = TIE_S) -> l
 
 
 class LeastBacklogRouter(RequestRouter):
-    def initialize_state(self, fallback_capacity: float = 1000.0, **kwargs) -> None:
+    def initialize_state(self, fallback_capacity: float = FALLBACK_CAPACITY, **kwargs) -> None:
         self.fallback_capacity = fallback_capacity
         self._routed_since: dict[ReplicaID, int] = defaultdict(int)
         self._last_report: dict[ReplicaID, float] = {}

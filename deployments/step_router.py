@@ -1,6 +1,6 @@
 """The step router: picks each request's denoising steps from the load of the whole cluster.
 
-    router = StepRouter(Ladder(steps=[16, 8, 4, 2], thresholds_s=[2.0, 4.0, 8.0]))
+    router = StepRouter(Ladder(steps=[16, 8, 4, 2], thresholds_s=[2.0, 3.0, 4.0]))
     router.observe(cluster_load)            # background, on every load snapshot (>= 1/s)
     choice = router.choose(pinned=None, quality="auto")   # per request: no I/O
     choice.steps                            # steps per block for this request
@@ -34,8 +34,8 @@ Per request: `denoising_steps` pins the steps (the router is bypassed; quality i
   max       rung 0 only (best quality whatever the load)
   balanced  rungs 0 .. middle (the load may cost quality, but never below the middle rung)
   fast      the last rung only (fastest whatever the load)
-Metrics: `dllm_router_steps` (histogram of chosen steps, tagged by quality and pinned),
-`dllm_router_rung` and `dllm_cluster_drain_seconds` / `dllm_cluster_token_backlog` (gauges).
+Metrics (deployments/metrics.py RouterMetrics): the chosen steps (tagged by quality and
+pinned), the rung, the cluster's drain time and token backlog.
 """
 
 from __future__ import annotations
@@ -43,24 +43,39 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, get_args
 
-from autoscaling.load import ClusterLoad, LoadBoard, ReplicaLoad
+from autoscaling.load import ClusterLoad
+
+if TYPE_CHECKING:
+    from deployments.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
-QUALITY_LEVELS = ("auto", "max", "balanced", "fast")
+QualityLevel = Literal["auto", "max", "balanced", "fast"]
+QUALITY_LEVELS: tuple[str, ...] = get_args(QualityLevel)
 
 
 @dataclass
 class Ladder:
-    steps: list[int]  # steps per block, best quality first
-    thresholds_s: list[float]  # drain seconds at which to move to rung 1, 2, ...
+    """The settings the router moves between; `ladder:` in serve_config.yaml."""
+
+    # Steps per block, best quality first: on a 32-token block 16 steps commit 2 tokens per
+    # forward pass, 2 steps commit 16.
+    steps: list[int] = field(default_factory=lambda: [16, 8, 4, 2])
+    # Cluster drain seconds at which to move to rung 1, 2, ... Rung 1 sits above the drain time
+    # of ONE typical answer at the best rung (128 tokens at 16 steps: ~1.2 s for tiny-coder on
+    # the 2-core CPU), else a lone user degrades itself: [1, 2, 4] did, in
+    # benchmarks/results/serve.json; [3, 4, 5] held 4 steps too long under overload.
+    thresholds_s: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0])
     hysteresis: float = 0.25  # climb back only below (1 - hysteresis) * threshold
     up_hold_s: float = 2.0  # ... held for this long, one rung at a time
+    # How often the ingress refreshes its load snapshot; the ladder needs one at least every
+    # second to follow a burst.
+    refresh_s: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 for s in self.steps):
@@ -74,6 +89,10 @@ class Ladder:
             raise ValueError(f"ladder thresholds must increase, got {self.thresholds_s}")
         if not 0.0 <= self.hysteresis < 1.0:
             raise ValueError("hysteresis must be in [0, 1)")
+        if self.up_hold_s < 0:
+            raise ValueError("up_hold_s must be >= 0")
+        if not 0.0 < self.refresh_s <= 1.0:
+            raise ValueError("refresh_s must be in (0, 1] seconds")
 
     @property
     def last(self) -> int:
@@ -194,90 +213,3 @@ class StepRouter:
     def record_choice(self, choice: StepChoice, quality: str = "auto") -> None:
         if self.metrics is not None:
             self.metrics.observe_choice(choice, quality)
-
-
-def estimate_token_steps(prompt_tokens: int, max_new_tokens: int, steps: int,
-                         block_length: int, block_causal: bool = True,
-                         full_cache: str = "none", suffix_tokens: int = 0) -> float:
-    """Work of one request in token-steps, counted as the engine counts a new request's backlog
-    (engine/sequence.py; an upper bound: every block takes all its steps, min(steps, its
-    length)). Block-causal: each step runs the active block; the prompt and each finished block
-    but the last are written to the KV cache once. Full attention: each step runs the prompt
-    (prompt_tokens, a FIM suffix's `suffix_tokens` included) and the whole canvas; with a
-    prefix/dual cache (SamplingParams.full_cache) only a block's first step does, the others
-    run the span model.sampling.cached_query_span gives."""
-    from model.sampling import cached_query_span
-
-    total = prompt_tokens + max_new_tokens
-    work = prompt_tokens if block_causal else 0
-    blocks = math.ceil(max_new_tokens / block_length)
-    for b in range(blocks):
-        lo, hi = b * block_length, min(max_new_tokens, (b + 1) * block_length)
-        n = min(steps, hi - lo)
-        if block_causal:
-            work += n * (hi - lo) + (hi - lo if b < blocks - 1 else 0)
-        elif full_cache == "none":
-            work += n * total
-        else:
-            q0, q1 = cached_query_span(full_cache, prompt_tokens - suffix_tokens, lo, hi, total,
-                                       logit_shift=False)
-            work += total + (n - 1) * (q1 - q0)
-    return work
-
-
-class RouterMetrics:
-    """Serve metrics for the router (exported on each node's metrics port)."""
-
-    def __init__(self, ladder: Ladder):
-        from ray.serve import metrics  # only inside a Serve replica
-
-        self.steps = metrics.Histogram(
-            "dllm_router_steps", description="Denoising steps per block chosen for a request.",
-            boundaries=sorted({float(s) for s in ladder.steps} | {1.0, 64.0}),
-            tag_keys=("quality", "pinned"))
-        self.rung = metrics.Gauge("dllm_router_rung",
-                                  description="Current step-ladder rung (0 = best quality).")
-        self.drain = metrics.Gauge("dllm_cluster_drain_seconds",
-                                   description="Cluster backlog over capacity, in seconds.")
-        self.backlog = metrics.Gauge("dllm_cluster_token_backlog",
-                                     description="Token-steps of accepted work in the cluster.")
-        self.replicas = metrics.Gauge("dllm_cluster_reporting_replicas",
-                                      description="Model-server replicas in the load snapshot.")
-
-    def observe_load(self, load: ClusterLoad, rung: int) -> None:
-        self.rung.set(rung)
-        self.drain.set(load.drain_s if load.drain_s != float("inf") else 1e9)
-        self.backlog.set(load.token_backlog)
-        self.replicas.set(load.replicas)
-
-    def observe_choice(self, choice: StepChoice, quality: str) -> None:
-        self.steps.observe(choice.steps, tags={"quality": quality,
-                                               "pinned": str(choice.reason == "pinned").lower()})
-
-
-# --- the load board as a Serve deployment ---------------------------------------------------
-def make_load_board_deployment():
-    """LoadBoard as a tiny Serve deployment: replicas push, ingresses pull (one remote call per
-    refresh each way, never one per request)."""
-    from ray import serve
-
-    @serve.deployment(name="LoadBoard", num_replicas=1, max_ongoing_requests=1000,
-                      ray_actor_options={"num_cpus": 0}, health_check_period_s=5,
-                      logging_config={"enable_access_log": False})  # ~8 calls/s per replica
-    class LoadBoardDeployment:
-        def __init__(self, stale_after_s: float = 5.0, fallback_capacity: float = 1000.0):
-            self.board = LoadBoard(stale_after_s, fallback_capacity)
-
-        def report(self, load: dict) -> None:
-            self.board.report(ReplicaLoad.from_dict(load))
-
-        def forget(self, replica_id: str) -> None:
-            self.board.forget(replica_id)
-
-        def snapshot(self) -> dict:
-            return self.board.snapshot().to_dict()
-
-        def replicas(self) -> list[dict]:
-            return [r.to_dict() for r in self.board.fresh()]
-
-    return LoadBoardDeployment

@@ -2,7 +2,7 @@
 
     # deployments/app.py gives the replica N bundles (PACK) when tensor_parallel_size = N > 1:
     #   placement_group_bundles=[{"GPU": 1, "CPU": c}] * N; the replica itself sits in bundle 0
-    group = await TensorParallelGroup.start(server_config)   # inside the replica = rank 0
+    group = await TensorParallelGroup.start(app_args.model)  # inside the replica = rank 0
     engine = Engine(group.leader, group.tokenizer, group.leader.cfg, engine_config)
     await group.check()          # health: every rank actor answers
     group.layout()               # where each rank runs: node, GPU ids, bundle
@@ -43,11 +43,10 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deployments.server import _device, _torch_dtype
+from deployments.config import ModelArgs
+from model.loaders import resolve_device, torch_dtype
 
 log = logging.getLogger("ray.serve")
-
-COLLECTIVE_TIMEOUT_S = 120.0  # a dead rank fails the step after this instead of hanging it
 
 
 def _where() -> dict:
@@ -77,10 +76,10 @@ class RankWorker:
         from model.parallel import init_distributed, load_sharded
 
         os.environ.update(env)
-        dev = init_distributed(self.rank, self.world_size, init_method, _device(device),
+        dev = init_distributed(self.rank, self.world_size, init_method, resolve_device(device),
                                timeout_s=timeout_s)
         net, _, _ = load_sharded(source, self.rank, self.world_size, device=dev,
-                                 dtype=_torch_dtype(dtype))
+                                 dtype=torch_dtype(dtype))
         self.follower = TPFollower(net)
         return {"rank": self.rank, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                 "params": sum(p.numel() for p in net.parameters()), **_where()}
@@ -119,7 +118,7 @@ class RayDispatch:
             w.step.remote(spec)  # fire and forget: the collectives are the synchronisation
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -132,13 +131,12 @@ class TensorParallelGroup:
     cfg: object  # the full model's config
     workers: list
     ranks: list[dict]  # what each rank reported (rank 0 first)
-    transport: str = "ray"
+    transport: str = "collective"
     loops: list = field(default_factory=list)  # "collective": each rank's `follow` call
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    async def start(cls, config, collective_timeout_s: float | None = None
-                    ) -> TensorParallelGroup:
+    async def start(cls, model: ModelArgs) -> TensorParallelGroup:
         """Start ranks 1..N-1 in the current placement group's bundles, join them in one
         process group with this process as rank 0, load every rank's slice."""
         from ray.util import get_current_placement_group
@@ -146,14 +144,8 @@ class TensorParallelGroup:
         from engine.tensor_parallel import TPLeader
         from model.parallel import init_distributed, load_sharded
 
-        n = int(config.tensor_parallel_size)
-        transport = getattr(config, "tensor_parallel_transport", "collective")
-        if transport not in ("collective", "ray"):
-            raise ValueError(f"tensor_parallel_transport must be collective or ray, got "
-                             f"{transport!r}")
-        if collective_timeout_s is None:
-            collective_timeout_s = float(getattr(config, "tensor_parallel_timeout_s",
-                                                 COLLECTIVE_TIMEOUT_S))
+        n, transport = model.tensor_parallel_size, model.tensor_parallel_transport
+        collective_timeout_s = model.tensor_parallel_timeout_s
         pg = get_current_placement_group()
         if pg is None or len(pg.bundle_specs) < n:
             raise RuntimeError(
@@ -167,10 +159,10 @@ class TensorParallelGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=r),
                 num_cpus=bundle.pop("CPU", 0), num_gpus=bundle.pop("GPU", 0),
-                resources=bundle).remote(r, n, config.torch_threads))
+                resources=bundle).remote(r, n, model.torch_threads))
         where = await asyncio.gather(*(w.where.remote() for w in workers))
         me = _where()
-        device = _device(config.device)
+        device = resolve_device(model.device)
         env: dict[str, str] = {}
         if all(w["node_id"] == me["node_id"] for w in where):
             host = "127.0.0.1"  # one node (PACK's usual outcome): keep the traffic on loopback
@@ -178,16 +170,16 @@ class TensorParallelGroup:
                 env["GLOO_SOCKET_IFNAME"] = "lo"
         else:
             host = ray.util.get_node_ip_address()
-        init_method = f"tcp://{host}:{_free_port(host)}"
+        init_method = f"tcp://{host}:{free_port(host)}"
         log.info("tensor-parallel replica: %d ranks, %s, rendezvous %s", n,
                  "one node" if host == "127.0.0.1" else "several nodes", init_method)
-        setups = [w.setup.remote(init_method, config.model, config.device, config.dtype,
+        setups = [w.setup.remote(init_method, model.source, model.device, model.dtype,
                                  collective_timeout_s, env) for w in workers]
         os.environ.update(env)
         dev = await asyncio.to_thread(init_distributed, 0, n, init_method, device,
                                       collective_timeout_s)
-        net, tok, cfg = await asyncio.to_thread(load_sharded, config.model, 0, n, device=dev,
-                                                dtype=_torch_dtype(config.dtype))
+        net, tok, cfg = await asyncio.to_thread(load_sharded, model.source, 0, n, device=dev,
+                                                dtype=torch_dtype(model.dtype))
         ranks = [{"rank": 0, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                   "params": sum(p.numel() for p in net.parameters()), **me}]
         ranks += await asyncio.gather(*setups)

@@ -8,8 +8,9 @@
 Modules: types.py (the contract with the server), config.py (EngineConfig), engine.py (the
 scheduler loop, admission, cancellation, stats), batch.py (the batched forwards of one
 iteration), kv_pool.py (the paged KV pool and its attention context), sequence.py (one request's
-block schedule, stop rules and events), detok.py (UTF-8- and stop-string-safe text deltas),
-mock.py (a model-free engine for HTTP tests). Knows nothing of Ray or HTTP.
+block state, stop checks and events), detok.py (UTF-8- and stop-string-safe text deltas). The
+block schedule and its cost are model/schedule.py's, the sampling rules model/rules.py's, shared
+with the reference sampler. Knows nothing of Ray or HTTP.
 """
 
 from engine.config import EngineConfig

@@ -19,8 +19,8 @@ step the same whole-row forward also stores every position's K/V in the row's pa
 append), and later steps run only the row's cached span over the pool (prefix: keys [0, q0);
 dual: every slot but the recomputed span, as PagedAttention `hidden`). One step therefore runs up
 to three forwards (uncached rows, refreshing rows, cached rows), each committed before the next.
-The commit is model/sampling's `commit_step` over the batch, which is why the tokens equal the
-reference's.
+The commit is model/sampling's `commit_step` over the batch, after model/rules.py's banned and
+first-token rules, which is why the tokens equal the reference's.
 
 With EngineConfig.cuda_graphs the denoising forward runs at static shapes through
 engine/cuda_graphs.py (CUDA graphs on CUDA, the same padded path uncaptured elsewhere): rows
@@ -42,6 +42,7 @@ from engine.cuda_graphs import StaticForward
 from engine.kv_pool import PagedKVPool
 from engine.sequence import Sequence
 from kernels.attention import Ragged
+from model.rules import ban_tokens, constrain_first_position
 from model.sampling import commit_step
 from model.transformer import DenseAttention
 
@@ -143,20 +144,14 @@ class StepRunner:
         """commit_step over rows whose masked positions' logits are [B, M, V]; order [B, M] the
         logits' columns in the forward's row, start [B] the block's first column there, pos
         [B, M] absolute positions. -> (outcome per row, apply)."""
-        dev, mask_id, B = self.device, self.cfg.mask_id, len(seqs)
-        M, V = logits.shape[1], logits.shape[2]
+        dev, mask_id = self.device, self.cfg.mask_id
+        M = logits.shape[1]
         in_row = torch.arange(M, device=dev)[None, :] < counts[:, None]  # [B, M]
-        banned = torch.zeros(B, V, dtype=torch.bool, device=dev)
-        for i, s in enumerate(seqs):
-            banned[i, s.banned] = True
-        logits.masked_fill_(banned[:, None, :], float("-inf"))
+        ban_tokens(logits, [s.banned for s in seqs])
         rel = order - start[:, None]  # [B, M] position in the block
         for i, s in enumerate(seqs):
-            first = getattr(s.params, "first_token_ids", None)  # token healing
-            if first and s.block == 0 and s.canvas[0] == mask_id:  # then rel[i, 0] == 0
-                keep = torch.zeros(V, dtype=torch.bool, device=dev)
-                keep[torch.tensor(first, device=dev)] = True
-                logits[i, 0].masked_fill_(~keep, float("-inf"))
+            if s.first_token_constrained:  # canvas position 0 is masked, so rel[i, 0] == 0
+                constrain_first_position(logits[i, 0], s.params.first_token_ids)
         plans = [s.step_plan() for s in seqs]
         p = [s.params for s in seqs]
 
@@ -296,7 +291,7 @@ class StepRunner:
         return logits, order, start, order, counts, sum(lens)
 
     def _cached_logits(self, seqs: list[Sequence]):
-        """Full-cache rows mid-block: each row runs its cached span [q0, q1) (model/sampling
+        """Full-cache rows mid-block: each row runs its cached span [q0, q1) (model/schedule
         .cached_query_span) at positions q0.., reading the refresh's K/V from its pages:
         prefix rows the slots [0, q0), dual rows every slot but [q0, q1) (`hidden`). Read-only,
         so it may take the static (graph) path."""

@@ -22,7 +22,7 @@ from model.config import ModelConfig
 
 @dataclass
 class EngineConfig:
-    # Sequences in the step batch. 16 is the largest batch the benchmark asks for; on the
+    # Sequences in the step batch. 16 is the largest batch benchmarks/bench_engine.py runs; on the
     # 2-core CPU a [16, 32]-token step of tiny-coder takes ~90 ms (1 thread), so more would only
     # add latency. A GPU replica raises it (64 to 256).
     max_num_seqs: int = 16
@@ -38,8 +38,9 @@ class EngineConfig:
     # burst of long prompts is spread over a few steps instead of stalling everyone's next step.
     max_prefill_tokens: int = 4096
     # Requests waiting for a slot; None = unbounded. When full, submit raises QueueFullError
-    # (the server turns it into 429/503).
-    max_queued: int | None = None
+    # (the server answers 503 with Retry-After). 256: sixteen times the default batch, ~90 s
+    # of tiny-coder work on the 2-core CPU; past that a client is better told to come back.
+    max_queued: int | None = 256
     # Query lengths are padded up to one of these (then to a multiple of the largest), so the
     # forward sees few distinct shapes: block lengths 1..32 fall on 5 shapes.
     length_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128, 256)

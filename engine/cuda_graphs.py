@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv_pool import PagedAttention
+from engine.tensor_parallel import TPLeader
 from model.transformer import DenseAttention
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def attention_tensors(attn) -> dict[str, torch.Tensor]:
         return {}
     if isinstance(attn, DenseAttention):
         return {} if attn.mask is None else {"mask": attn.mask}
-    if hasattr(attn, "read_slots") and hasattr(attn, "key_valid"):  # engine/kv_pool.PagedAttention
+    if isinstance(attn, PagedAttention):
         if attn.append:
             raise ValueError("a cache write (append=True) has side effects: it stays eager")
         return {"read_slots": attn.read_slots, "key_valid": attn.key_valid}
@@ -98,7 +100,7 @@ class StaticForward:
     def __init__(self, net: torch.nn.Module, max_graphs: int = 256, capture: bool | None = None):
         self.net = net
         self.device = next(net.parameters()).device
-        host_work = getattr(net, "dispatch", None) is not None  # TPLeader
+        host_work = isinstance(net, TPLeader)  # dispatches each forward's spec to the ranks
         cuda = self.device.type == "cuda"
         if capture is None:
             capture = cuda and not host_work
@@ -182,9 +184,9 @@ class StaticForward:
                 shape.inputs[name].copy_(v)
         for k, v in attn_t.items():
             shape.attn_buffers[k].copy_(v)
-        args = getattr(kwargs.get("attn"), "args", None)
-        if args is not None:  # what a TP follower rebuilds the context from: this call's
-            shape.attn.args = args
+        attn = kwargs.get("attn")
+        if isinstance(attn, PagedAttention):  # what a TP follower rebuilds the context from
+            shape.attn.args = attn.args
 
     def _forward(self, shape: _Shape) -> torch.Tensor:
         kw = {k: v for k, v in shape.inputs.items() if k != "input_ids"}

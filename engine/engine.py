@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
-    """submit() when EngineConfig.max_queued requests already wait (the server answers 429)."""
+    """submit() when EngineConfig.max_queued requests already wait (the server answers 503 with
+    Retry-After)."""
 
 
 class EngineClosedError(RuntimeError):
@@ -162,6 +163,11 @@ class Engine(EngineBase):
     async def cancel(self, request_id: str) -> None:
         self._cancel_nowait(request_id)
 
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler loop has ended (crashed or shut down)."""
+        return self._task is None or not self._task.done()
+
     def stats(self) -> EngineStats:
         """Load of this replica.
 
@@ -191,7 +197,8 @@ class Engine(EngineBase):
             capacity_token_steps_per_s=self._capacity,
             kv_pages_used=self.pool.used_pages if self.pool else 0,
             kv_pages_total=self.pool.num_pages if self.pool else 0,
-            extra={"iterations": self._iterations, "busy_s": self._busy_s,
+            iterations=self._iterations,
+            extra={"busy_s": self._busy_s,
                    "cache_write_s": self._cache_write_s, "worker_s": self._worker_s,
                    "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size,
                    **({"cuda_graphs": self.runner.static.stats()} if self.runner.static else {})},

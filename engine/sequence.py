@@ -5,18 +5,18 @@
     seq.after_step(masks_left)  # -> True when the active block is done (no masks or steps used up)
     events = seq.finish_block() # stop checks, text delta, Finished; or sets up the next block
 
-The schedule is model/sampling.generate's, step for step: blocks of `block_length` over
-`max_new_tokens` masks, `steps_for(Lb)` steps per block with the `transfer_schedule` split, the
-block left early when nothing is masked, stop tokens and stop strings checked when a block is done,
-and a finished block re-encoded as clean context (the `pending_append`) before the next one.
+The schedule is model/sampling.generate's, step for step, because both read model/schedule.py:
+blocks of `block_length` over `max_new_tokens` masks, `steps_in(b)` steps per block with the
+even commit split, the block left early when nothing is masked; stop tokens and stop strings
+are checked when a block is done, and a finished block is re-encoded as clean context (the
+`pending_append`) before the next one. The banned and stop tokens are model/rules.py's.
 Full-attention rows with `params.full_cache` ("prefix" / "dual") refresh their K/V of the whole
 row at each block's first step and run only `cached_span()` at the later ones (the reference's
-approximation, model/sampling.cached_query_span); they hold pages for the whole row.
+approximation); they hold pages for the whole row.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,15 +25,11 @@ import torch
 from engine.detok import TextStream, render_canvas
 from engine.types import CanvasUpdate, Event, Finished, GenerationRequest, TextDelta
 from model.config import ModelConfig
-from model.sampling import SamplingParams, cached_query_span, transfer_schedule, truncate_at_stop
+from model.rules import banned_token_ids, constrains_first_token, stop_token_ids
+from model.sampling import SamplingParams, truncate_at_stop
+from model.schedule import BlockSchedule, RowLayout, token_steps_left
 
 WAITING, RUNNING, DONE = "waiting", "running", "done"
-
-
-def default_stop_ids(params: SamplingParams, cfg: ModelConfig) -> set[int]:
-    if params.stop_token_ids is not None:
-        return set(params.stop_token_ids)
-    return {cfg.eos_id} | ({cfg.eot_id} if cfg.eot_id is not None else set())
 
 
 @dataclass
@@ -45,11 +41,11 @@ class Sequence:
     prompt: list[int]
     suffix: list[int]
     stop_ids: set[int]
-    banned: list[int]  # token ids whose logits are -inf (mask, pad, the request's suppress list)
+    banned: list[int]  # token ids whose logits are -inf (model/rules.banned_token_ids)
     canvas: torch.Tensor  # [N] long: the generated region, mask_id where still masked
     stream: TextStream
-    block_causal: bool
-    full_cache: str = "none"  # the full-attention cache mode ("none" for block-causal rows)
+    schedule: BlockSchedule
+    layout: RowLayout  # which tokens this row's forwards run
     state: str = WAITING
     block: int = 0  # index of the active block
     step: int = 0  # steps taken in the active block
@@ -77,16 +73,15 @@ class Sequence:
                              f"context ({cfg.max_seq_len})")
         if any(not 0 <= t < cfg.vocab_size for t in prompt + suffix):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
-        banned = [cfg.mask_id] + list(params.suppress_token_ids)
-        if cfg.pad_id is not None and cfg.pad_id != cfg.eos_id:
-            banned.append(cfg.pad_id)
-        banned = sorted({b for b in banned if 0 <= b < cfg.vocab_size})
-        stop_ids = default_stop_ids(params, cfg)
+        stop_ids = stop_token_ids(cfg, params.stop_token_ids)
+        layout = RowLayout(len(prompt), n, len(suffix), block_causal, params.full_cache,
+                           cfg.logit_shift)
         return cls(request=request, params=params, cfg=cfg, tokenizer=tokenizer, prompt=prompt,
-                   suffix=suffix, stop_ids=stop_ids, banned=banned,
+                   suffix=suffix, stop_ids=stop_ids,
+                   banned=banned_token_ids(cfg, params.suppress_token_ids),
                    canvas=torch.full((n,), cfg.mask_id, dtype=torch.long, device=device),
-                   stream=TextStream(tokenizer, stop_ids, params.stop), block_causal=block_causal,
-                   full_cache="none" if block_causal else params.full_cache)
+                   stream=TextStream(tokenizer, stop_ids, params.stop),
+                   schedule=params.schedule, layout=layout)
 
     # --- the block schedule ---------------------------------------------------------------
     @property
@@ -94,91 +89,54 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def n_new(self) -> int:
-        return self.params.max_new_tokens
-
-    @property
-    def n_blocks(self) -> int:
-        return math.ceil(self.n_new / self.params.block_length)
+    def full_cache(self) -> str:
+        """The full-attention cache mode ("none" for block-causal rows)."""
+        return self.layout.full_cache
 
     def span(self, b: int) -> tuple[int, int]:
-        bl = self.params.block_length
-        return b * bl, min(self.n_new, (b + 1) * bl)
+        return self.schedule.span(b)
 
     def block_span(self) -> tuple[int, int]:
-        return self.span(self.block)
-
-    def steps_in(self, b: int) -> int:
-        lo, hi = self.span(b)
-        return self.params.steps_for(hi - lo)
+        return self.schedule.span(self.block)
 
     def step_plan(self) -> tuple[int, int, bool]:
         """(step index in the block, tokens scheduled to commit, whether it is the last step)."""
-        lo, hi = self.block_span()
-        steps = self.steps_in(self.block)
-        return self.step, transfer_schedule(hi - lo, steps)[self.step], self.step == steps - 1
+        n_commit, last = self.schedule.plan(self.block, self.step)
+        return self.step, n_commit, last
+
+    @property
+    def first_token_constrained(self) -> bool:
+        """Token healing applies to this step: block 0 with canvas position 0 still masked."""
+        return constrains_first_token(self.params.first_token_ids, self.block) \
+            and int(self.canvas[0]) == self.cfg.mask_id
 
     @property
     def full_len(self) -> int:
         """Prompt + canvas + suffix: the row of a full-attention forward."""
-        return len(self.prompt) + self.n_new + len(self.suffix)
+        return self.layout.full_len
 
     @property
     def refreshing(self) -> bool:
         """A full-cache row at its block's first step: the whole row runs and stores its K/V."""
         return self.full_cache != "none" and self.step == 0
 
-    def cached_span(self, b: int | None = None) -> tuple[int, int]:
-        """[q0, q1): the positions a cached (not refreshing) step of block b recomputes."""
-        lo, hi = self.span(self.block if b is None else b)
-        return cached_query_span(self.full_cache, len(self.prompt), lo, hi, self.full_len,
-                                 self.cfg.logit_shift)
+    def cached_span(self) -> tuple[int, int]:
+        """[q0, q1): the positions a cached (not refreshing) step of the active block runs."""
+        return self.layout.cached_span(*self.block_span())
 
     def cache_tokens_needed(self) -> int:
-        """KV slots reserved at admission: the prompt and every block but the last
-        (block-causal), the whole row (full attention with a cache), else none."""
-        if self.full_cache != "none":
-            return self.full_len
-        if not self.block_causal:
-            return 0
-        lo, _ = self.span(self.n_blocks - 1)
-        return len(self.prompt) + lo
-
-    def row_len(self) -> int:
-        """Tokens the next denoising forward processes for this sequence."""
-        if self.block_causal:
-            lo, hi = self.block_span()
-            return hi - lo
-        if self.full_cache != "none" and not self.refreshing:
-            q0, q1 = self.cached_span()
-            return q1 - q0
-        return self.full_len
+        """KV slots reserved at admission (model/schedule.RowLayout.cache_tokens)."""
+        return self.layout.cache_tokens(self.schedule)
 
     def backlog(self) -> int:
-        """Token-steps left, an upper bound (see Engine.stats): denoising steps left x tokens per
-        step, plus the tokens still to be written to the KV cache (prompt, finished blocks)."""
-        total = 0
-        if self.block_causal and self.state == WAITING:
-            total += len(self.prompt)
-        elif self.pending_append is not None:
-            total += self.pending_append[1] - self.pending_append[0]
-        full_row = self.full_len
-        for b in range(self.block, self.n_blocks):
-            lo, hi = self.span(b)
-            left = self.steps_in(b) - (self.step if b == self.block else 0)
-            if self.full_cache != "none" and left > 0:  # one refresh (if still ahead), then cached
-                refresh = 1 if b > self.block or self.step == 0 else 0
-                q0, q1 = self.cached_span(b)
-                total += refresh * full_row + (left - refresh) * (q1 - q0)
-                continue
-            total += left * ((hi - lo) if self.block_causal else full_row)
-            if self.block_causal and b < self.n_blocks - 1:
-                total += hi - lo  # the cache write of the finished block
-        return total
+        """Token-steps left, an upper bound (see Engine.stats): model/schedule.token_steps_left
+        from the active block and step, with what is in the KV pool."""
+        return token_steps_left(self.schedule, self.layout, self.block, self.step,
+                                self.cached_len)
 
     def admit(self, pages: list[int]) -> None:
         self.state, self.pages = RUNNING, pages
-        if self.block_causal and self.prompt:
+        if self.layout.block_causal and self.prompt:
             self.pending_append = (0, len(self.prompt))
 
     def append_ids(self) -> list[int]:
@@ -193,7 +151,7 @@ class Sequence:
     def after_step(self, masks_left: int) -> bool:
         self.total_steps += 1
         self.step += 1
-        return masks_left == 0 or self.step >= self.steps_in(self.block)
+        return masks_left == 0 or self.step >= self.schedule.steps_in(self.block)
 
     def canvas_event(self) -> CanvasUpdate:
         return CanvasUpdate(self.request_id, render_canvas(self.tokenizer, self.canvas.tolist(),
@@ -210,9 +168,9 @@ class Sequence:
         events: list[Event] = [TextDelta(self.request_id, delta, ids)] if delta else []
         if self.params.stop and any(s in self.stream.text for s in self.params.stop):
             return events + self._finish("stop", hi)
-        if self.block == self.n_blocks - 1:
+        if self.block == self.schedule.n_blocks - 1:
             return events + self._finish("length", hi)
-        if self.block_causal:  # the finished block becomes clean context for the next one
+        if self.layout.block_causal:  # the finished block becomes clean context for the next one
             P = len(self.prompt)
             self.pending_append = (P + lo, P + hi)
         self.block += 1

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.kv_pool import PagedAttention
 from model.transformer import DenseAttention
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def describe_attention(attn) -> tuple | None:
         if rows is not None:
             rows = (_cpu(rows.key_valid), rows.max_keys, rows.total_keys, _cpu(rows.query_valid))
         return ("dense", _cpu(attn.mask), rows)
-    pool, args = getattr(attn, "pool", None), getattr(attn, "args", None)
-    if pool is not None and args is not None:  # engine/kv_pool.PagedAttention
+    if isinstance(attn, PagedAttention):
+        pool, args = attn.pool, attn.args
         shape = dict(num_pages=pool.num_pages, page_size=pool.page_size,
                      dtype=str(pool.k.dtype).removeprefix("torch."))
         return ("paged", shape, {k: _cpu(v) for k, v in args.items()})

@@ -7,6 +7,7 @@
         Finished    -> finish reason, token usage, steps actually used
     await engine.cancel(request_id)   # frees the slot at the next step
     engine.stats()                    # queued/running, token backlog, step latency, tok/s
+    ModelInfo.from_config(cfg, "my-model")   # what the API layer needs to know of the model
 
 Nothing here knows of Ray or HTTP.
 """
@@ -14,13 +15,51 @@ Nothing here knows of Ray or HTTP.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from model.config import ModelConfig
+from model.families import family_defaults
 from model.sampling import SamplingParams
 
 # Shown for a still-masked position in `diffusing` canvases.
 MASK_GLYPH = "\u2591"
+
+
+@dataclass
+class ModelInfo:
+    """The served model as the API layer sees it: limits, layout and the family's sampler
+    defaults. A replica builds it from its config and sends it to the ingress once."""
+
+    id: str
+    max_seq_len: int
+    block_length: int | None  # None: the whole answer is one block (Dream-style families)
+    attention: str  # "block_causal" | "full"
+    default_steps: int
+    family: str = "tiny-coder"
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    suppress_token_ids: tuple[int, ...] = ()
+    defer_token_ids: tuple[int, ...] = ()  # committed after every other position of a block
+    vocab_size: int = 0
+    logit_shift: bool = False  # hidden state i predicts token i + 1 (Dream)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, model_id: str | None = None,
+                    family_options: dict[str, bool] | None = None) -> ModelInfo:
+        """family_options: the family's published switches by name (model/families.py), e.g.
+        {"logits_eos_inf": True} for LLaDA."""
+        fam = family_defaults(cfg).with_options(**(family_options or {}))
+        return cls(id=model_id or cfg.name, max_seq_len=cfg.max_seq_len,
+                   block_length=fam.block_length, attention=cfg.attention,
+                   default_steps=fam.steps_per_block or cfg.block_length, family=fam.family,
+                   remasking=fam.remasking, temperature=fam.temperature, top_p=fam.top_p,
+                   suppress_token_ids=tuple(fam.suppress_token_ids),
+                   defer_token_ids=tuple(fam.defer_token_ids), vocab_size=cfg.vocab_size,
+                   logit_shift=bool(cfg.logit_shift))
 
 
 @dataclass
@@ -70,6 +109,7 @@ class EngineStats:
     capacity_token_steps_per_s: float = 0.0  # measured processing rate (for load = backlog/cap)
     kv_pages_used: int = 0
     kv_pages_total: int = 0
+    iterations: int = 0  # scheduler iterations run so far (busy fraction = iterations x latency)
     extra: dict = field(default_factory=dict)
 
 
@@ -83,6 +123,12 @@ class EngineBase(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer run steps (its loop died): the replica's health
+        check fails and Serve replaces it."""
+        return True
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         pass

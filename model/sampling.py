@@ -12,6 +12,8 @@ at once and a commit rule decides which predictions become final:
   becomes a cap, and the last allowed step commits whatever is left.
 k follows an even split of the block over its steps (LLaDA's schedule). With temperature > 0 the
 predictions are Gumbel-max samples keyed by (seed, position, step), so a seed fixes the output.
+Blocks, steps and their cost are model/schedule.py's, the banned and stop tokens model/rules.py's;
+the engine uses both.
 
 Layouts: block-causal models keep an exact KV cache of the prompt and finished blocks
 (model/cache.py) and run only the active block; `use_cache=False` recomputes everything with the
@@ -29,9 +31,9 @@ P = prompt, L = P + canvas + suffix tokens and the active block at canvas [lo, h
   K/V of [0, q0) and [P+hi, L) and to its own.
 q0 = P + lo, or P + lo - 1 for models with shifted logits (Dream: hidden state i-1 predicts token
 i, so the token before the block is recomputed too). The refresh-time K/V do not see the block's
-later commits: that staleness is the approximation (`cached_query_span` says which positions a
-cached step runs; the engine uses the same). Forwards per block are the same as without the
-cache; a cached one runs L - q0 (prefix) or P + hi - q0 (dual) tokens instead of L.
+later commits: that staleness is the approximation (model/schedule.cached_query_span says which
+positions a cached step runs; the engine uses the same). Forwards per block are the same as
+without the cache; a cached one runs L - q0 (prefix) or P + hi - q0 (dual) tokens instead of L.
 Time-conditioned full models feed t (the whole canvas's masked fraction) to every forward.
 Block-causal models ignore `full_cache`: their cache is already exact.
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
@@ -52,10 +55,20 @@ from kernels.noise import position_noise
 from model.cache import KVCache
 from model.config import ModelConfig
 from model.diffusion import block_causal_mask, segment_ids
+from model.rules import (
+    ban_tokens,
+    banned_token_ids,
+    constrain_first_position,
+    constrains_first_token,
+    stop_token_ids,
+)
+from model.schedule import BlockSchedule, cached_query_span
 from model.transformer import DenseAttention
 
-REMASKING_RULES = ("low_confidence", "margin", "entropy", "random")
-FULL_CACHE_MODES = ("none", "prefix", "dual")
+RemaskingRule = Literal["low_confidence", "margin", "entropy", "random"]
+FullCacheMode = Literal["none", "prefix", "dual"]
+REMASKING_RULES: tuple[str, ...] = get_args(RemaskingRule)
+FULL_CACHE_MODES: tuple[str, ...] = get_args(FullCacheMode)
 
 
 @dataclass
@@ -63,7 +76,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     steps: int = 8  # denoising steps per block; capped at block_length
     block_length: int = 32
-    remasking: str = "low_confidence"
+    remasking: RemaskingRule = "low_confidence"
     confidence_threshold: float | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -83,7 +96,7 @@ class SamplingParams:
     # Full-attention models: Fast-dLLM's approximate KV cache, "none" | "prefix" | "dual" (see
     # the module docstring). "none" by default: cached steps attend to K/V that are stale by
     # the block's own commits, so tokens may differ from the uncached sampler's.
-    full_cache: str = "none"
+    full_cache: FullCacheMode = "none"
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 1:
@@ -105,8 +118,10 @@ class SamplingParams:
                              f"got {self.full_cache!r}")
         return self
 
-    def steps_for(self, block_len: int) -> int:
-        return min(self.steps, block_len)
+    @property
+    def schedule(self) -> BlockSchedule:
+        """The canvas in blocks and steps (model/schedule.py)."""
+        return BlockSchedule(self.max_new_tokens, self.block_length, self.steps)
 
 
 @dataclass
@@ -116,13 +131,6 @@ class GenerationResult:
     steps: int  # denoising forward passes spent (cache writes not counted)
     blocks: int
     text: str | None = None  # when a tokenizer was given: decoded, cut before a stop string
-
-
-def transfer_schedule(n_masked: int, steps: int) -> list[int]:
-    """Even split of n_masked commits over `steps` steps, earlier steps taking the remainder."""
-    steps = max(1, min(steps, n_masked)) if n_masked else 1
-    base, rem = divmod(n_masked, steps)
-    return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
 def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tensor,
@@ -180,38 +188,165 @@ def commit_step(logits: torch.Tensor, block: torch.Tensor, positions: torch.Tens
     return torch.where(committed, tokens, block), committed
 
 
-def cached_query_span(mode: str, prompt_len: int, lo: int, hi: int, total: int,
-                      logit_shift: bool) -> tuple[int, int]:
-    """[q0, q1): the positions a cached step of a full-attention model recomputes (module
-    docstring), for the block at canvas [lo, hi) of a sequence of `total` tokens. The cache's
-    copies of these positions are hidden from it; every other cached position is attended."""
-    start = prompt_len + lo
-    q0 = start - 1 if logit_shift and start > 0 else start
-    q1 = total if mode == "prefix" else prompt_len + hi
-    return q0, q1
+class _Row:
+    """One generate() call's sequence: prompt [1, P], canvas [1, N] (mask_id where still masked)
+    and suffix [1, S], with the caches its layout keeps. Each `*_logits` method is one layout's
+    denoising forward of the block at canvas [lo, hi) and returns its logits [1, Lb, V]."""
+
+    def __init__(self, net: torch.nn.Module, prompt_ids: list[int], suffix_ids: list[int],
+                 params: SamplingParams):
+        cfg: ModelConfig = net.cfg
+        weights = next(net.parameters())
+        dev = self.device = weights.device
+        self.net, self.cfg, self.block_length = net, cfg, params.block_length
+        self.prompt = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
+        self.canvas = torch.full((1, params.max_new_tokens), cfg.mask_id, dtype=torch.long,
+                                 device=dev)
+        self.suffix = torch.tensor([suffix_ids], dtype=torch.long, device=dev)
+        self.P = len(prompt_ids)
+        self.L = self.P + params.max_new_tokens + len(suffix_ids)
+        self.t0 = torch.zeros(1, device=dev)
+        self.block_causal = cfg.attention == "block_causal"
+        self.full_cache = "none" if self.block_causal else params.full_cache
+        self.fused_commit = params.fused_commit
+        self.cache: KVCache | None = None  # block-causal: exact K/V of prompt + finished blocks
+        self.fcache: KVCache | None = None  # full attention: refresh-time K/V of every position
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # finished, not cached
+        if self.block_causal and params.use_cache:
+            self.cache = KVCache(cfg, batch=1, max_len=self.L, device=dev, dtype=weights.dtype)
+            if self.P:
+                net(self.prompt, positions=torch.arange(self.P, device=dev)[None], t=self.t0,
+                    attn=self.cache.context(append=True))
+        if self.full_cache != "none":
+            self.fcache = KVCache(cfg, batch=1, max_len=self.L, device=dev, dtype=weights.dtype)
+
+    def positions(self, lo: int, hi: int) -> torch.Tensor:
+        """[1, hi - lo] absolute positions of canvas [lo, hi)."""
+        return torch.arange(self.P + lo, self.P + hi, device=self.device)[None]
+
+    def masked_fraction(self, lo: int, hi: int) -> torch.Tensor:
+        """[1] the noise level of canvas [lo, hi)."""
+        return (self.canvas[:, lo:hi] == self.cfg.mask_id).float().mean(1)
+
+    def step_logits(self, lo: int, hi: int, s: int) -> torch.Tensor:
+        """The layout's forward for step s of the block at canvas [lo, hi)."""
+        if self.block_causal:
+            if self.cache is None:
+                return self._recomputed_logits(lo, hi)
+            return self._cached_block_logits(lo, hi)
+        if self.fcache is None:
+            return self._full_logits(lo, hi, attn=None)
+        if s == 0:  # the refresh: the uncached forward, storing every position's K/V
+            return self._full_logits(lo, hi, attn=self.fcache.refresh())
+        return self._full_cached_logits(lo, hi)
+
+    def commit_block(self, lo: int, hi: int) -> None:
+        """The finished block becomes clean context (t = 0) in the block-causal cache: now, or
+        with fused_commit in the same forward as the next block's first step."""
+        if self.cache is None:
+            return
+        block, pos = self.canvas[:, lo:hi], self.positions(lo, hi)
+        if self.fused_commit:
+            self.pending = (block.clone(), pos)
+        else:
+            self.net(block, positions=pos, t=self.t0, attn=self.cache.context(append=True))
+
+    def _cached_block_logits(self, lo: int, hi: int) -> torch.Tensor:
+        """Block-causal with the exact cache: the active block alone, after the pending
+        finished block when its write is fused into this forward."""
+        block, pos, frac = self.canvas[:, lo:hi], self.positions(lo, hi), self.masked_fraction(lo, hi)
+        if self.pending is None:
+            return self.net(block, positions=pos, t=frac, attn=self.cache.context())
+        (prev_ids, prev_pos), self.pending = self.pending, None
+        n, Lb = prev_ids.shape[1], hi - lo
+        t_tok = torch.cat([torch.zeros(1, n, device=self.device), frac[:, None].expand(1, Lb)], 1)
+        return self.net(torch.cat([prev_ids, block], 1), positions=torch.cat([prev_pos, pos], 1),
+                        t=t_tok, attn=self.cache.context(commit_len=n),
+                        logits_slice=slice(n, n + Lb))
+
+    def _recomputed_logits(self, lo: int, hi: int) -> torch.Tensor:
+        """Block-causal without a cache: prompt and canvas up to the block under the
+        block-causal mask (the same logits as the cache's; its test)."""
+        P = self.P
+        ids = torch.cat([self.prompt, self.canvas[:, :hi]], dim=1)
+        seg = segment_ids(P + hi, torch.tensor([P], device=self.device), self.block_length)
+        t_tok = torch.zeros(1, P + hi, device=self.device)  # clean context at t = 0
+        t_tok[:, P + lo:] = self.masked_fraction(lo, hi)
+        return self.net(ids, t=t_tok, attn=DenseAttention(block_causal_mask(seg)),
+                        logits_slice=slice(P + lo, P + hi))
+
+    def _canvas_t(self) -> torch.Tensor | None:
+        """Time-conditioned full models see the whole canvas's masked fraction [1]."""
+        if not self.cfg.time_conditioning:
+            return None
+        return (self.canvas == self.cfg.mask_id).float().mean(1)
+
+    def _full_logits(self, lo: int, hi: int, attn) -> torch.Tensor:
+        """Full attention over prompt + canvas + suffix (attn None: plain, or a refresh)."""
+        ids = torch.cat([self.prompt, self.canvas, self.suffix], dim=1)
+        return self.net(ids, t=self._canvas_t(), attn=attn,
+                        logits_slice=slice(self.P + lo, self.P + hi))
+
+    def _full_cached_logits(self, lo: int, hi: int) -> torch.Tensor:
+        """A cached step: recompute [q0, q1), attend to the refresh's K/V for the rest."""
+        P = self.P
+        q0, q1 = cached_query_span(self.full_cache, P, lo, hi, self.L, self.cfg.logit_shift)
+        ids = torch.cat([self.prompt, self.canvas, self.suffix], dim=1)[:, q0:q1]
+        hide = (torch.tensor([q0], device=self.device), torch.tensor([q1], device=self.device))
+        return self.net(ids, positions=torch.arange(q0, q1, device=self.device)[None],
+                        t=self._canvas_t(), attn=self.fcache.context(hide=hide),
+                        logits_slice=slice(P + lo - q0, P + hi - q0))
 
 
-def _prepare_logits(logits: torch.Tensor, cfg: ModelConfig, suppress: list[int]) -> torch.Tensor:
-    # The mask token is never a prediction; PAD only where it is not also EOS (LLaDA, Dream).
-    banned = [cfg.mask_id] + list(suppress)
-    if cfg.pad_id is not None and cfg.pad_id != cfg.eos_id:
-        banned.append(cfg.pad_id)
-    logits = logits.clone()
-    logits[..., [b for b in banned if b < logits.shape[-1]]] = float("-inf")
-    return logits
+def _commit_settings(params: SamplingParams, device) -> dict[str, torch.Tensor]:
+    """The per-row sampling settings of commit_step, for one row."""
+    def rowvec(x, dtype=torch.float32):
+        return torch.tensor([x], dtype=dtype, device=device)
+
+    thr = params.confidence_threshold
+    return dict(temperature=rowvec(params.temperature), top_p=rowvec(params.top_p),
+                seeds=rowvec(params.seed, torch.long),
+                threshold=rowvec(thr if thr is not None else math.nan))
 
 
-def constrain_first_position(logits: torch.Tensor, allowed: list[int]) -> None:
-    """In place: only `allowed` tokens at the first position of the block (logits [B, Lb, V])."""
-    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    keep[torch.tensor(allowed, device=logits.device)] = True
-    logits[:, 0].masked_fill_(~keep, float("-inf"))
+def _denoise_block(row: _Row, params: SamplingParams, b: int, banned: list[int],
+                   steps_before: int, on_step) -> int:
+    """Every step of block b (until nothing is masked). -> steps taken in the block."""
+    sched, dev, mask_id = params.schedule, row.device, row.cfg.mask_id
+    lo, hi = sched.span(b)
+    pos = row.positions(lo, hi)  # [1, Lb]
+    settings = _commit_settings(params, dev)
+    for s in range(sched.steps_in(b)):
+        logits = row.step_logits(lo, hi, s)  # [1, Lb, V]
+        ban_tokens(logits, [banned])
+        if constrains_first_token(params.first_token_ids, b):
+            constrain_first_position(logits[:, 0], params.first_token_ids)
+        n_commit, last = sched.plan(b, s)
+        new_block, _ = commit_step(
+            logits, row.canvas[:, lo:hi], pos, torch.tensor([s], device=dev),
+            torch.tensor([n_commit], device=dev), mask_id=mask_id, rules=[params.remasking],
+            last_step=torch.tensor([last], device=dev), defer_ids=[params.defer_token_ids],
+            **settings)
+        row.canvas[:, lo:hi] = new_block
+        if on_step is not None:
+            on_step(row.canvas[0].tolist(),
+                    {"block": b, "step": s, "steps": steps_before + s + 1})
+        if not bool((row.canvas[:, lo:hi] == mask_id).any()):
+            return s + 1
+    return sched.steps_in(b)
 
 
-def _first_stop(tokens: list[int], stop_ids: set[int]) -> int | None:
-    for i, tok in enumerate(tokens):
-        if tok in stop_ids:
-            return i
+def _block_stop(done: list[int], hi: int, stop_ids: set[int], tokenizer,
+                stops: list[str]) -> int | None:
+    """After a block ending at canvas position hi: where the answer ends if it stops here (just
+    after the first stop token, or at hi for a stop string in the text), else None."""
+    stop_at = next((i for i, tok in enumerate(done) if tok in stop_ids), None)
+    if stop_at is not None:
+        return stop_at + 1
+    if tokenizer is not None and stops:
+        text = tokenizer.decode(done)
+        if any(s in text for s in stops):
+            return hi
     return None
 
 
@@ -226,119 +361,29 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
     the generated region (masks included) after every step."""
     params.validate()
     cfg: ModelConfig = net.cfg
-    device = next(net.parameters()).device
     if suffix_ids and cfg.attention == "block_causal":
         raise ValueError("block-causal models take fill-in-the-middle in the prompt "
                          "(Tokenizer.fim_prompt), not as a suffix after the canvas")
-    stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None
-                   else [cfg.eos_id] + ([cfg.eot_id] if cfg.eot_id is not None else []))
-    P, N, bl = len(prompt_ids), params.max_new_tokens, params.block_length
-    suffix_ids = list(suffix_ids or [])
+    P, N, suffix_ids = len(prompt_ids), params.max_new_tokens, list(suffix_ids or [])
     if P + N + len(suffix_ids) > cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({N}) exceeds the model's context "
                          f"({cfg.max_seq_len})")
-    canvas = torch.full((1, N), cfg.mask_id, dtype=torch.long, device=device)
-    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    suffix = torch.tensor([suffix_ids], dtype=torch.long, device=device)
-    t0 = torch.zeros(1, device=device)
-
-    def rowvec(x, dtype=torch.float32):
-        return torch.tensor([x], dtype=dtype, device=device)
-
-    temp, topp = rowvec(params.temperature), rowvec(params.top_p)
-    seeds = rowvec(params.seed, torch.long)
-    thr = rowvec(params.confidence_threshold if params.confidence_threshold is not None else math.nan)
-
-    cache = None
-    block_causal = cfg.attention == "block_causal"
-    if block_causal and params.use_cache:
-        cache = KVCache(cfg, batch=1, max_len=P + N, device=device,
-                        dtype=next(net.parameters()).dtype)
-        if P:
-            net(prompt, positions=torch.arange(P, device=device)[None], t=t0,
-                attn=cache.context(append=True))
-
-    full_cache = "none" if block_causal else params.full_cache
-    fcache = None  # the refresh-time K/V of every position (full_cache != "none")
-    L = P + N + len(suffix_ids)
-    if full_cache != "none":
-        fcache = KVCache(cfg, batch=1, max_len=L, device=device,
-                         dtype=next(net.parameters()).dtype)
-
-    total_steps, finish, end = 0, "length", N
-    n_blocks = math.ceil(N / bl)
-    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # finished block not yet cached
-    for b in range(n_blocks):
-        lo, hi = b * bl, min(N, (b + 1) * bl)
-        Lb = hi - lo
-        steps = params.steps_for(Lb)
-        schedule = transfer_schedule(Lb, steps)
-        pos = torch.arange(P + lo, P + hi, device=device)[None]  # [1, Lb]
-        for s in range(steps):
-            block = canvas[:, lo:hi]
-            frac = (block == cfg.mask_id).float().mean(1)  # [1] the active block's noise level
-            if block_causal and cache is not None and pending is not None:
-                prev_ids, prev_pos = pending
-                n = prev_ids.shape[1]
-                t_tok = torch.cat([torch.zeros(1, n, device=device), frac[:, None].expand(1, Lb)], 1)
-                logits = net(torch.cat([prev_ids, block], 1), positions=torch.cat([prev_pos, pos], 1),
-                             t=t_tok, attn=cache.context(commit_len=n),
-                             logits_slice=slice(n, n + Lb))
-                pending = None
-            elif block_causal and cache is not None:
-                logits = net(block, positions=pos, t=frac, attn=cache.context())
-            elif block_causal:
-                ids = torch.cat([prompt, canvas[:, :hi]], dim=1)
-                seg = segment_ids(P + hi, torch.tensor([P], device=device), bl)
-                t_tok = torch.zeros(1, P + hi, device=device)
-                t_tok[:, P + lo:] = frac
-                logits = net(ids, t=t_tok, attn=DenseAttention(block_causal_mask(seg)),
-                             logits_slice=slice(P + lo, P + hi))
-            elif fcache is None or s == 0:  # uncached, or the refresh of a cached block
-                ids = torch.cat([prompt, canvas, suffix], dim=1)
-                t_full = (canvas == cfg.mask_id).float().mean(1)
-                logits = net(ids, t=t_full if cfg.time_conditioning else None,
-                             attn=fcache.refresh() if fcache is not None else None,
-                             logits_slice=slice(P + lo, P + hi))
-            else:  # a cached step: recompute [q0, q1), the rest from the refresh
-                q0, q1 = cached_query_span(full_cache, P, lo, hi, L, cfg.logit_shift)
-                ids = torch.cat([prompt, canvas, suffix], dim=1)[:, q0:q1]
-                t_full = (canvas == cfg.mask_id).float().mean(1)
-                hide = (torch.tensor([q0], device=device), torch.tensor([q1], device=device))
-                logits = net(ids, positions=torch.arange(q0, q1, device=device)[None],
-                             t=t_full if cfg.time_conditioning else None,
-                             attn=fcache.context(hide=hide),
-                             logits_slice=slice(P + lo - q0, P + hi - q0))
-            logits = _prepare_logits(logits, cfg, params.suppress_token_ids)
-            if b == 0 and params.first_token_ids:
-                constrain_first_position(logits, params.first_token_ids)
-            new_block, _ = commit_step(
-                logits, block, pos, rowvec(s, torch.long), rowvec(schedule[s], torch.long),
-                mask_id=cfg.mask_id, rules=[params.remasking], temperature=temp, top_p=topp,
-                seeds=seeds, threshold=thr, last_step=rowvec(s == steps - 1, torch.bool),
-                defer_ids=[params.defer_token_ids])
-            canvas[:, lo:hi] = new_block
-            total_steps += 1
-            if on_step is not None:
-                on_step(canvas[0].tolist(), {"block": b, "step": s, "steps": total_steps})
-            if not bool((canvas[:, lo:hi] == cfg.mask_id).any()):
-                break
-        done = canvas[0, :hi].tolist()
-        stop_at = _first_stop(done, stop_ids)
-        if stop_at is not None:
-            finish, end = "stop", stop_at + 1
+    stop_ids = stop_token_ids(cfg, params.stop_token_ids)
+    banned = banned_token_ids(cfg, params.suppress_token_ids)
+    row = _Row(net, prompt_ids, suffix_ids, params)
+    sched = params.schedule
+    total_steps, finish, end, blocks = 0, "length", N, 0
+    for b in range(sched.n_blocks):
+        lo, hi = sched.span(b)
+        total_steps += _denoise_block(row, params, b, banned, total_steps, on_step)
+        blocks += 1
+        stop_end = _block_stop(row.canvas[0, :hi].tolist(), hi, stop_ids, tokenizer, params.stop)
+        if stop_end is not None:
+            finish, end = "stop", stop_end
             break
-        if tokenizer is not None and params.stop:
-            text = tokenizer.decode(done)
-            if any(s in text for s in params.stop):
-                finish, end = "stop", hi
-                break
-        if cache is not None and b < n_blocks - 1:  # the finished block becomes clean context
-            if params.fused_commit:
-                pending = (canvas[:, lo:hi].clone(), pos)
-            else:
-                net(canvas[:, lo:hi], positions=pos, t=t0, attn=cache.context(append=True))
-    tokens = canvas[0, :end].tolist()
+        if b < sched.n_blocks - 1:
+            row.commit_block(lo, hi)
+    tokens = row.canvas[0, :end].tolist()
     text = None
     if tokenizer is not None:
         text = tokenizer.decode([t for t in tokens if t not in stop_ids])
@@ -346,7 +391,7 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
         if hit:
             finish = "stop"
     return GenerationResult(tokens=tokens, finish_reason=finish, steps=total_steps,
-                            blocks=min(n_blocks, b + 1), text=text)
+                            blocks=blocks, text=text)
 
 
 def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

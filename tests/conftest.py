@@ -20,16 +20,11 @@ them in a separate pytest process (e.g. mark them and select with -m).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.harness import free_port  # noqa: F401 - the tests' free port, re-exported
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,14 @@ WAIT_S = 180  # bound on each wait (Ray on a loaded 2-core machine is slow, not 
 def app(ray_serve):
     from ray import serve
 
+    from benchmarks.mock_engine import MockEngineFactory
     from deployments.app import build_app
 
+    # ~2000 token-steps/s per replica; a 128-token answer at 16 steps/block = 4 blocks x
+    # 32 tokens x 16 steps = 2048 token-steps (1 s of one replica at best quality).
+    mock = MockEngineFactory("tiny-coder", step_delay_s=0.005, token_cost_s=0.0005,
+                             max_num_seqs=32)
     args = {
-        # ~2000 token-steps/s per replica; a 128-token answer at 16 steps/block = 4 blocks x
-        # 32 tokens x 16 steps = 2048 token-steps (1 s of one replica at best quality).
-        "model": {
-            "source": "tiny-coder",
-            "engine": "mock",
-            "mock": {"step_delay_s": 0.005, "token_cost_s": 0.0005, "max_num_seqs": 32},
-        },
         "ladder": {"steps": [16, 8, 4, 2], "thresholds_s": [1.0, 2.0, 4.0], "up_hold_s": 1.0},
         "auth": {"api_keys_env": None},
         "server": {
@@ -58,7 +56,7 @@ def app(ray_serve):
             },
         },
     }
-    serve.run(build_app(args), name=APP, route_prefix=PREFIX)
+    serve.run(build_app(args, engine_factory=mock), name=APP, route_prefix=PREFIX)
     try:
         yield f"{ray_serve.http_url}{PREFIX}"
     finally:

@@ -1,5 +1,5 @@
 """Fixtures for the API tests: a small tokenizer and model directory (no weights) for the mock
-engine, and an OpenAI app over a local MockEngine (no Ray).
+engine (benchmarks/mock_engine.py), and an OpenAI app over a local MockEngine (no Ray).
 
     async with local_api(attention="full", api_keys={"k"}) as api:
         r = await api.client.post("/v1/completions", json={...})
@@ -16,21 +16,35 @@ import httpx
 import pytest
 
 from autoscaling.load import ClusterLoad
-from deployments.openai_api import (
-    LocalBackend,
-    ModelInfo,
-    OpenAIService,
-    ServiceSettings,
-    build_openai_app,
-)
-from deployments.router import Ladder, StepRouter
-from engine.mock import MockEngine, MockEngineConfig
+from benchmarks.mock_engine import MockEngine, MockEngineConfig
+from deployments.backends import LocalBackend
+from deployments.config import AppArgs, LimitsArgs, parse_args
+from deployments.ingress import build_openai_app
+from deployments.openai_service import OpenAIService
+from deployments.step_router import Ladder, StepRouter
+from engine.types import ModelInfo
 from model.config import ModelConfig
 from model.data import python_corpus, stdlib_dir
 from model.tokenizer import Tokenizer
 
 LADDER = dict(steps=[16, 8, 4, 2], thresholds_s=[1.0, 2.0, 4.0], hysteresis=0.25, up_hold_s=0.0)
 MODEL_ID = "test-coder"
+
+
+def app_args(**settings) -> AppArgs:
+    """AppArgs from flat test settings: limits fields (max_inflight, retry_after_s, ...),
+    token_healing (model) and full_attention_cache (engine)."""
+    args: dict = {"limits": {}}
+    for key, value in settings.items():
+        if key == "token_healing":
+            args["model"] = {"token_healing": value}
+        elif key == "full_attention_cache":
+            args["engine"] = {"full_attention_cache": value}
+        elif key in LimitsArgs.model_fields:
+            args["limits"][key] = value
+        else:
+            raise TypeError(f"unknown test setting {key!r}")
+    return parse_args(args)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +73,8 @@ def mock_model_dir(tmp_path_factory, api_tokenizer) -> Path:
 class RecordingBackend(LocalBackend):
     """LocalBackend that remembers every GenerationRequest (and its routing note)."""
 
-    def __init__(self, engine):
-        super().__init__(engine)
+    def __init__(self, engine, retry_after_s: float = 2):
+        super().__init__(engine, retry_after_s=retry_after_s)
         self.requests = []
         self.routing = []
 
@@ -101,14 +115,16 @@ class LocalAPI:
 def local_api(api_tokenizer):
     @contextlib.asynccontextmanager
     async def make(attention: str = "block_causal", mock: dict | None = None,
-                   fixed_load: bool = False, ladder: dict | None = None, **settings):
+                   fixed_load: bool = False, ladder: dict | None = None,
+                   api_keys: frozenset[str] | set[str] = frozenset(), **settings):
         engine = MockEngine(MockEngineConfig(**(mock or {})))
         await engine.start()
-        backend = RecordingBackend(engine)
+        args = app_args(**settings)
+        backend = RecordingBackend(engine, args.limits.retry_after_s)
         info = ModelInfo(id=MODEL_ID, max_seq_len=512, block_length=32, attention=attention,
                          default_steps=8, vocab_size=api_tokenizer.vocab_size)
         router = StepRouter(Ladder(**(ladder or LADDER)))
-        service = OpenAIService(info, api_tokenizer, backend, router, ServiceSettings(**settings))
+        service = OpenAIService(info, api_tokenizer, backend, args, frozenset(api_keys), router)
         fixed = None
         if fixed_load:
             fixed = FixedLoad()

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from engine.mock import MockEngine, mock_steps_used
+from benchmarks.mock_engine import MockEngine, mock_steps_used
 from engine.types import MASK_GLYPH
 
 from .conftest import MODEL_ID
@@ -204,16 +204,12 @@ async def test_full_cache_default_and_override_reach_the_engine(local_api):
 
 
 def test_full_attention_cache_app_arg():
-    from deployments.app import parse_args
-    from deployments.openai_api import ServiceSettings
+    from deployments.config import parse_args
 
     a = parse_args({"engine": {"full_attention_cache": "dual", "max_num_seqs": 4}})
-    assert a.engine.full_attention_cache == "dual"
-    assert "full_attention_cache" not in a.engine.engine_options()  # an ingress setting
-    with pytest.raises(ValueError):
-        parse_args({"engine": {"full_attention_cache": "sideways"}})
+    assert a.engine.full_attention_cache == "dual" and a.engine.max_num_seqs == 4
     with pytest.raises(ValueError, match="full_attention_cache"):
-        ServiceSettings(full_attention_cache="sideways")
+        parse_args({"engine": {"full_attention_cache": "sideways"}})
 
 
 async def test_unknown_fields_are_ignored_with_a_log_line(local_api, caplog):
@@ -375,7 +371,7 @@ async def test_bad_requests_are_400_with_the_envelope(local_api):
         assert_error(await c.post("/v1/completions", json={"model": MODEL_ID, "prompt": []}), 400)
         assert_error(await c.post("/v1/chat/completions", json=chat_body(max_tokens=10_000)), 400,
                      "max_tokens")
-        assert api.engine.stats().extra["steps_run"] == 0  # nothing reached the engine
+        assert api.engine.stats().iterations == 0  # nothing reached the engine
 
 
 async def test_unknown_model_and_route_are_404(local_api):
@@ -400,7 +396,7 @@ async def test_prompt_too_long_is_413(local_api):
 
 
 async def test_api_keys(local_api, tmp_path, monkeypatch):
-    from deployments.openai_api import load_api_keys
+    from deployments.ingress import load_api_keys
 
     monkeypatch.setenv("TEST_KEYS", "k1, k2")
     keyfile = tmp_path / "keys"
@@ -483,9 +479,9 @@ async def test_abandoned_stream_frees_the_engine_slot(local_api):
         from deployments.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate(chat_body(max_tokens=400, stream=True))
-        job = api.service.chat_job(req)
+        job = api.service.make_job(req, "chat")
         streams, first = await api.service.start_stream(job)
-        gen = api.service.stream_chat(job, req, streams, first)
+        gen = api.service.stream(job, req.include_usage, streams, first, chat=True)
         await gen.__anext__()  # role chunk
         await gen.__anext__()  # first block
         assert api.engine.stats().running == 1

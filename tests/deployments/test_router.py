@@ -15,10 +15,11 @@ from autoscaling.load import (
     ReplicaLoad,
     cluster_load,
 )
-from deployments.app import parse_args
-from deployments.router import Ladder, StepRouter, estimate_token_steps
-from deployments.routing import rank_by_drain, replica_drain_s
+from deployments.config import parse_args
+from deployments.replica_router import rank_by_drain, replica_drain_s
+from deployments.step_router import Ladder, StepRouter
 from engine.types import EngineStats
+from model.schedule import request_token_steps
 
 
 class Clock:
@@ -109,7 +110,7 @@ def test_a_burst_is_seen_before_the_next_snapshot():
     for _ in range(64):
         c = r.choose()
         chosen.append(c.steps)
-        r.admitted(estimate_token_steps(10, 128, c.steps, 32))
+        r.admitted(request_token_steps(10, 128, c.steps, 32))
     assert chosen[0] == 32 and chosen[-1] == 4
     assert chosen == sorted(chosen, reverse=True)  # quality only goes down within the burst
     # finished work leaves the ledger at once: one client's back-to-back requests are no burst
@@ -117,20 +118,12 @@ def test_a_burst_is_seen_before_the_next_snapshot():
     r2.observe(ClusterLoad(replicas=1, drain_s=0.0, capacity=2000.0, at=1.0))
     for _ in range(10):
         c = r2.choose()
-        r2.done(r2.admitted(estimate_token_steps(10, 128, c.steps, 32)))
+        r2.done(r2.admitted(request_token_steps(10, 128, c.steps, 32)))
         assert c.steps == 32
     # the ledger is forgotten after the horizon (by then the snapshot holds that work)
     clock.t += 1.5
     assert r.ledger_token_steps() == 0
     assert r.effective_drain_s() == 0.0
-
-
-def test_token_step_estimates():
-    # 128 tokens in 32-token blocks at 8 steps: 4 blocks x 8 steps x 32 tokens + cache writes
-    # of the prompt and of every finished block but the last
-    assert estimate_token_steps(10, 128, 8, 32) == 4 * 8 * 32 + 10 + 96
-    assert estimate_token_steps(10, 20, 64, 32) == 20 * 20 + 10  # steps capped by the block
-    assert estimate_token_steps(10, 64, 8, 64, block_causal=False) == 8 * 74
 
 
 def test_pins_and_quality_bounds():
@@ -186,7 +179,7 @@ def test_capacity_is_the_recent_peak_rate():
 def test_replica_load_from_engine_stats_round_trips():
     stats = EngineStats(queued=1, running=3, token_backlog=1234.0, step_latency_ms=12.0,
                         output_tokens_per_s=50.0, capacity_token_steps_per_s=900.0)
-    r = ReplicaLoad.from_stats("r1", stats, max_num_seqs=16)
+    r = ReplicaLoad.from_stats("r1", stats)
     assert ReplicaLoad.from_dict(r.to_dict()) == r
     assert (r.queued, r.running, r.token_backlog, r.capacity) == (1, 3, 1234.0, 900.0)
 
@@ -262,7 +255,7 @@ class ChoiceRecorder:
 async def test_steps_metric_counts_admitted_requests_only(local_api, max_inflight, status,
                                                           recorded):
     async with local_api(max_inflight=max(max_inflight, 1)) as api:
-        api.service.settings.max_inflight = max_inflight  # 0: everything is refused
+        api.service.limits.max_inflight = max_inflight  # 0: everything is refused
         rec = ChoiceRecorder()
         api.service.router.metrics = rec
         r = await api.client.post("/v1/completions", json={
@@ -271,39 +264,3 @@ async def test_steps_metric_counts_admitted_requests_only(local_api, max_infligh
         assert len(rec.choices) == recorded
         if recorded:
             assert rec.choices[0][1] == "fast"
-
-
-def test_estimate_counts_the_full_attention_cache():
-    # prompt 100 (+ suffix 10), 64 new tokens, block 32, 8 steps: L = 174
-    none = estimate_token_steps(110, 64, 8, 32, block_causal=False)
-    assert none == 2 * 8 * 174
-    # prefix: a refresh (174) then 7 steps over block + rest + suffix (74, then 42)
-    assert estimate_token_steps(110, 64, 8, 32, False, "prefix", 10) == \
-        (174 + 7 * 74) + (174 + 7 * 42)
-    # dual: a refresh then 7 steps over the block only
-    assert estimate_token_steps(110, 64, 8, 32, False, "dual", 10) == 2 * (174 + 7 * 32)
-
-
-@pytest.mark.parametrize("attention, full_cache, suffix", [
-    ("block_causal", "none", 0), ("full", "none", 0), ("full", "prefix", 0),
-    ("full", "dual", 0), ("full", "prefix", 9), ("full", "dual", 9)])
-@pytest.mark.parametrize("max_new, steps", [(64, 8), (50, 4), (20, 32)])
-def test_estimate_is_the_engines_own_count(api_tokenizer, attention, full_cache, suffix,
-                                           max_new, steps):
-    """The ingress' burst ledger charges a request what the engine will report as its backlog
-    before it starts (engine/sequence.py), for every layout and cache mode."""
-    from engine.sequence import Sequence
-    from engine.types import GenerationRequest
-    from model.sampling import SamplingParams
-
-    from .conftest import tiny_model_config
-
-    cfg = tiny_model_config(api_tokenizer, attention=attention)
-    params = SamplingParams(max_new_tokens=max_new, steps=steps, block_length=32,
-                            full_cache=full_cache)
-    prompt, suffix_ids = list(range(20, 57)), list(range(60, 60 + suffix)) or None
-    seq = Sequence.create(GenerationRequest("r", prompt, params, suffix_ids=suffix_ids), cfg,
-                          api_tokenizer, "cpu")
-    assert seq.backlog() == estimate_token_steps(
-        len(prompt) + suffix, max_new, steps, 32, attention == "block_causal", full_cache,
-        suffix)

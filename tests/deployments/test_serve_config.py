@@ -9,13 +9,29 @@ import pytest
 import yaml
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-from deployments.app import AppArgs, build_app, parse_args, server_options
+from deployments.app import build_app, replica_options
+from deployments.config import AppArgs, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def load(name: str) -> dict:
     return yaml.safe_load((REPO / name).read_text())
+
+
+def bound_deployments(app) -> dict:
+    """name -> (Deployment, its bound init args) for every deployment of a built app."""
+    out: dict = {}
+
+    def walk(d):
+        out[d.name] = d
+        for arg in d.init_args:
+            inner = getattr(arg, "_bound_deployment", None)
+            if inner is not None and inner.name not in out:
+                walk(inner)
+
+    walk(app._bound_deployment)
+    return out
 
 
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
@@ -25,25 +41,32 @@ def test_config_validates_and_builds(name):
     app = schema.applications[0]
     assert app.import_path == "deployments.app:build_app"
     args = parse_args(app.args)
-    options = server_options(args.server)
+    options = replica_options(args.server)
     router = options.pop("request_router_config")
     DeploymentSchema.model_validate({"name": "ModelServer", **options,
                                      "request_router_config": router.model_dump()})
-    assert router.request_router_class == "deployments.routing:LeastBacklogRouter"
-    assert build_app(app.args) is not None  # the builder accepts its own config
+    assert router.request_router_class == "deployments.replica_router:LeastBacklogRouter"
+    # the builder makes the three deployments, each handed the same validated args
+    deps = bound_deployments(build_app(app.args))
+    assert set(deps) == {"OpenAIIngress", "ModelServer", "LoadBoard"}
+    server, ingress = deps["ModelServer"], deps["OpenAIIngress"]
+    assert server.init_args[0] == args and ingress.init_args[2] == args
+    assert server.max_ongoing_requests == args.server.max_ongoing_requests
+    assert server.ray_actor_options["num_gpus"] == args.server.num_gpus
+    assert ingress.num_replicas == args.ingress.num_replicas
 
 
 def test_cpu_config_serves_tiny_coder_on_8000():
     raw = load("serve_config.yaml")
     assert raw["http_options"]["port"] == 8000
     args = parse_args(raw["applications"][0]["args"])
-    assert args.model.source == "tiny-coder" and args.model.engine == "real"
+    assert args.model.source == "tiny-coder" and args.model.device == "cpu"
     assert args.server.num_gpus == 0
 
 
 def test_gpu_config_one_h100_per_replica_with_autoscaling():
     args = parse_args(load("serve_config.gpu.yaml")["applications"][0]["args"])
-    opts = server_options(args.server)
+    opts = replica_options(args.server)
     assert opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["ray_actor_options"]["accelerator_type"] == "H100"
     auto = opts["autoscaling_config"]
@@ -56,8 +79,19 @@ def test_gpu_config_one_h100_per_replica_with_autoscaling():
     assert args.model.dtype == "bfloat16" and args.model.device == "cuda"
 
 
-def test_defaults_are_a_valid_app():
-    assert isinstance(parse_args(None), AppArgs)
+def test_code_defaults_are_the_cpu_demo_settings():
+    """A key left out of the YAML means what serve_config.yaml says it should mean: the code's
+    ladder is the demo's (the old [1, 2, 4] default degraded lone users), the engine queue is
+    bounded, and the engine gets exactly the dataclass the config names."""
+    from engine.config import EngineConfig
+
+    defaults = parse_args(None)
+    assert isinstance(defaults, AppArgs)
+    demo = parse_args(load("serve_config.yaml")["applications"][0]["args"])
+    assert defaults.ladder == demo.ladder
+    assert isinstance(defaults.engine, EngineConfig)
+    assert defaults.engine.max_queued == parse_args({"engine": {"max_num_seqs": 4}}).engine.max_queued
+    assert defaults.engine.max_queued is not None
 
 
 def test_tensor_parallel_replica_reserves_one_packed_bundle_per_rank():
@@ -65,7 +99,7 @@ def test_tensor_parallel_replica_reserves_one_packed_bundle_per_rank():
 
     args = parse_args({"model": {"source": "tiny-coder", "tensor_parallel_size": 4},
                        "server": {"num_gpus": 1, "num_cpus": 2, "accelerator_type": "H100"}})
-    opts = server_options(args.server, args.model.tensor_parallel_size)
+    opts = replica_options(args.server, args.model.tensor_parallel_size)
     bundle = {"GPU": 1, "CPU": 2, "accelerator_type:H100": 0.001}
     assert opts["placement_group_bundles"] == [bundle] * 4
     assert opts["placement_group_strategy"] == "PACK"
@@ -76,13 +110,21 @@ def test_tensor_parallel_replica_reserves_one_packed_bundle_per_rank():
     ReplicaConfig.create(object, ray_actor_options=opts["ray_actor_options"],
                          placement_group_bundles=opts["placement_group_bundles"],
                          placement_group_strategy="PACK")
-    assert build_app({"model": {"tensor_parallel_size": 2}, "server": {"num_gpus": 1}})
+    deps = bound_deployments(build_app({"model": {"tensor_parallel_size": 2},
+                                        "server": {"num_gpus": 1}}))
+    assert deps["ModelServer"]._replica_config.placement_group_bundles == \
+        [{"GPU": 1, "CPU": 1}] * 2
 
 
 @pytest.mark.parametrize("bad, match", [
     ({"model": {"tensor_parallel_size": 2}, "server": {"num_gpus": 0.5}}, "per rank"),
-    ({"model": {"tensor_parallel_size": 2, "engine": "mock"}}, "real engine"),
+    ({"model": {"engine": "mock"}}, "model.engine"),  # the mock is a test double, not a choice
 ])
-def test_tensor_parallel_args_refused(bad, match):
+def test_bad_args_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_args(bad)
+
+
+def test_tensor_parallel_needs_the_models_own_engine():
+    with pytest.raises(ValueError, match="engine_factory"):
+        build_app({"model": {"tensor_parallel_size": 2}}, engine_factory=lambda: None)

@@ -1,23 +1,21 @@
 """End to end on real Ray Serve, through HTTP with the official `openai` client.
 
 One application (ingress + model server + load board) is deployed for the whole module on the
-session's shared Ray instance (tests/conftest.py). The engine behind it is the real engine with
-the embedded tiny-coder when its weights are there, else the mock engine; DLLM_E2E_ENGINE=mock|real
-forces one. Nothing here asserts on wall-clock time: waits poll /health until a state is reached.
+session's shared Ray instance (tests/conftest.py), serving the embedded tiny-coder with the real
+engine; greedy answers are compared with the reference sampler's (model.sampling.generate) run
+in this process. Nothing here asserts on wall-clock time: waits poll /health until a state is
+reached.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-
-from engine.mock import MockEngine
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +28,23 @@ MAX_NUM_SEQS = 16
 MAX_QUEUED = 24  # > MAX_INFLIGHT: a flood of single requests never fills the engine queue
 
 
-def engine_kind() -> str:
-    forced = os.environ.get("DLLM_E2E_ENGINE")
-    if forced:
-        return forced
-    from model.checkpoint import EMBEDDED_DIR
-
-    try:
-        import engine.engine  # noqa: F401
-    except ImportError:
-        return "mock"
-    return "real" if (EMBEDDED_DIR / "model.safetensors").exists() else "mock"
-
-
 @dataclass
 class E2E:
     url: str
-    engine: str
     tokenizer: object
+    net: object  # the same checkpoint, loaded in this process for the reference answers
+    info: object  # engine.types.ModelInfo of the served model
+
+    def reference(self, prompt_ids: list[int], max_tokens: int, steps: int) -> str:
+        """The greedy answer of the reference sampler with the family's defaults."""
+        from model.sampling import SamplingParams, generate
+
+        params = SamplingParams(max_new_tokens=max_tokens, steps=steps,
+                                block_length=self.info.block_length,
+                                remasking=self.info.remasking, temperature=0.0,
+                                defer_token_ids=list(self.info.defer_token_ids),
+                                suppress_token_ids=list(self.info.suppress_token_ids))
+        return generate(self.net, prompt_ids, params, tokenizer=self.tokenizer).text
 
     def client(self, key: str = API_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=300)
@@ -81,30 +78,21 @@ class E2E:
 
 
 @pytest.fixture(scope="module")
-def e2e(ray_serve, tmp_path_factory, api_tokenizer) -> E2E:
+def e2e(ray_serve, tmp_path_factory) -> E2E:
     from ray import serve
 
     from deployments.app import build_app
-    from tests.deployments.conftest import tiny_model_config
+    from engine.types import ModelInfo
+    from model.checkpoint import EMBEDDED_DIR
+    from model.loaders import load_pretrained
 
-    kind = engine_kind()
+    # No fallback: a checkout whose embedded model cannot load fails here, loudly.
+    net, tokenizer, cfg = load_pretrained(str(EMBEDDED_DIR))
     tmp = tmp_path_factory.mktemp("e2e")
     keys = tmp / "keys"
     keys.write_text(API_KEY + "\n")
-    if kind == "real":
-        from model.checkpoint import EMBEDDED_DIR
-        from model.tokenizer import Tokenizer
-
-        source, tokenizer = str(EMBEDDED_DIR), Tokenizer.load(EMBEDDED_DIR)
-    else:
-        model_dir = tmp / "model"
-        tiny_model_config(api_tokenizer, max_seq_len=2048).save(model_dir)
-        api_tokenizer.save(model_dir)
-        source, tokenizer = str(model_dir), api_tokenizer
     args = {
-        "model": {"source": source, "id": MODEL_ID, "engine": kind, "device": "cpu",
-                  "mock": {"step_delay_s": 0.02, "max_num_seqs": MAX_NUM_SEQS,
-                           "max_queued": MAX_QUEUED}},
+        "model": {"source": str(EMBEDDED_DIR), "id": MODEL_ID, "device": "cpu"},
         "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_queued": MAX_QUEUED},
         "ladder": {"steps": LADDER_STEPS, "thresholds_s": [1.0, 2.0, 4.0], "up_hold_s": 1.0,
                    "refresh_s": 0.25},
@@ -114,7 +102,8 @@ def e2e(ray_serve, tmp_path_factory, api_tokenizer) -> E2E:
                    "graceful_shutdown_timeout_s": 5, "drain_timeout_s": 2},
     }
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    env = E2E(url=ray_serve.http_url, engine=kind, tokenizer=tokenizer)
+    env = E2E(url=ray_serve.http_url, tokenizer=tokenizer, net=net,
+              info=ModelInfo.from_config(cfg, MODEL_ID))
     env.wait_for("the load snapshot", lambda h: h["status"] == "ok")
     yield env
     serve.delete(APP_NAME)
@@ -173,9 +162,7 @@ def test_chat(e2e):
     assert r.usage.model_extra["denoising_steps"] >= 1
     prompt = e2e.tokenizer.chat_prompt([{"role": "user", "content": "def add(a, b):"}])
     assert r.usage.prompt_tokens == len(prompt)
-    if e2e.engine == "mock":
-        assert choice.message.content == "".join(
-            " " + w for w in MockEngine.expected_words(prompt, 20))
+    assert choice.message.content == e2e.reference(prompt, 20, 16)
     # n choices fan out to n engine requests from one HTTP request
     several = c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x"}],
                                         max_tokens=8, n=3, temperature=0.9, seed=5,
@@ -214,10 +201,7 @@ def test_completions_and_fim_both_ways(e2e):
             "denoising_steps": 8})
     assert mercury.status_code == 200, mercury.text
     assert mercury.json()["choices"][0]["text"] == legacy.choices[0].text
-    if e2e.engine == "mock":
-        fim = e2e.tokenizer.fim_prompt(prefix, suffix)
-        assert legacy.choices[0].text == "".join(
-            " " + w for w in MockEngine.expected_words(fim, 12))
+    assert legacy.choices[0].text == e2e.reference(e2e.tokenizer.fim_prompt(prefix, suffix), 12, 8)
 
 
 async def test_sixteen_concurrent_requests_all_answered(e2e):

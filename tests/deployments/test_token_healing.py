@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.openai_api import (
-    LocalBackend,
-    OpenAIService,
-    ServiceSettings,
-    _unheal,
-    build_openai_app,
-)
-from engine.types import Finished, TextDelta
+from deployments.backends import LocalBackend
+from deployments.ingress import build_openai_app
+from deployments.openai_service import OpenAIService
+from deployments.streams import unheal
+from engine.types import Finished, ModelInfo, TextDelta
+
+from .conftest import app_args
 
 PROMPT = "def load(path):\n"
 
@@ -71,7 +70,7 @@ async def _events(*events):
 async def test_unheal_strips_the_healed_text_once(deltas, healed, want):
     events = [TextDelta("r", d, [i]) for i, d in enumerate(deltas)]
     fin = Finished("r", "stop", 1, len(deltas), 1, text="".join(deltas))
-    got = [e async for e in _unheal(_events(*events, fin), healed)]
+    got = [e async for e in unheal(_events(*events, fin), healed)]
     assert [e.text for e in got[:-1]] == want
     assert got[-1].text == "".join(want)
 
@@ -79,8 +78,7 @@ async def test_unheal_strips_the_healed_text_once(deltas, healed, want):
 async def test_tiny_coder_answers_a_prompt_ending_in_newline():
     import httpx
 
-    from deployments.openai_api import ModelInfo
-    from deployments.router import Ladder, StepRouter
+    from deployments.step_router import Ladder, StepRouter
     from engine import Engine, EngineConfig
     from model.checkpoint import EMBEDDED_DIR
     from model.loaders import load_pretrained
@@ -92,10 +90,9 @@ async def test_tiny_coder_answers_a_prompt_ending_in_newline():
     for healing in (True, False):
         engine = Engine(net, tok, cfg, EngineConfig(max_num_seqs=2))
         await engine.start()
-        info = ModelInfo(id="tiny-coder", max_seq_len=cfg.max_seq_len, block_length=32,
-                         attention=cfg.attention, default_steps=8, vocab_size=cfg.vocab_size)
-        service = OpenAIService(info, tok, LocalBackend(engine),
-                                StepRouter(Ladder([8], [])), ServiceSettings(token_healing=healing))
+        info = ModelInfo.from_config(cfg, "tiny-coder")
+        service = OpenAIService(info, tok, LocalBackend(engine), app_args(token_healing=healing),
+                                router=StepRouter(Ladder([8], [])))
         await service.start()
         transport = httpx.ASGITransport(app=build_openai_app(service))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig
-from engine.types import Event, Finished, GenerationRequest, TextDelta
+from engine.types import EngineStats, Event, Finished, GenerationRequest, TextDelta
 from model.config import ModelConfig
 from model.data import python_corpus, stdlib_dir
 from model.sampling import SamplingParams, generate
@@ -70,7 +70,7 @@ def request(rid: str, prompt: list[int], suffix: list[int] | None = None, diffus
 
 async def collect(engine: Engine, req: GenerationRequest, after: int = 0) -> list[Event]:
     """Submit once the engine has run `after` iterations (a later arrival), gather all events."""
-    while engine.stats().extra["iterations"] < after:
+    while engine.stats().iterations < after:
         await asyncio.sleep(0.001)
     return [e async for e in engine.submit(req)]
 
@@ -80,6 +80,18 @@ async def collect_staggered(engine: Engine, reqs: list[GenerationRequest],
     """Request i arrives once the engine has run every * i iterations; the events of each."""
     return list(await asyncio.gather(*[collect(engine, r, after=every * i)
                                        for i, r in enumerate(reqs)]))
+
+
+async def run_like_reference(engine: Engine, net, tok, reqs: list[GenerationRequest],
+                             every: int = 1) -> EngineStats:
+    """Run reqs staggered through the engine (collect_staggered), shut it down, and check every
+    request against the reference. -> the engine's stats once all had finished."""
+    results = await collect_staggered(engine, reqs, every)
+    stats = engine.stats()
+    await engine.shutdown()
+    for req, events in zip(reqs, results, strict=True):
+        assert_like_reference(net, tok, req, events)
+    return stats
 
 
 def streamed_tokens(events: list[Event]) -> list[int]:

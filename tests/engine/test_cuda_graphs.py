@@ -51,7 +51,7 @@ async def test_static_path_equals_reference_staggered_mixed_batch(bc_net, tok):
         assert_like_reference(bc_net, tok, req, events)
     # every step went through the static buffers, which several steps reused per shape
     assert stats["graphs"] == 0 and stats["captures"] == 0
-    assert stats["uncaptured"] == engine.stats().extra["iterations"]
+    assert stats["uncaptured"] == engine.stats().iterations
     assert 1 < stats["shapes"] < stats["uncaptured"]
     rows = {k[0][1][0] for k in engine.runner.static.shapes}  # ids [Bp, L]
     assert rows <= {1, 2, 4}, rows  # graph_batch_buckets() for max_num_seqs=4
@@ -80,7 +80,7 @@ async def test_full_attention_static_path_with_fim_equals_reference(full_net, to
     results, stats = await run_staggered(engine, reqs, every=1)
     for req, events in zip(reqs, results, strict=True):
         assert_like_reference(full_net, tok, req, events)
-    assert stats["uncaptured"] == engine.stats().extra["iterations"]
+    assert stats["uncaptured"] == engine.stats().iterations
 
 
 async def test_batches_past_the_largest_bucket_run_eager(bc_net, tok):
@@ -94,7 +94,7 @@ async def test_batches_past_the_largest_bucket_run_eager(bc_net, tok):
         assert_like_reference(bc_net, tok, req, events)
     shapes = [k[0][1] for k in engine.runner.static.shapes]  # ids [Bp, L]
     assert shapes and all(bp <= 2 and L <= 8 for bp, L in shapes), shapes
-    assert 0 < stats["uncaptured"] < engine.stats().extra["iterations"]
+    assert 0 < stats["uncaptured"] < engine.stats().iterations
 
 
 def test_config_buckets_and_validation():

@@ -19,7 +19,7 @@ PROMPT = list(range(20, 44))
 
 
 def iterations(engine) -> int:
-    return engine.stats().extra["iterations"]
+    return engine.stats().iterations
 
 
 async def wait_until(cond, timeout_s: float = 60.0) -> None:
@@ -117,7 +117,7 @@ async def test_disconnected_consumer_frees_its_slot(bc_net, tok, how):
     stats = engine.stats()
     await engine.shutdown()
     assert stats.kv_pages_used == 0
-    assert stats.extra["iterations"] - at_close <= 1  # freed at the next step
+    assert stats.iterations - at_close <= 1  # freed at the next step
 
 
 async def test_admission_queues_when_the_kv_pool_is_full(bc_net, tok):

@@ -16,9 +16,9 @@ from model.sampling import SamplingParams, generate
 from .conftest import (
     assert_like_reference,
     collect,
-    collect_staggered,
     make_engine,
     request,
+    run_like_reference,
     streamed_text,
     streamed_tokens,
     tiny_config,
@@ -70,11 +70,7 @@ async def test_mixed_batch_with_staggered_arrivals_equals_reference(bc_net, tok)
     join and leave between steps; each gives its lone reference tokens."""
     engine = make_engine(bc_net, tok, max_num_seqs=4)
     reqs = mixed_requests("m")
-    results = await collect_staggered(engine, reqs, 3)
-    stats = engine.stats()
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(bc_net, tok, req, events)
+    stats = await run_like_reference(engine, bc_net, tok, reqs, 3)
     assert stats.kv_pages_used == 0
 
 
@@ -82,20 +78,14 @@ async def test_full_attention_mixed_batch_with_fim_equals_reference(full_net, to
     """Full-attention (LLaDA-style) rows of different lengths, some with a FIM suffix."""
     engine = make_engine(full_net, tok, max_num_seqs=8)
     reqs = mixed_requests("f", with_suffix=True)
-    results = await collect_staggered(engine, reqs)
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(full_net, tok, req, events)
+    await run_like_reference(engine, full_net, tok, reqs)
 
 
 async def test_time_conditioned_full_attention_equals_reference(tok):
     net = tiny_net(tiny_config(tok, attention="full", time_conditioning=True), seed=2)
     engine = make_engine(net, tok)
     reqs = mixed_requests("tf")[:4]
-    results = await collect_staggered(engine, reqs)
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(net, tok, req, events)
+    await run_like_reference(engine, net, tok, reqs)
 
 
 async def test_deferred_and_first_token_constraints_equal_reference(bc_net, tok):
@@ -157,7 +147,4 @@ async def test_float32_mixed_batch_equals_reference(tok):
     net = tiny_net(tiny_config(tok), seed=4, dtype=__import__("torch").float32)
     engine = make_engine(net, tok, max_num_seqs=8)
     reqs = mixed_requests("p")
-    results = await collect_staggered(engine, reqs)
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(net, tok, req, events)
+    await run_like_reference(engine, net, tok, reqs)

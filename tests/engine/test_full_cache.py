@@ -22,6 +22,7 @@ from .conftest import (
     collect_staggered,
     make_engine,
     request,
+    run_like_reference,
     tiny_config,
     tiny_net,
 )
@@ -88,11 +89,7 @@ async def test_staggered_mixed_batch_equals_reference(request, tok, net_name):
     net = request.getfixturevalue(net_name)
     engine = make_engine(net, tok, max_num_seqs=4)
     reqs = cache_requests("m")
-    results = await collect_staggered(engine, reqs, 2)
-    stats = engine.stats()
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(net, tok, req, events)
+    stats = await run_like_reference(engine, net, tok, reqs, 2)
     assert stats.kv_pages_used == 0
 
 
@@ -100,10 +97,7 @@ async def test_time_conditioned_full_model_equals_reference(tok):
     net = tiny_net(tiny_config(tok, attention="full", time_conditioning=True), seed=2)
     engine = make_engine(net, tok, max_num_seqs=4)
     reqs = cache_requests("t")[:4]
-    results = await collect_staggered(engine, reqs)
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(net, tok, req, events)
+    await run_like_reference(engine, net, tok, reqs)
 
 
 async def test_static_path_equals_reference(full_net, tok):
@@ -141,10 +135,7 @@ def attention_path(request, monkeypatch):
 async def test_both_attention_paths_equal_reference(full_net, tok, attention_path):
     engine = make_engine(full_net, tok, max_num_seqs=4)
     reqs = cache_requests("p", modes=("dual", "prefix"))[:4]
-    results = await collect_staggered(engine, reqs)
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(full_net, tok, req, events)
+    await run_like_reference(engine, full_net, tok, reqs)
 
 
 def test_hidden_slots_are_not_attended_on_either_path(tok, monkeypatch):

@@ -19,10 +19,9 @@ from engine.sequence import Sequence
 from model.cache import KVCache
 
 from .conftest import (
-    assert_like_reference,
-    collect_staggered,
     make_engine,
     request,
+    run_like_reference,
     tiny_config,
     tiny_net,
 )
@@ -103,7 +102,7 @@ def test_batched_step_logits_match_reference_float32(tok, attention_path):
     blocks = []
     for seq, (prompt, bl, n_done) in zip(seqs, specs, strict=True):
         seq.state = "running"
-        seq.canvas[:] = torch.randint(10, cfg.vocab_size, (seq.n_new,), generator=gen)
+        seq.canvas[:] = torch.randint(10, cfg.vocab_size, (seq.params.max_new_tokens,), generator=gen)
         seq.canvas[-bl:][::3] = cfg.mask_id  # the active block is partly masked
         blocks.append([seq.canvas[b * bl:(b + 1) * bl].tolist() for b in range(n_done + 1)])
         seq.pending_append = (0, len(prompt))
@@ -153,10 +152,7 @@ async def test_engine_tokens_equal_reference_on_both_attention_paths(
     net = request.getfixturevalue(net_name)
     engine = make_engine(net, tok, max_num_seqs=4)
     reqs = _requests(net_name[:2], suffix=net_name == "full_net")
-    results = await collect_staggered(engine, reqs, 2)
-    await engine.shutdown()
-    for req, events in zip(reqs, results, strict=True):
-        assert_like_reference(net, tok, req, events)
+    await run_like_reference(engine, net, tok, reqs, 2)
 
 
 async def test_static_shapes_keep_masked_sdpa_with_flash_forced(tok, bc_net, full_net,
@@ -189,10 +185,7 @@ async def test_static_shapes_keep_masked_sdpa_with_flash_forced(tok, bc_net, ful
         calls.clear()
         engine = make_engine(net, tok, max_num_seqs=4, cuda_graphs=True)
         reqs = _requests(f"g{name}", suffix=name == "full")
-        results = await collect_staggered(engine, reqs)
-        await engine.shutdown()
-        for req, events in zip(reqs, results, strict=True):
-            assert_like_reference(net, tok, req, events)
+        await run_like_reference(engine, net, tok, reqs)
         if name == "full":
             assert calls == []
         else:

@@ -65,13 +65,14 @@ class ScenarioResult:
     notes: dict = field(default_factory=dict)
 
 
+def mock_engine():
+    from benchmarks.mock_engine import MockEngineFactory
+
+    return MockEngineFactory("tiny-coder", step_delay_s=0.02, max_num_seqs=16)
+
+
 def app_args(**server) -> dict:
     return {
-        "model": {
-            "source": "tiny-coder",
-            "engine": "mock",
-            "mock": {"step_delay_s": 0.02, "max_num_seqs": 16},
-        },
         "ladder": {"steps": [16], "thresholds_s": []},
         "auth": {"api_keys_env": None},
         "limits": {"default_max_tokens": MAX_TOKENS, "retry_after_s": 1},
@@ -294,7 +295,7 @@ def main(out_path: str) -> None:
     results: dict = {}
     with serve_cluster({"num_cpus": 4, "num_gpus": 0}, [{"num_cpus": 0, "num_gpus": 1}] * 2,
                        "dllm-faults", out_path, results) as (cluster, workers, base):
-        serve.run(build_app(app_args()), name=APP, route_prefix=PREFIX)
+        serve.run(build_app(app_args(), engine_factory=mock_engine()), name=APP, route_prefix=PREFIX)
         url = f"{base}{PREFIX}"
         model = model_of(url)
         results["setup"] = {"replicas": running(APP), "nodes": len(ray.nodes())}
@@ -316,7 +317,8 @@ def main(out_path: str) -> None:
                         "retry_after_s": 1,
                         "default_max_tokens": MAX_TOKENS,
                     }
-                }
+                },
+                engine_factory=mock_engine(),
             ),
             name=OVERLOAD_APP,
             route_prefix=OVERLOAD_PREFIX,

@@ -450,14 +450,14 @@ def test_tp2_pods_hold_exactly_one_tensor_parallel_replica():
     CPUs of every bundle, the accelerator resource every bundle asks for."""
     import json
 
-    from deployments.app import parse_args, server_options
+    from deployments.app import parse_args, replica_options
 
     (doc,) = load_manifest(REPO / "k8s" / "rayservice-h100-tp2.yaml")
     (app,) = serve_config(doc)["applications"]
     args = parse_args(app["args"])
     tp = args.model.tensor_parallel_size
     assert tp == 2
-    opts = server_options(args.server, tp)
+    opts = replica_options(args.server, tp)
     bundles = opts["placement_group_bundles"]
     assert len(bundles) == tp and opts["placement_group_strategy"] == "PACK"
     (workers,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.sampling import SamplingParams, cached_query_span, generate
+from model.sampling import SamplingParams, generate
+from model.schedule import cached_query_span
 from model.transformer import DenseAttention
 
 from .conftest import tiny_config, tiny_net

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model.diffusion import block_causal_mask, segment_ids
-from model.sampling import SamplingParams, commit_step, generate, transfer_schedule
+from model.sampling import SamplingParams, commit_step, generate
 from model.transformer import DenseAttention
 
 from .conftest import tiny_config, tiny_net
@@ -13,13 +13,6 @@ PROMPT = list(range(20, 40))
 @pytest.fixture(scope="module")
 def net():
     return tiny_net(tiny_config())
-
-
-def test_transfer_schedule_splits_evenly():
-    assert transfer_schedule(32, 8) == [4] * 8
-    assert transfer_schedule(10, 4) == [3, 3, 2, 2]
-    assert transfer_schedule(3, 8) == [1, 1, 1]  # never more steps than tokens
-    assert sum(transfer_schedule(31, 5)) == 31
 
 
 @pytest.mark.parametrize("kw", [
@@ -156,18 +149,19 @@ def test_commit_step_rows_are_independent():
 
 
 def test_stop_strings_cut_text(small_tokenizer):
+    """A stop string ends the answer after the block it appears in, and the text a user gets
+    is cut just before it (this seed's tiny net writes "urnurn f f f f furn f f ..." greedily)."""
     tok = small_tokenizer
-    cfg = tiny_config(tok)
-    net = tiny_net(cfg)
-    r = generate(net, tok.encode("def f(x):\n"), SamplingParams(max_new_tokens=32, steps=4),
-                 tokenizer=tok)
-    assert r.text is not None
-    if len(r.text) > 3:
-        stop = r.text[2:4]
-        r2 = generate(net, tok.encode("def f(x):\n"),
-                      SamplingParams(max_new_tokens=32, steps=4, stop=[stop]), tokenizer=tok)
-        assert r2.finish_reason == "stop" and stop not in r2.text
-        assert r.text.startswith(r2.text)
+    net = tiny_net(tiny_config(tok))
+    prompt, stop = tok.encode("def f(x):\n"), " furn"
+    params = dict(max_new_tokens=32, steps=4, block_length=8)
+    free = generate(net, prompt, SamplingParams(**params), tokenizer=tok)
+    assert free.finish_reason == "length" and stop in free.text
+    r = generate(net, prompt, SamplingParams(stop=[stop], **params), tokenizer=tok)
+    assert r.finish_reason == "stop"
+    assert r.text == free.text[:free.text.index(stop)] and stop not in r.text
+    assert r.blocks < free.blocks  # generation ended early, not just the text cut
+    assert free.tokens[:len(r.tokens)] == r.tokens
 
 
 def test_deferred_tokens_are_committed_last():

@@ -45,14 +45,11 @@ SCRAPE_WAIT_S = 120
 def app(ray_serve):
     from ray import serve
 
+    from benchmarks.mock_engine import MockEngineFactory
     from deployments.app import build_app
 
+    mock = MockEngineFactory("tiny-coder", step_delay_s=0.01, max_num_seqs=8)
     args = {
-        "model": {
-            "source": "tiny-coder",
-            "engine": "mock",
-            "mock": {"step_delay_s": 0.01, "max_num_seqs": 8},
-        },
         "limits": {"max_inflight": 2, "retry_after_s": 1},
         "auth": {"api_keys_env": None},
         "server": {
@@ -64,7 +61,7 @@ def app(ray_serve):
             }
         },
     }
-    serve.run(build_app(args), name=APP, route_prefix=PREFIX)
+    serve.run(build_app(args, engine_factory=mock), name=APP, route_prefix=PREFIX)
     url = f"{ray_serve.http_url}{PREFIX}"
     try:
         yield url

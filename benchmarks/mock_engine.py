@@ -1,10 +1,15 @@
-"""MockEngine: a fake EngineBase for HTTP and Ray tests (no network, no torch work).
+"""MockEngine: a model-free EngineBase, the double of the tests and the load benchmarks.
 
     engine = MockEngine(MockEngineConfig(step_delay_s=0.01, max_num_seqs=8))
     await engine.start()
     async for event in engine.submit(GenerationRequest("r1", [5, 6, 7], SamplingParams(...))):
         ...
     await engine.shutdown()
+
+    # under Serve: every ModelServer replica builds one instead of loading the model
+    serve.run(build_app(args, engine_factory=MockEngineFactory("tiny-coder", step_delay_s=0.02)))
+
+Not a deployable choice: no app argument reaches it, only code that builds the app itself.
 
 It behaves like the real engine where a server can notice it:
 - one scheduler loop runs a "step" over every running sequence together; a sequence spends
@@ -17,8 +22,11 @@ It behaves like the real engine where a server can notice it:
   ignores EOS in the real engine) are honoured;
 - admission: at most `max_num_seqs` run; the rest wait in a FIFO queue (QueueFullError beyond
   `max_queued`, EngineClosedError after shutdown, as engine.Engine raises them);
-- a step costs `step_delay_s + token_cost_s * tokens in the batch`, so a loaded mock slows down
-  the way a compute-bound engine does and `stats()` reports a real backlog and capacity;
+- a step costs `step_delay_s + token_cost_s * token-steps`, the tokens the real engine's
+  forwards would process (model/schedule.py, a block-causal row: each step runs the active
+  block, the prompt and each finished block but the last are written to the cache once), so a
+  loaded mock slows down the way a compute-bound engine does, and `stats()` reports the real
+  engine's backlog (model/schedule.token_steps_left) and capacity in the same unit;
 - `cancel(request_id)` (or closing the event iterator) frees the slot at the next step.
 """
 
@@ -26,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from engine.engine import EngineClosedError, QueueFullError  # the real refusals: served alike
 from engine.types import (
     MASK_GLYPH,
     CanvasUpdate,
@@ -42,16 +53,8 @@ from engine.types import (
     GenerationRequest,
     TextDelta,
 )
-from model.sampling import transfer_schedule, truncate_at_stop
-
-try:  # the real engine's refusals, so a server treats both engines alike
-    from engine.engine import EngineClosedError, QueueFullError
-except ImportError:  # pragma: no cover - engine.py not there
-    class QueueFullError(RuntimeError):
-        pass
-
-    class EngineClosedError(RuntimeError):
-        pass
+from model.sampling import truncate_at_stop
+from model.schedule import BlockSchedule, RowLayout, token_steps_left
 
 log = logging.getLogger(__name__)
 
@@ -83,35 +86,52 @@ class _Seq:
     request: GenerationRequest
     out: asyncio.Queue
     words: list[str]  # the whole fake answer (max_new_tokens words)
+    schedule: BlockSchedule
+    layout: RowLayout  # a block-causal row: the prompt and finished blocks are cached
     block: int = 0  # current block index
     step: int = 0  # steps spent in the current block
     steps_total: int = 0
+    cached: int = 0  # tokens the real engine would hold in its KV cache
     committed: list[str] = field(default_factory=list)
     emitted_text: str = ""
     done: bool = False
 
-    @property
-    def n(self) -> int:
-        return len(self.words)
+    @classmethod
+    def create(cls, request: GenerationRequest, words: list[str]) -> _Seq:
+        p = request.params
+        return cls(request=request, out=asyncio.Queue(), words=words, schedule=p.schedule,
+                   layout=RowLayout(len(request.prompt_ids), p.max_new_tokens))
 
     def block_bounds(self) -> tuple[int, int]:
-        bl = self.request.params.block_length
-        return self.block * bl, min(self.n, (self.block + 1) * bl)
+        return self.schedule.span(self.block)
 
-    def steps_for_block(self) -> int:
+    def step_token_steps(self) -> int:
+        """What the next step costs: the cache writes due before it (the prompt, the block
+        just finished), then the denoising forward of the active block."""
         lo, hi = self.block_bounds()
-        return self.request.params.steps_for(hi - lo)
+        return self.layout.prompt_len + lo - self.cached + self.layout.step_tokens(lo, hi, self.step)
 
-    def work_left(self) -> float:
-        """Token-steps still to run: each step processes the whole active block."""
-        bl = self.request.params.block_length
-        left, b = 0.0, self.block
-        while b * bl < self.n:
-            lo, hi = b * bl, min(self.n, (b + 1) * bl)
-            steps = self.request.params.steps_for(hi - lo)
-            left += (hi - lo) * (steps - (self.step if b == self.block else 0))
-            b += 1
-        return left
+    def work_left(self) -> int:
+        """Token-steps still to run, counted as the real engine counts its backlog."""
+        return token_steps_left(self.schedule, self.layout, self.block, self.step, self.cached)
+
+
+class MockEngineFactory:
+    """A replica's engine_factory (deployments.app.build_app): a MockEngine with these options,
+    and the tokenizer and config of `source` (a preset or a directory in our own format: the
+    API needs the tokenizer; the weights are never loaded). Picklable, so Serve ships it."""
+
+    def __init__(self, source: str = "tiny-coder", **mock_options):
+        self.source = source
+        self.config = MockEngineConfig(**mock_options)
+
+    def __call__(self) -> tuple[MockEngine, object, object]:
+        from model.checkpoint import EMBEDDED_DIR
+        from model.config import ModelConfig
+        from model.tokenizer import Tokenizer
+
+        path = EMBEDDED_DIR if self.source == "tiny-coder" else Path(self.source)
+        return MockEngine(self.config), Tokenizer.load(path), ModelConfig.load(path)
 
 
 class MockEngine(EngineBase):
@@ -163,7 +183,7 @@ class MockEngine(EngineBase):
             raise ValueError(f"duplicate request id {request.request_id!r}")
         p = request.params
         words = self.expected_words(request.prompt_ids, p.max_new_tokens, p.temperature, p.seed)
-        seq = _Seq(request=request, out=asyncio.Queue(), words=words)
+        seq = _Seq.create(request, words)
         self._by_id[request.request_id] = seq
         self._queue.append(seq)
         self._wakeup.set()
@@ -195,7 +215,7 @@ class MockEngine(EngineBase):
             queued=len(self._queue), running=len(self._running), token_backlog=backlog,
             step_latency_ms=self._step_ms, output_tokens_per_s=self._tok_per_s,
             capacity_token_steps_per_s=self._capacity,
-            extra={"engine": "mock", "steps_run": self.steps_run},
+            iterations=self.steps_run, extra={"engine": "mock"},
         )
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -208,10 +228,8 @@ class MockEngine(EngineBase):
         self._queue.clear()
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
             self._loop_task = None
 
     # --- scheduler ----------------------------------------------------------------------------
@@ -237,7 +255,7 @@ class MockEngine(EngineBase):
                 await self._wakeup.wait()
                 continue
             batch = list(self._running.values())
-            tokens_in_batch = sum(hi - lo for lo, hi in (s.block_bounds() for s in batch))
+            tokens_in_batch = sum(s.step_token_steps() for s in batch)
             t0 = time.perf_counter()
             delay = cfg.step_delay_s + cfg.token_cost_s * tokens_in_batch
             await asyncio.sleep(delay)  # the "forward pass"; yields so HTTP keeps flowing
@@ -256,12 +274,13 @@ class MockEngine(EngineBase):
     def _advance(self, seq: _Seq) -> int:
         """One denoising step for one sequence. Returns tokens committed (block finished)."""
         p = seq.request.params
+        lo, hi = seq.block_bounds()
+        seq.cached = seq.layout.prompt_len + lo  # the writes before this step are done
         seq.step += 1
         seq.steps_total += 1
-        lo, hi = seq.block_bounds()
-        steps = seq.steps_for_block()
+        steps = seq.schedule.steps_in(seq.block)
         if seq.request.diffusing:
-            shown = sum(transfer_schedule(hi - lo, steps)[: seq.step])
+            shown = sum(seq.schedule.commits(seq.block)[: seq.step])
             canvas = seq.committed + seq.words[lo:lo + shown] + [MASK_GLYPH] * (hi - lo - shown)
             seq.out.put_nowait(CanvasUpdate(seq.request.request_id,
                                             "".join(" " + w for w in canvas), seq.steps_total))
@@ -285,7 +304,7 @@ class MockEngine(EngineBase):
             seq.out.put_nowait(TextDelta(seq.request.request_id, delta, self.word_ids(new)))
         seq.block += 1
         seq.step = 0
-        if finish is None and hi >= seq.n:
+        if finish is None and hi >= p.max_new_tokens:
             finish = "length"
         if finish is not None:
             self._finish(seq, finish)
@@ -293,9 +312,8 @@ class MockEngine(EngineBase):
 
 
 def mock_steps_used(n_tokens: int, steps: int, block_length: int) -> int:
-    """Steps a (not stopped early) request of n_tokens spends: steps per block, capped."""
-    full, rest = divmod(n_tokens, block_length)
-    return full * min(steps, block_length) + (min(steps, rest) if rest else 0)
+    """Steps a (not stopped early) request of n_tokens spends: model/schedule.py's count."""
+    return BlockSchedule(n_tokens, block_length, steps).total_steps
 
 
 __all__ = ["MockEngine", "MockEngineConfig", "WORDS", "mock_steps_used"]

@@ -1,0 +1,156 @@
+"""Where the ingress sends engine requests: an engine in this process, or the model-server replicas.
+
+    backend = LocalBackend(engine)                    # tests, in-process comparisons
+    backend = RayBackend(server_handle, board_handle) # under Serve (deployments/ingress.py)
+    async for event in backend.generate(request, routing): ...
+    load = await backend.load()                       # ClusterLoad for the step router
+
+Both surface refusals the same way: APIError(400) for parameters the engine cannot run,
+503 + Retry-After when the engine queue is full or the replica is draining, raised before the
+first event so the ingress can still answer with a status instead of a broken stream.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from autoscaling.load import ClusterLoad, ReplicaLoad, cluster_load
+from deployments.errors import (
+    InvalidRequest,
+    ServerDraining,
+    ServerOverloaded,
+    overloaded,
+    refusal_status,
+    replica_refusal,
+)
+from engine.types import EngineBase, Event, GenerationRequest
+
+log = logging.getLogger("ray.serve")
+
+
+class Backend(abc.ABC):
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest, routing: dict | None = None
+                 ) -> AsyncIterator[Event]:
+        """Events of one request. Overload must surface as APIError(503) on the first event.
+        routing: {"below_best": bool | None}, what the router did (for autoscaling stats)."""
+
+    @abc.abstractmethod
+    async def load(self) -> ClusterLoad: ...
+
+    def cancel_stream(self, stream: AsyncIterator[Event]) -> None:
+        """Stop a stream from any context (even a cancelled task): cancels the engine request."""
+        asyncio.ensure_future(stream.aclose())  # type: ignore[attr-defined]
+
+
+class LocalBackend(Backend):
+    """An engine in this process."""
+
+    def __init__(self, engine: EngineBase, replica_id: str = "local", retry_after_s: float = 2):
+        self.engine = engine
+        self.replica_id = replica_id
+        self.retry_after_s = retry_after_s
+
+    def generate(self, request: GenerationRequest, routing: dict | None = None
+                 ) -> AsyncIterator[Event]:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        try:
+            stream = self.engine.submit(request)
+        except (ValueError, RuntimeError) as e:  # bad parameters, queue full, shutting down
+            raise refusal_status(replica_refusal(e), self.retry_after_s) from None
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+    async def load(self) -> ClusterLoad:
+        return cluster_load([ReplicaLoad.from_stats(self.replica_id, self.engine.stats())])
+
+
+def _own_internal_request_id() -> None:
+    """Give the handle call about to be made its own Serve internal request id.
+
+    Serve 2.60 stamps every handle call made while serving an HTTP request with that request's
+    internal_request_id, and its request router indexes pending requests by that id: the n engine
+    requests of one `n > 1` call shadowed each other and were dispatched one per routing backoff
+    (seen here: one every ~10 s). Runs inside the stream's own task, so the HTTP request's
+    context is untouched; the user-facing request_id (logs) stays the same."""
+    try:
+        from ray.serve import context as serve_context
+
+        current = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+    except Exception as e:  # private API: if it moves, fall back to Serve's behaviour
+        log.debug("could not set a fresh internal request id: %s", e)
+
+
+class RayBackend(Backend):
+    """DeploymentHandles to the ModelServer replicas and the LoadBoard."""
+
+    def __init__(self, server_handle, board_handle, retry_after_s: float = 2,
+                 replica_retries: int = 2, retry_backoff_s: float = 0.25):
+        self.server = server_handle.options(stream=True)
+        self.board = board_handle
+        self.retry_after_s = retry_after_s
+        self.replica_retries = replica_retries  # resends of a request whose replica died early
+        self.retry_backoff_s = retry_backoff_s
+
+    def generate(self, request: GenerationRequest, routing: dict | None = None
+                 ) -> AsyncIterator[Event]:
+        return self._stream(request, routing)
+
+    async def _stream(self, request: GenerationRequest, routing: dict | None):
+        """Events of one engine request. A replica that dies before its first event (killed,
+        its node lost, a tensor-parallel rank gone) costs the client nothing: the request is
+        sent again, to a live replica; one that dies mid-stream ends it with a 503 error."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for attempt in range(self.replica_retries + 1):
+            started = False
+            try:
+                async for event in self._one_stream(request, routing):
+                    started = True
+                    yield event
+                return
+            except (RayActorError, ActorUnavailableError) as e:
+                if started or attempt == self.replica_retries:
+                    log.warning("request %s: model server lost (%s)", request.request_id, e)
+                    raise overloaded(503, "the model server serving this request failed; retry",
+                                     self.retry_after_s) from None
+                log.info("request %s: model server lost before its first event, resending",
+                         request.request_id)
+                await asyncio.sleep(self.retry_backoff_s * (attempt + 1))  # let routing drop it
+
+    async def _one_stream(self, request: GenerationRequest, routing: dict | None):
+        from ray.serve.exceptions import BackPressureError
+
+        _own_internal_request_id()
+        gen = self.server.generate.remote(request, routing)
+        try:
+            async for event in gen:
+                yield event
+        except BackPressureError:
+            raise overloaded(503, "the model servers' queues are full; retry later",
+                             self.retry_after_s) from None
+        except (ServerOverloaded, ServerDraining, InvalidRequest) as e:
+            raise refusal_status(e, self.retry_after_s) from None
+        finally:
+            # No-op once finished; on disconnect it cancels the replica's stream. cancel()
+            # re-raises a request's routing error (BackPressureError), which would replace the
+            # 503 APIError above with Serve's plain-text 503 without Retry-After.
+            try:
+                gen.cancel()
+            except Exception:  # noqa: BLE001 - already reported above
+                pass
+
+    async def load(self) -> ClusterLoad:
+        return ClusterLoad.from_dict(await self.board.snapshot.remote())

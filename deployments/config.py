@@ -1,0 +1,140 @@
+"""The application's configuration: serve_config.yaml's `args`, validated once.
+
+    a = parse_args({"model": {"source": "tiny-coder"}, "ladder": {"steps": [16, 8, 4, 2]}})
+    a.engine          # an engine.EngineConfig (EngineArgs adds the serving-only defaults)
+    a.ladder          # a deployments.step_router.Ladder
+
+This is the trust boundary for operators' YAML: every level forbids unknown keys, so a typo
+fails the deploy with the path of the bad key instead of being silently ignored. The validated
+AppArgs object itself is what build_app binds into every deployment: the ingress, the model
+server replicas and their engines read their settings from it, so no field is copied from one
+config class into another, and each default is written once. `engine` and `ladder` are the
+engine's and the step router's own dataclasses, validated field by field by pydantic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployments.step_router import Ladder
+from engine.config import EngineConfig
+from model.sampling import FullCacheMode
+
+TensorParallelTransport = Literal["collective", "ray"]
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelArgs(_Args):
+    source: str = "tiny-coder"  # a preset ("tiny-coder") or a checkpoint directory
+    id: str | None = None  # the model name clients send; default: the config's name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
+    torch_threads: int | None = Field(default=None, ge=1)  # CPU replicas: intra-op threads
+    # > 1: each replica reserves this many GPUs (server.num_gpus = 1 per rank) as one placement
+    # group and runs one rank actor per extra GPU (deployments/tensor_parallel.py)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # how each forward reaches the other ranks: one broadcast on the TP group per step, with
+    # heartbeats while idle ("collective"), or a Ray actor call per step ("ray"), which
+    # bench_tp measured at 0.81-0.94x of the broadcast on tiny-coder
+    tensor_parallel_transport: TensorParallelTransport = "collective"
+    # a collective waiting longer fails: a dead rank breaks the step instead of hanging it
+    tensor_parallel_timeout_s: float = Field(default=120.0, gt=0)
+    # heal a text prompt's trailing whitespace token (model/healing.py; the ingress strips it):
+    # without it many of tiny-coder's answers to prompts ending in "\n" came back empty
+    token_healing: bool = True
+    # the family's published sampler switches by name (model/families.py), e.g. LLaDA's
+    # {logits_eos_inf: true, confidence_eos_eot_inf: true}
+    family_options: dict[str, bool] = {}
+
+
+@dataclasses.dataclass
+class EngineArgs(EngineConfig):
+    """engine.EngineConfig (every field, its defaults and their reasons) plus what the ingress
+    applies to each request on the engine's behalf."""
+
+    # Full-attention models (LLaDA, Dream): Fast-dLLM's approximate KV cache for every request
+    # that does not set its own `full_cache` (model/sampling.py). "none": it changes tokens.
+    full_attention_cache: FullCacheMode = "none"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+class LimitsArgs(_Args):
+    default_max_tokens: int = Field(default=256, ge=1)  # when a request sets none
+    default_temperature: float | None = Field(default=None, ge=0, le=2)  # None: the family's
+    max_inflight: int = Field(default=256, ge=1)  # per ingress replica; beyond: 429
+    max_drain_s: float | None = Field(default=None, gt=0)  # cluster drain time; beyond: 429
+    # Retry-After of every 429/503 that has no better estimate (the drain-time 429 has one)
+    retry_after_s: int = Field(default=2, ge=1)
+
+
+class AuthArgs(_Args):
+    api_keys_env: str | None = "DLLM_API_KEYS"  # comma-separated keys in this env variable
+    api_keys_file: str | None = None  # or one key per line in this file
+
+
+class ServerArgs(_Args):
+    """Deployment options of the ModelServer replicas."""
+
+    num_replicas: int | None = Field(default=1, ge=1)
+    autoscaling_config: dict[str, Any] | None = None  # replaces num_replicas when set
+    num_gpus: float = Field(default=0, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    accelerator_type: str | None = None  # e.g. "H100"
+    max_ongoing_requests: int = Field(default=64, ge=1)  # streams per replica (engine queues)
+    max_queued_requests: int = Field(default=-1, ge=-1)  # in the callers' routers; then 503
+    graceful_shutdown_timeout_s: float = Field(default=30, ge=0)
+    drain_timeout_s: float = Field(default=30, ge=0)  # engine drain in __del__
+    health_check_period_s: float = Field(default=5, gt=0)
+    request_router: Literal["least_backlog", "serve_default"] = "least_backlog"
+    routing_stats_period_s: float = Field(default=1.0, gt=0)
+    # load pushes to the LoadBoard; the step router needs a fresh snapshot at least every second
+    report_period_s: float = Field(default=0.25, gt=0, le=1.0)
+    # window of the below-best-quality fraction the autoscaling policy reads (quality debt)
+    quality_window_s: float = Field(default=30.0, gt=0)
+
+
+class IngressArgs(_Args):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0, ge=0)
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+    # GET /playground: a page that streams canvases as they denoise (deployments/playground.py);
+    # on in the CPU demo config, off by default and in the GPU config
+    playground: bool = False
+
+
+class AppArgs(_Args):
+    model: ModelArgs = ModelArgs()
+    engine: EngineArgs = EngineArgs()
+    ladder: Ladder = Ladder()
+    limits: LimitsArgs = LimitsArgs()
+    auth: AuthArgs = AuthArgs()
+    server: ServerArgs = ServerArgs()
+    ingress: IngressArgs = IngressArgs()
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self):
+        if self.model.tensor_parallel_size > 1 and self.server.num_gpus not in (0, 1):
+            raise ValueError("with model.tensor_parallel_size > 1, server.num_gpus is per "
+                             f"rank and must be 1 (GPU ranks) or 0 (CPU ranks), got "
+                             f"{self.server.num_gpus}")
+        return self
+
+
+def parse_args(args: dict | AppArgs | None) -> AppArgs:
+    """Validate serve_config.yaml's `args`; ValueError naming every bad key's path."""
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc'])) or '(root)'}: "
+                 f"{str(err['msg']).removeprefix('Value error, ')}" for err in e.errors()]
+        raise ValueError("invalid dllm application args:\n" + "\n".join(lines)) from None

@@ -1,0 +1,203 @@
+"""From an OpenAI request to engine requests: tokenize, check the context, heal, pick the steps.
+
+    jobs = JobBuilder(info, tokenizer, args)
+    job = jobs.chat(req, choice)         # or jobs.completion(req, choice)
+    job.requests                         # one GenerationRequest per prompt x n
+
+FIM: block-causal models (tiny-coder) take it in the prompt (Tokenizer.fim_prompt); full-attention
+models get the suffix after the canvas (GenerationRequest.suffix_ids).
+
+Token healing: a text prompt ending in a whitespace token is backed off by that token and the
+first generated token must start with it (model/healing.py); `Job.healed` holds the text the
+ingress strips from the answer again, since the client's prompt already has it. Off for
+requests with stop strings (the healed text could match them).
+
+Every refusal here is an APIError raised before any engine work: 400 for bad parameters, 413
+when the prompt (plus max_tokens) does not fit the model's context.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from deployments.config import AppArgs
+from deployments.errors import APIError
+from deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FIMCompletionRequest,
+    GenerationRequestBase,
+)
+from deployments.step_router import StepChoice
+from engine.types import GenerationRequest, ModelInfo
+from model.healing import heal_prompt
+from model.schedule import request_token_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    """One prompt of a request, tokenized."""
+
+    ids: list[int]
+    suffix_ids: list[int] | None = None  # FIM for full-attention models
+    echo: str = ""  # text to prepend to the completion (echo=true)
+    healable: bool = False  # a plain text prompt: its last token may be healed
+
+
+@dataclass
+class Job:
+    """One HTTP request turned into engine requests (prompts x n)."""
+
+    id: str
+    requests: list[GenerationRequest]
+    choice: StepChoice
+    steps_per_block: int
+    prompt_tokens: int
+    echo: list[str] = field(default_factory=list)  # per request: text to prepend (echo)
+    healed: list[str] = field(default_factory=list)  # per request: prompt text regenerated
+    quality: str = "auto"
+    route: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def saw_text(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    @property
+    def quality_note(self) -> dict:
+        """For the replicas' below_best_fraction: only load-driven choices count."""
+        if self.choice.reason != "load":
+            return {"below_best": None}
+        return {"below_best": bool(self.choice.rung)}
+
+    def token_steps(self, info: ModelInfo) -> int:
+        """The work this job adds to the cluster, as the engine counts it (model/schedule.py)."""
+        return sum(request_token_steps(
+            len(r.prompt_ids) + len(r.suffix_ids or []), r.params.max_new_tokens,
+            r.params.steps, r.params.block_length, info.attention == "block_causal",
+            r.params.full_cache, len(r.suffix_ids or []), info.logit_shift)
+            for r in self.requests)
+
+
+class JobBuilder:
+    def __init__(self, info: ModelInfo, tokenizer, args: AppArgs):
+        self.info, self.tokenizer, self.args = info, tokenizer, args
+
+    # --- per request type -------------------------------------------------------------------
+    def chat(self, req: ChatCompletionRequest, choice: StepChoice) -> Job:
+        messages = []
+        for m in req.messages:
+            if m.role == "tool":
+                raise APIError(400, "tool messages are not supported", param="messages")
+            try:
+                text = m.text()
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            messages.append({"role": "system" if m.role == "developer" else m.role,
+                             "content": text})
+        try:
+            ids = self.tokenizer.chat_prompt(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return self._job("chatcmpl", req, choice, [Prompt(ids)])
+
+    def completion(self, req: CompletionRequest | FIMCompletionRequest,
+                   choice: StepChoice) -> Job:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            texts: list = [prompt]
+        elif isinstance(prompt[0], int):
+            texts = [list(prompt)]
+        else:
+            texts = list(prompt)
+        echo = isinstance(req, CompletionRequest) and req.echo
+        return self._job("cmpl", req, choice, [self._prompt(p, req.suffix, echo) for p in texts])
+
+    def _prompt(self, p: str | list[int], suffix: str | None, echo: bool) -> Prompt:
+        if suffix:  # fill-in-the-middle
+            if not isinstance(p, str):
+                raise APIError(400, "suffix needs a text prompt", param="suffix")
+            ids, suffix_ids = self.fim_ids(p, suffix)
+            return Prompt(ids, suffix_ids, p if echo else "")
+        if isinstance(p, str):
+            return Prompt(self.tokenizer.encode(p), None, p if echo else "", healable=True)
+        if any(not isinstance(t, int) or not 0 <= t < self.tokenizer.vocab_size for t in p):
+            raise APIError(400, "prompt token ids out of range", param="prompt")
+        return Prompt(list(p))
+
+    def fim_ids(self, prefix: str, suffix: str) -> tuple[list[int], list[int] | None]:
+        """Block-causal models: FIM format in the prompt; full attention: suffix after canvas."""
+        if self.info.attention == "block_causal":
+            try:
+                return self.tokenizer.fim_prompt(prefix, suffix), None
+            except ValueError as e:  # a tokenizer without FIM tokens
+                raise APIError(400, str(e), param="suffix") from None
+        return self.tokenizer.encode(prefix), self.tokenizer.encode(suffix)
+
+    # --- shared -----------------------------------------------------------------------------
+    def _job(self, prefix: str, req: GenerationRequestBase, choice: StepChoice,
+             prompts: list[Prompt]) -> Job:
+        """n choices of each prompt."""
+        base_seed = req.seed if req.seed is not None else random.getrandbits(31)
+        job = Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", requests=[], choice=choice,
+                  steps_per_block=choice.steps, prompt_tokens=0, quality=req.quality)
+        for prompt in prompts:
+            ids, suffix_ids = prompt.ids, prompt.suffix_ids
+            max_new = self._max_new_tokens(req.max_new_tokens, len(ids) + len(suffix_ids or []))
+            job.steps_per_block = min(choice.steps, req.block_length_for(self.info, max_new))
+            job.prompt_tokens += len(ids) + len(suffix_ids or [])
+            healed, first_ids = "", None
+            if prompt.healable:
+                ids, healed, first_ids = self._heal(req, ids)
+            for _ in range(req.n):
+                k = len(job.requests)
+                params = self._params(req, max_new, choice.steps, (base_seed + k) % 2**31)
+                params.first_token_ids = first_ids
+                job.requests.append(GenerationRequest(
+                    request_id=f"{job.id}-{k}", prompt_ids=list(ids), params=params,
+                    suffix_ids=suffix_ids, diffusing=req.diffusing))
+                job.echo.append(prompt.echo)
+                job.healed.append(healed)
+        return job
+
+    def _params(self, req: GenerationRequestBase, max_new: int, steps: int, seed: int):
+        try:
+            return req.to_sampling_params(
+                self.info, max_new_tokens=max_new, steps=steps, seed=seed,
+                default_temperature=self.args.limits.default_temperature,
+                default_full_cache=self.args.engine.full_attention_cache)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def _max_new_tokens(self, requested: int | None, used: int) -> int:
+        ctx = self.info.max_seq_len
+        if used >= ctx:
+            raise APIError(413, f"the prompt is {used} tokens; this model's context is {ctx}",
+                           param="prompt", code="context_length_exceeded")
+        if requested is None:
+            return min(self.args.limits.default_max_tokens, ctx - used)
+        if requested > ctx:
+            raise APIError(400, f"max_tokens ({requested}) exceeds the model's context ({ctx})",
+                           param="max_tokens", code="invalid_value")
+        if used + requested > ctx:
+            raise APIError(413, f"the prompt ({used} tokens) plus max_tokens ({requested}) "
+                           f"exceeds the model's context ({ctx})", param="prompt",
+                           code="context_length_exceeded")
+        return requested
+
+    def _heal(self, req: GenerationRequestBase, ids: list[int]
+              ) -> tuple[list[int], str, list[int] | None]:
+        if not self.args.model.token_healing or req.stop_list:
+            return ids, "", None
+        try:
+            return heal_prompt(self.tokenizer, ids)
+        except Exception as e:  # a tokenizer without what healing needs: serve unhealed
+            log.debug("token healing skipped: %s", e)
+            return ids, "", None

@@ -1,0 +1,285 @@
+"""The OpenAI API's logic, without HTTP: checks, admission, step choice, engine events -> bodies.
+
+    service = OpenAIService(info, tokenizer, LocalBackend(engine), args)   # args: AppArgs
+    await service.start()                     # first load snapshot, then refreshed in background
+    response = await service.respond(req, "chat", "/v1/chat/completions")
+
+The request path: the model and the load are checked (429 past this ingress' in-flight cap or
+the cluster's `max_drain_s`), the step router picks the steps per block from the cached cluster
+load (deployments/step_router.py), the request becomes one GenerationRequest per choice
+(deployments/jobs.py), and their events become one OpenAI response or SSE chunks ending with
+`data: [DONE]`. Chat and completion streams are one generator with two chunk builders.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.responses import JSONResponse
+
+from autoscaling.load import LoadSnapshotCache
+from deployments.backends import Backend
+from deployments.config import AppArgs
+from deployments.errors import APIError, internal_error, overloaded
+from deployments.jobs import Job, JobBuilder
+from deployments.protocol import (
+    SSE_DONE,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionResponse,
+    DiffusionState,
+    GenerationRequestBase,
+    ModelCard,
+    Usage,
+    sse,
+)
+from deployments.step_router import StepRouter
+from deployments.streams import EventStreams, SSEResponse
+from engine.types import CanvasUpdate, Event, Finished, ModelInfo, TextDelta
+
+log = logging.getLogger(__name__)
+
+class OpenAIService:
+    def __init__(self, info: ModelInfo, tokenizer, backend: Backend, args: AppArgs,
+                 api_keys: frozenset[str] = frozenset(), router: StepRouter | None = None,
+                 metrics=None):
+        self.info = info
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.args = args
+        self.limits = args.limits
+        self.api_keys = api_keys
+        self.router = router or StepRouter(args.ladder)
+        self.metrics = metrics
+        self.jobs = JobBuilder(info, tokenizer, args)
+        self.load_cache = LoadSnapshotCache(backend.load, args.ladder.refresh_s,
+                                            on_update=self.router.observe)
+        self.inflight = 0
+
+    async def start(self) -> None:
+        await self.load_cache.refresh()
+        self.load_cache.start()
+
+    async def stop(self) -> None:
+        await self.load_cache.stop()
+
+    # --- checks ---------------------------------------------------------------------------
+    def check_auth(self, authorization: str | None) -> None:
+        if not self.api_keys:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k)
+                                                  for k in self.api_keys):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+
+    def check_model(self, model: str) -> None:
+        if model != self.info.id:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                           f"{self.info.id!r}", param="model", code="model_not_found")
+
+    def admit(self) -> None:
+        limits = self.limits
+        if self.inflight >= limits.max_inflight:
+            self._rejected(429)
+            raise overloaded(429, f"too many requests in flight ({self.inflight}); retry later",
+                             limits.retry_after_s)
+        load = self.load_cache.latest
+        if limits.max_drain_s is not None and load.drain_s > limits.max_drain_s:
+            self._rejected(429)
+            raise overloaded(429, f"the cluster is overloaded ({load.drain_s:.1f}s of queued "
+                             "work); retry later", min(load.drain_s - limits.max_drain_s + 1, 60))
+
+    def _rejected(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(status)
+
+    # --- a request ---------------------------------------------------------------------------
+    def make_job(self, req: GenerationRequestBase, kind: str) -> Job:
+        self.check_model(req.model)
+        if req.ignored_fields() and self.metrics is not None:
+            self.metrics.ignored_fields(len(req.ignored_fields()))
+        choice = self.router.choose(req.denoising_steps, req.quality, record=False)
+        if kind == "chat":
+            assert isinstance(req, ChatCompletionRequest)
+            return self.jobs.chat(req, choice)
+        return self.jobs.completion(req, choice)
+
+    async def respond(self, req: GenerationRequestBase, kind: str, route: str = ""):
+        """Run a request; JSON or SSE. `kind` is "chat" or "completion"."""
+        job = self.make_job(req, kind)
+        job.route = route
+        self.admit()
+        self.router.record_choice(job.choice, job.quality)  # admitted: a 429 is not a choice
+        self.inflight += 1
+        ledger_key = self.router.admitted(job.token_steps(self.info))
+        released = False
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight -= 1
+                self.router.done(ledger_key)
+
+        try:
+            if req.stream:
+                streams, first = await self.start_stream(job)
+                gen = self.stream(job, req.include_usage, streams, first, chat=kind == "chat")
+                return SSEResponse(gen, streams, release, headers=self.headers(job))
+            texts, finished = await self.collect(job)
+        except BaseException:
+            release()
+            raise
+        release()
+        body = self._body(job, kind, texts, finished)
+        return JSONResponse(body.model_dump(exclude_none=True), headers=self.headers(job))
+
+    def _body(self, job: Job, kind: str, texts: list[str], finished: dict[int, Finished]):
+        usage = self._usage(job, finished)
+        if kind == "chat":
+            return ChatCompletionResponse(id=job.id, model=self.info.id, usage=usage, choices=[
+                ChatChoice(index=i, message=ChatMessageOut(content=texts[i]),
+                           finish_reason=self._finish_reason(finished[i]))
+                for i in range(len(texts))])
+        return CompletionResponse(id=job.id, model=self.info.id, usage=usage, choices=[
+            CompletionChoice(index=i, text=job.echo[i] + texts[i],
+                             finish_reason=self._finish_reason(finished[i]))
+            for i in range(len(texts))])
+
+    # --- running a job ----------------------------------------------------------------------
+    def _usage(self, job: Job, finished: dict[int, Finished]) -> Usage:
+        completion = sum(f.completion_tokens for f in finished.values())
+        return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=completion,
+                     total_tokens=job.prompt_tokens + completion,
+                     denoising_steps=sum(f.steps for f in finished.values()),
+                     denoising_steps_per_block=job.steps_per_block)
+
+    def headers(self, job: Job) -> dict[str, str]:
+        # (no x-request-id of ours: Serve's proxy sets one; the body carries the completion id)
+        return {"x-denoising-steps": str(job.steps_per_block)}
+
+    def _finish_reason(self, f: Finished) -> str:
+        """The OpenAI finish reason; a cancelled or failed generation is a 503."""
+        if f.finish_reason in ("stop", "length"):
+            return f.finish_reason
+        raise overloaded(503, f"generation {f.finish_reason}: {f.error or 'server draining'}",
+                         self.limits.retry_after_s)
+
+    async def collect(self, job: Job) -> tuple[list[str], dict[int, Finished]]:
+        texts = [""] * len(job.requests)
+        finished: dict[int, Finished] = {}
+        streams = EventStreams(self.backend, job.requests, job.quality_note, job.healed)
+        try:
+            async for i, event in streams:
+                if isinstance(event, TextDelta):
+                    texts[i] += event.text
+                    if event.text:
+                        job.saw_text()
+                elif isinstance(event, Finished):
+                    finished[i] = event
+                    self._finish_reason(event)
+        finally:
+            streams.close()
+        if self.metrics is not None:
+            self.metrics.finished(job, finished)
+        return texts, finished
+
+    async def start_stream(self, job: Job) -> tuple[EventStreams, tuple[int, Event] | None]:
+        """Open the streams and wait for the first event, so overload is a status, not a chunk."""
+        streams = EventStreams(self.backend, job.requests, job.quality_note, job.healed)
+        try:
+            first = await streams.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            streams.close()
+            raise
+        return streams, first
+
+    # --- streaming ----------------------------------------------------------------------------
+    def _chat_chunk(self, job: Job, choices: list, usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=job.id, model=self.info.id, choices=choices,
+                                       usage=usage))
+
+    def _completion_chunk(self, job: Job, choices: list, usage: Usage | None = None) -> str:
+        return sse(CompletionResponse(id=job.id, model=self.info.id, choices=choices,
+                                      usage=usage))
+
+    @staticmethod
+    def _choice(chat: bool, i: int, text: str = "", canvas: CanvasUpdate | None = None,
+                finish_reason: str | None = None):
+        diffusion = DiffusionState(canvas=canvas.text, step=canvas.step) if canvas else None
+        if chat:
+            return ChatChunkChoice(index=i, delta=ChatDelta(content=text or None),
+                                   diffusion=diffusion, finish_reason=finish_reason)
+        return CompletionChoice(index=i, text=text, diffusion=diffusion,
+                                finish_reason=finish_reason)
+
+    async def stream(self, job: Job, include_usage: bool, streams: EventStreams,
+                     first: tuple[int, Event] | None, chat: bool) -> AsyncIterator[str]:
+        """SSE chunks of a job: text as blocks are committed, canvases in diffusing mode, a
+        finish reason per choice, usage last if asked for, then [DONE]. An error after the
+        first chunk is an error event (the status was already sent)."""
+        chunk = self._chat_chunk if chat else self._completion_chunk
+        finished: dict[int, Finished] = {}
+        if chat:  # chat streams open every choice with the assistant role
+            for i in range(len(job.requests)):
+                yield chunk(job, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
+                                                                           content=""))], None)
+        try:
+            async for i, event in _chain(first, streams):
+                if isinstance(event, TextDelta) and event.text:
+                    job.saw_text()
+                    yield chunk(job, [self._choice(chat, i, event.text)], None)
+                elif isinstance(event, CanvasUpdate):
+                    yield chunk(job, [self._choice(chat, i, canvas=event)], None)
+                elif isinstance(event, Finished):
+                    finished[i] = event
+                    reason = self._finish_reason(event)
+                    yield chunk(job, [self._choice(chat, i, finish_reason=reason)], None)
+            if include_usage:
+                yield chunk(job, [], self._usage(job, finished))
+            if self.metrics is not None:
+                self.metrics.finished(job, finished)
+        except APIError as e:
+            yield sse(e.envelope())
+        except Exception as e:
+            log.exception("stream %s failed", job.id)
+            yield sse(internal_error(f"internal error: {e}").envelope())
+        yield SSE_DONE
+
+    # --- model and health ---------------------------------------------------------------------
+    def model_card(self) -> ModelCard:
+        i = self.info
+        return ModelCard(id=i.id, created=i.created, max_model_len=i.max_seq_len,
+                         block_length=i.block_length, attention=i.attention,
+                         default_denoising_steps=i.default_steps)
+
+    def health(self) -> tuple[int, dict]:
+        load = self.load_cache.latest
+        body = {"status": "ok", "model": self.info.id, "load": load.to_dict(),
+                "rung": self.router.rung, "steps": self.router.ladder.steps[self.router.rung],
+                "inflight": self.inflight, "load_age_s": round(self.load_cache.age_s, 3)}
+        # Unavailable: no model server reports load, or the board has been silent for 30 s
+        # (a starved CPU can delay a refresh by seconds; that alone is not an outage).
+        if load.replicas == 0 or self.load_cache.age_s > 30:
+            body["status"] = "unavailable"
+            return 503, body
+        return 200, body
+
+
+async def _chain(first: tuple[int, Event] | None, streams: EventStreams
+                 ) -> AsyncIterator[tuple[int, Event]]:
+    if first is not None:
+        yield first
+    async for item in streams:
+        yield item
