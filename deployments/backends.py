@@ -7,7 +7,8 @@
 
 Both surface refusals the same way: APIError(400) for parameters the engine cannot run,
 503 + Retry-After when the engine queue is full or the replica is draining, raised before the
-first event so the ingress can still answer with a status instead of a broken stream.
+first event so the ingress can still answer with a status instead of a broken stream; and both
+start every stream with one Admitted event once the engine has queued the request.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from deployments.errors import (
     refusal_status,
     replica_refusal,
 )
-from engine.types import EngineBase, Event, GenerationRequest
+from engine.types import Admitted, CanvasUpdate, EngineBase, Event, GenerationRequest, TextDelta
 
 log = logging.getLogger("ray.serve")
 
@@ -66,6 +67,7 @@ class LocalBackend(Backend):
         except (ValueError, RuntimeError) as e:  # bad parameters, queue full, shutting down
             raise refusal_status(replica_refusal(e), self.retry_after_s) from None
         try:
+            yield Admitted(request.request_id)
             async for event in stream:
                 yield event
         finally:
@@ -109,26 +111,54 @@ class RayBackend(Backend):
         return self._stream(request, routing)
 
     async def _stream(self, request: GenerationRequest, routing: dict | None):
-        """Events of one engine request. A replica that dies before its first event (killed,
-        its node lost, a tensor-parallel rank gone) costs the client nothing: the request is
-        sent again, to a live replica; one that dies mid-stream ends it with a 503 error."""
+        """Events of one engine request. A replica that dies (killed, its node lost, a
+        tensor-parallel rank gone) costs the client nothing: the request is sent again, to a
+        live replica, and the text the client already has is skipped. That is exact because
+        an answer is a function of the request (prompt, parameters, seed: the sampler's noise is
+        keyed by seed, position and step), so the new replica's text starts with what was
+        streamed; if it does not, or the replicas keep dying, the stream ends with a 503."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        admitted = False  # one Admitted reaches the caller, however many replicas were tried
+        sent = ""  # text delivered so far
         for attempt in range(self.replica_retries + 1):
-            started = False
+            replay = sent  # what the new replica must produce again before anything new
             try:
                 async for event in self._one_stream(request, routing):
-                    started = True
+                    if isinstance(event, Admitted):
+                        if not admitted:
+                            admitted = True
+                            yield event
+                        continue
+                    if replay:
+                        event, replay = self._catch_up(event, replay)
+                        if event is None:
+                            continue
+                    if isinstance(event, TextDelta):
+                        sent += event.text
                     yield event
                 return
             except (RayActorError, ActorUnavailableError) as e:
-                if started or attempt == self.replica_retries:
+                if attempt == self.replica_retries:
                     log.warning("request %s: model server lost (%s)", request.request_id, e)
                     raise overloaded(503, "the model server serving this request failed; retry",
                                      self.retry_after_s) from None
-                log.info("request %s: model server lost before its first event, resending",
-                         request.request_id)
+                log.info("request %s: model server lost after %d characters, resending",
+                         request.request_id, len(sent))
                 await asyncio.sleep(self.retry_backoff_s * (attempt + 1))  # let routing drop it
+
+    def _catch_up(self, event: Event, replay: str) -> tuple[Event | None, str]:
+        """A resent request's event while it re-generates text the client already has: None
+        for what to skip, else the event with only the new part; and the replay left."""
+        if isinstance(event, CanvasUpdate):
+            return None, replay  # canvases of steps the client has seen the result of
+        if isinstance(event, TextDelta):
+            n = min(len(replay), len(event.text))
+            if event.text[:n] == replay[:n]:
+                rest = event.text[n:]
+                return (dataclasses.replace(event, text=rest) if rest else None), replay[n:]
+        raise overloaded(503, "the model server that took over this request answered "
+                         "differently; retry", self.retry_after_s)
 
     async def _one_stream(self, request: GenerationRequest, routing: dict | None):
         from ray.serve.exceptions import BackPressureError

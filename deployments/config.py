@@ -71,8 +71,14 @@ class LimitsArgs(_Args):
     default_temperature: float | None = Field(default=None, ge=0, le=2)  # None: the family's
     max_inflight: int = Field(default=256, ge=1)  # per ingress replica; beyond: 429
     max_drain_s: float | None = Field(default=None, gt=0)  # cluster drain time; beyond: 429
-    # Retry-After of every 429/503 that has no better estimate (the drain-time 429 has one)
+    # Retry-After while the cluster's drain time is not measured yet; once it is, refusals
+    # that may fit later say that drain time instead
     retry_after_s: int = Field(default=2, ge=1)
+    # Request bodies past this are refused (413) before they are read: a 128k-token context of
+    # code is ~0.5 MB of text, so 8 MiB leaves room for JSON escapes and long chat histories
+    max_request_bytes: int = Field(default=8 << 20, ge=1024)
+    # Threads that tokenize prompts off the event loop (the Rust tokenizers release the GIL)
+    tokenizer_threads: int = Field(default=2, ge=1, le=64)
 
 
 class AuthArgs(_Args):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -60,10 +61,16 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.envelope(), status_code=err.status, headers=err.headers)
 
 
+# pydantic names the member of a union it tried in the error's location ("str", "list[...]")
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|tuple|none|function-\w+)(\[.*\])?$")
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a check of ours (a value error) says more than "not a string" from a union's other member
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+    loc = [str(p) for p in first.get("loc", ())
+           if p != "body" and not _UNION_MEMBER.match(str(p))]
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', msg)}",
@@ -88,11 +95,12 @@ def build_openai_app(service: OpenAIService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        # the exception's headers go out with it (405 carries Allow, as RFC 9110 requires)
         if exc.status_code == 404:
             err = APIError(404, f"no route {request.method} {request.url.path}",
-                           code="not_found")
+                           code="not_found", headers=exc.headers)
         else:
-            err = APIError(exc.status_code, str(exc.detail), code=None)
+            err = APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers)
         return error_response(err)
 
     @app.exception_handler(Exception)
@@ -130,29 +138,60 @@ def build_openai_app(service: OpenAIService) -> FastAPI:
         from deployments.playground import add_playground
 
         add_playground(app, service)
-    app.add_middleware(_AuthMiddleware, service=service)
+    app.add_middleware(_RequestGuard, service=service)
     return app
 
 
-class _AuthMiddleware:
-    """Checks the API key on /v1/* before the body is read (so 401 wins over 400).
+class _RequestGuard:
+    """Before the app sees a /v1/* request: the API key (so 401 wins over 400), then the body
+    size (413 past limits.max_request_bytes, by Content-Length or by counting what arrives, so
+    a huge body is refused before it is parsed).
 
     Pure ASGI rather than BaseHTTPMiddleware, which would buffer streams and swallow the
     cancellation that tells us a client disconnected."""
 
     def __init__(self, app, service: OpenAIService):
         self.app, self.service = app, service
+        self.max_bytes = service.limits.max_request_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             headers = dict(scope.get("headers") or [])
-            auth = headers.get(b"authorization", b"").decode("latin-1") or None
             try:
-                self.service.check_auth(auth)
+                self.service.check_auth(headers.get(b"authorization"))
+                receive = await self._bounded_body(headers, receive)
             except APIError as e:
                 await error_response(e)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is over {self.max_bytes} bytes "
+                        "(limits.max_request_bytes)", code="request_too_large")
+
+    async def _bounded_body(self, headers: dict, receive):
+        """Read the body up to the limit, then hand the app a receive that replays it (and
+        after it, the client's own messages: a disconnect still reaches the app)."""
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            raise self._too_large()
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                break
+        messages.reverse()
+
+        async def replay():
+            return messages.pop() if messages else await receive()
+
+        return replay
 
 
 # Every option comes from args.ingress through deployments.app, so no default is written here.

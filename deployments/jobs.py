@@ -86,9 +86,27 @@ class Job:
             for r in self.requests)
 
 
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes one token decodes to (a token that is part of a
+    character decodes to U+FFFD, 3 bytes: more than it holds, so still a bound)."""
+    return max((len(tokenizer.decode([i]).encode("utf-8", "replace"))
+                for i in range(tokenizer.vocab_size)), default=1) or 1
+
+
 class JobBuilder:
     def __init__(self, info: ModelInfo, tokenizer, args: AppArgs):
         self.info, self.tokenizer, self.args = info, tokenizer, args
+        # A text of more characters than this has more UTF-8 bytes, so more tokens, than the
+        # context holds: it is refused without tokenizing it.
+        self.max_prompt_chars = info.max_seq_len * max_token_bytes(tokenizer)
+
+    def check_text_size(self, texts: list[str], param: str) -> None:
+        chars = sum(len(t) for t in texts)
+        if chars > self.max_prompt_chars:
+            raise APIError(413, f"the {param} is {chars} characters; this model's context of "
+                           f"{self.info.max_seq_len} tokens holds at most "
+                           f"{self.max_prompt_chars} characters of this tokenizer's text",
+                           param=param, code="context_length_exceeded")
 
     # --- per request type -------------------------------------------------------------------
     def chat(self, req: ChatCompletionRequest, choice: StepChoice) -> Job:
@@ -102,6 +120,7 @@ class JobBuilder:
                 raise APIError(400, str(e), param="messages") from None
             messages.append({"role": "system" if m.role == "developer" else m.role,
                              "content": text})
+        self.check_text_size([m["content"] for m in messages], "messages")
         try:
             ids = self.tokenizer.chat_prompt(messages)
         except ValueError as e:
@@ -117,6 +136,9 @@ class JobBuilder:
             texts = [list(prompt)]
         else:
             texts = list(prompt)
+        for t in texts:  # each prompt is its own sequence
+            if isinstance(t, str):
+                self.check_text_size([t, req.suffix or ""], "prompt")
         echo = isinstance(req, CompletionRequest) and req.echo
         return self._job("cmpl", req, choice, [self._prompt(p, req.suffix, echo) for p in texts])
 
@@ -130,7 +152,7 @@ class JobBuilder:
             return Prompt(self.tokenizer.encode(p), None, p if echo else "", healable=True)
         if any(not isinstance(t, int) or not 0 <= t < self.tokenizer.vocab_size for t in p):
             raise APIError(400, "prompt token ids out of range", param="prompt")
-        return Prompt(list(p))
+        return Prompt(list(p), echo=self.tokenizer.decode(list(p)) if echo else "")
 
     def fim_ids(self, prefix: str, suffix: str) -> tuple[list[int], list[int] | None]:
         """Block-causal models: FIM format in the prompt; full attention: suffix after canvas."""

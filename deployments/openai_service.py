@@ -13,16 +13,19 @@ load (deployments/step_router.py), the request becomes one GenerationRequest per
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.responses import JSONResponse
 
 from autoscaling.load import LoadSnapshotCache
 from deployments.backends import Backend
 from deployments.config import AppArgs
-from deployments.errors import APIError, internal_error, overloaded
+from deployments.errors import APIError, internal_error, overloaded, retry_after
 from deployments.jobs import Job, JobBuilder
 from deployments.protocol import (
     SSE_DONE,
@@ -43,7 +46,7 @@ from deployments.protocol import (
 )
 from deployments.step_router import StepRouter
 from deployments.streams import EventStreams, SSEResponse
-from engine.types import CanvasUpdate, Event, Finished, ModelInfo, TextDelta
+from engine.types import Admitted, CanvasUpdate, Event, Finished, ModelInfo, TextDelta
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,14 @@ class OpenAIService:
         self.args = args
         self.limits = args.limits
         self.api_keys = api_keys
+        self._key_bytes = [k.encode("utf-8") for k in sorted(api_keys)]
         self.router = router or StepRouter(args.ladder)
         self.metrics = metrics
         self.jobs = JobBuilder(info, tokenizer, args)
+        # Tokenizing (the Rust tokenizers release the GIL) and text checks run here, off the
+        # event loop: a 6 MB prompt used to hold every other request for 8-13 s.
+        self.workers = ThreadPoolExecutor(args.limits.tokenizer_threads,
+                                          thread_name_prefix="dllm-tokenize")
         self.load_cache = LoadSnapshotCache(backend.load, args.ladder.refresh_s,
                                             on_update=self.router.observe)
         self.inflight = 0
@@ -70,14 +78,21 @@ class OpenAIService:
 
     async def stop(self) -> None:
         await self.load_cache.stop()
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     # --- checks ---------------------------------------------------------------------------
-    def check_auth(self, authorization: str | None) -> None:
+    def check_auth(self, authorization: bytes | str | None) -> None:
+        """`Authorization: Bearer <key>`, compared in constant time on bytes: a header is bytes
+        on the wire and may hold any of them (comparing str raises on non-ASCII)."""
         if not self.api_keys:
             return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k)
-                                                  for k in self.api_keys):
+        if isinstance(authorization, str):
+            authorization = authorization.encode("utf-8", "surrogateescape")
+        scheme, _, token = (authorization or b"").partition(b" ")
+        token = token.strip()
+        # every key is compared, so the time taken does not say which one came close
+        matches = [hmac.compare_digest(token, k) for k in self._key_bytes]
+        if scheme.lower() != b"bearer" or not any(matches):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
@@ -86,38 +101,67 @@ class OpenAIService:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.info.id!r}", param="model", code="model_not_found")
 
-    def admit(self) -> None:
-        limits = self.limits
+    def admit(self, job: Job) -> None:
+        """Refuse what cannot run: never (400, the limit named) or not now (429)."""
+        limits, engine = self.limits, self.args.engine
+        held = engine.max_num_seqs + (engine.max_queued if engine.max_queued is not None
+                                      else math.inf)
+        if len(job.requests) > held:
+            raise APIError(400, f"this request has {len(job.requests)} choices (prompts x n); a "
+                           f"model server holds at most {held} at once (engine.max_num_seqs "
+                           f"{engine.max_num_seqs} + engine.max_queued {engine.max_queued})",
+                           param="n", code="too_many_choices")
         if self.inflight >= limits.max_inflight:
             self._rejected(429)
             raise overloaded(429, f"too many requests in flight ({self.inflight}); retry later",
-                             limits.retry_after_s)
+                             self.retry_after_s())
         load = self.load_cache.latest
         if limits.max_drain_s is not None and load.drain_s > limits.max_drain_s:
             self._rejected(429)
             raise overloaded(429, f"the cluster is overloaded ({load.drain_s:.1f}s of queued "
                              "work); retry later", min(load.drain_s - limits.max_drain_s + 1, 60))
 
+    def retry_after_s(self) -> float:
+        """When a refused request may fit: the cluster's measured drain time (the snapshot plus
+        the work admitted since), at least 1 s and at most a minute; the configured
+        limits.retry_after_s while nothing is measured."""
+        drain = self.router.effective_drain_s()
+        if math.isfinite(drain) and drain > 0:
+            return min(max(drain, 1.0), 60.0)
+        return float(self.limits.retry_after_s)
+
     def _rejected(self, status: int) -> None:
         if self.metrics is not None:
             self.metrics.rejected(status)
 
     # --- a request ---------------------------------------------------------------------------
-    def make_job(self, req: GenerationRequestBase, kind: str) -> Job:
+    async def make_job(self, req: GenerationRequestBase, kind: str) -> Job:
+        """The step choice here, on the event loop (the router's state lives there); text
+        checks and tokenizing in the worker pool, so a long prompt stalls no other request."""
         self.check_model(req.model)
         if req.ignored_fields() and self.metrics is not None:
             self.metrics.ignored_fields(len(req.ignored_fields()))
         choice = self.router.choose(req.denoising_steps, req.quality, record=False)
         if kind == "chat":
             assert isinstance(req, ChatCompletionRequest)
-            return self.jobs.chat(req, choice)
-        return self.jobs.completion(req, choice)
+            build = self.jobs.chat
+        else:
+            build = self.jobs.completion
+        return await asyncio.get_running_loop().run_in_executor(self.workers, build, req, choice)
 
     async def respond(self, req: GenerationRequestBase, kind: str, route: str = ""):
         """Run a request; JSON or SSE. `kind` is "chat" or "completion"."""
-        job = self.make_job(req, kind)
+        try:
+            return await self._respond(req, kind, route)
+        except APIError as e:
+            if e.status == 503 and "Retry-After" in e.headers:  # the servers' queues are full
+                e.headers.update(retry_after(self.retry_after_s()))
+            raise
+
+    async def _respond(self, req: GenerationRequestBase, kind: str, route: str):
+        job = await self.make_job(req, kind)
         job.route = route
-        self.admit()
+        self.admit(job)
         self.router.record_choice(job.choice, job.quality)  # admitted: a 429 is not a choice
         self.inflight += 1
         ledger_key = self.router.admitted(job.token_steps(self.info))
@@ -132,8 +176,8 @@ class OpenAIService:
 
         try:
             if req.stream:
-                streams, first = await self.start_stream(job)
-                gen = self.stream(job, req.include_usage, streams, first, chat=kind == "chat")
+                streams, early = await self.start_stream(job)
+                gen = self.stream(job, req.include_usage, streams, early, chat=kind == "chat")
                 return SSEResponse(gen, streams, release, headers=self.headers(job))
             texts, finished = await self.collect(job)
         except BaseException:
@@ -193,17 +237,25 @@ class OpenAIService:
             self.metrics.finished(job, finished)
         return texts, finished
 
-    async def start_stream(self, job: Job) -> tuple[EventStreams, tuple[int, Event] | None]:
-        """Open the streams and wait for the first event, so overload is a status, not a chunk."""
+    async def start_stream(self, job: Job) -> tuple[EventStreams, list[tuple[int, Event]]]:
+        """Open the streams and wait until every choice is admitted (or one is refused, which
+        cancels the others), so a refusal is a status, never a 200 and then an error chunk.
+        -> the streams and the events that arrived meanwhile."""
         streams = EventStreams(self.backend, job.requests, job.quality_note, job.healed)
+        early: list[tuple[int, Event]] = []
+        waiting = set(range(len(job.requests)))
         try:
-            first = await streams.__anext__()
+            while waiting:
+                i, event = await streams.__anext__()
+                waiting.discard(i)  # an engine event also means the choice was admitted
+                if not isinstance(event, Admitted):
+                    early.append((i, event))
         except StopAsyncIteration:
-            first = None
+            pass
         except BaseException:
             streams.close()
             raise
-        return streams, first
+        return streams, early
 
     # --- streaming ----------------------------------------------------------------------------
     def _chat_chunk(self, job: Job, choices: list, usage: Usage | None = None) -> str:
@@ -225,7 +277,7 @@ class OpenAIService:
                                 finish_reason=finish_reason)
 
     async def stream(self, job: Job, include_usage: bool, streams: EventStreams,
-                     first: tuple[int, Event] | None, chat: bool) -> AsyncIterator[str]:
+                     early: list[tuple[int, Event]], chat: bool) -> AsyncIterator[str]:
         """SSE chunks of a job: text as blocks are committed, canvases in diffusing mode, a
         finish reason per choice, usage last if asked for, then [DONE]. An error after the
         first chunk is an error event (the status was already sent)."""
@@ -236,7 +288,7 @@ class OpenAIService:
                 yield chunk(job, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
                                                                            content=""))], None)
         try:
-            async for i, event in _chain(first, streams):
+            async for i, event in _chain(early, streams):
                 if isinstance(event, TextDelta) and event.text:
                     job.saw_text()
                     yield chunk(job, [self._choice(chat, i, event.text)], None)
@@ -277,9 +329,9 @@ class OpenAIService:
         return 200, body
 
 
-async def _chain(first: tuple[int, Event] | None, streams: EventStreams
+async def _chain(early: list[tuple[int, Event]], streams: EventStreams
                  ) -> AsyncIterator[tuple[int, Event]]:
-    if first is not None:
-        yield first
+    for item in early:
+        yield item
     async for item in streams:
         yield item

@@ -4,9 +4,10 @@
     ChatCompletionResponse(id=..., model=..., choices=[...], usage=Usage(...)).model_dump()
 
 Requests list their fields in the order of the OpenAI API reference (messages/model first, then
-alphabetical, as the reference does). Fields we accept but do not act on (penalties, logit_bias,
-metadata, store, user) are documented as ignored; features we cannot honour (logprobs, tools, a
-JSON response_format, best_of > n) are refused with a 400 rather than silently dropped.
+alphabetical, as the reference does). Every field that changes an answer is honoured or refused
+with a 400 that says so (the README's table lists which): penalties other than 0, logit_bias,
+logprobs, tools/functions, a JSON response_format, best_of != n, diffusing without stream.
+Fields that change no answer (metadata, store, user) are accepted and ignored.
 
 Unknown fields are accepted and ignored with a log line: popular clients send extras (IDE
 plug-ins add their own keys), and failing them would break them for nothing.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any, Literal
 
@@ -51,10 +53,49 @@ MAX_N = 16
 MAX_PROMPTS = 64
 
 
+# A UTF-16 surrogate code point on its own: JSON can carry it ("\ud800"), Python's str holds it,
+# but it is not Unicode text, and no tokenizer or UTF-8 encoder takes it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: Any) -> Any:
+    """Reject lone surrogates anywhere in a field's value (strings, lists, dicts of them)."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value):
+            raise ValueError("text holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                             "not valid Unicode")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_text(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+    return value
+
+
 class OpenAIRequestModel(BaseModel):
-    """Accepts unknown fields (logged once per request, then ignored)."""
+    """The trust boundary of every request body. Unknown fields are accepted (logged once per
+    request, then ignored); `null` for a field with a default means the default, as the OpenAI
+    reference has most fields nullable (its Python client sends null for a None argument); every
+    text field, nested ones included, is refused with a 400 naming it when it holds a lone
+    surrogate."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in cls.model_fields
+                    or cls.model_fields[k].is_required()}
+        return data
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        return _check_text(v)
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):
@@ -91,10 +132,10 @@ class GenerationRequestBase(OpenAIRequestModel):
     as the reference lists them) and then the diffusion extensions (module docstring)."""
 
     model: str
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # only 0
     max_tokens: int | None = Field(default=None, ge=1)  # default: the server's default
     n: int = Field(default=1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # ignored
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # only 0
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -119,9 +160,18 @@ class GenerationRequestBase(OpenAIRequestModel):
         return v
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self):
+    def _refused_combinations(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.diffusing and not self.stream:
+            raise ValueError("diffusing streams intermediate canvases: it needs stream true")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):  # a penalty needs an order of generation; a diffusion
+                # model commits tokens anywhere in the block, several at a time
+                raise ValueError(f"{name} is not supported by diffusion models: send 0 or omit it")
+        logit_bias = getattr(self, "logit_bias", None)
+        if logit_bias:
+            raise ValueError("logit_bias is not supported by this server: omit it")
         return self
 
     @property
@@ -186,7 +236,7 @@ class ChatMessage(OpenAIRequestModel):
 
 class ChatCompletionRequest(GenerationRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    logit_bias: dict[str, float] | None = None  # ignored
+    logit_bias: dict[str, float] | None = None  # refused when non-empty
     logprobs: bool | None = None  # refused when true
     max_completion_tokens: int | None = Field(default=None, ge=1)  # max_tokens' new name
     metadata: dict[str, str] | None = None  # ignored
@@ -195,15 +245,17 @@ class ChatCompletionRequest(GenerationRequestBase):
     tool_choice: Any | None = None  # refused unless "none"
     tools: list[Any] | None = None  # refused when non-empty
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    functions: list[Any] | None = None  # the legacy tools: refused when non-empty
+    function_call: Any | None = None  # refused unless "none"
 
     @model_validator(mode="after")
     def _cross_checks(self):
         if self.logprobs or self.top_logprobs:
             raise ValueError("logprobs are not supported by diffusion models")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none"):
-            raise ValueError("tool_choice is not supported")
+        if self.tools or self.functions:
+            raise ValueError("tools and functions are not supported")
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise ValueError("tool_choice and function_call are not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("only response_format {'type': 'text'} is supported")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
@@ -224,7 +276,7 @@ class CompletionRequest(GenerationRequestBase):
     prompt: Prompt
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # only best_of == n
     echo: bool = False
-    logit_bias: dict[str, float] | None = None  # ignored
+    logit_bias: dict[str, float] | None = None  # refused when non-empty
     logprobs: int | None = Field(default=None, ge=0, le=5)  # refused when set
     suffix: str | None = None  # fill-in-the-middle: the text after the completion
 

@@ -40,7 +40,7 @@ from autoscaling.load import PeakRate, ReplicaLoad
 from deployments.config import AppArgs, parse_args
 from deployments.errors import ServerDraining, replica_refusal
 from deployments.metrics import ServerMetrics
-from engine.types import EngineBase, Event, Finished, GenerationRequest, ModelInfo
+from engine.types import Admitted, EngineBase, Event, Finished, GenerationRequest, ModelInfo
 
 log = logging.getLogger("ray.serve")
 
@@ -127,6 +127,7 @@ class ModelServer:
             raise replica_refusal(e) from None
         finished = False
         try:
+            yield Admitted(request.request_id)
             async for event in stream:
                 if isinstance(event, Finished):
                     finished = True

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 from deployments.backends import Backend
-from engine.types import Event, Finished, GenerationRequest, TextDelta
+from engine.types import CanvasUpdate, Event, Finished, GenerationRequest, TextDelta
 
 
 async def unheal(stream: AsyncIterator[Event], healed: str) -> AsyncIterator[Event]:
@@ -32,7 +32,8 @@ async def unheal(stream: AsyncIterator[Event], healed: str) -> AsyncIterator[Eve
                 n = len(os.path.commonprefix([left, event.text]))
                 left = left[n:] if n == len(left) or n == len(event.text) else ""
                 event = dataclasses.replace(event, text=event.text[n:])
-            elif isinstance(event, Finished) and event.text.startswith(healed):
+            elif isinstance(event, (Finished, CanvasUpdate)) and event.text.startswith(healed):
+                # a canvas holds the whole generated region: always the healed text first
                 event = dataclasses.replace(event, text=event.text[len(healed):])
             yield event
     finally:  # closing this closes the backend stream (a disconnect cancels the engine request)

@@ -5,6 +5,7 @@
         TextDelta   -> committed text, as blocks are finalised (the default stream)
         CanvasUpdate-> the whole generated region after a step, masks shown (`diffusing` mode)
         Finished    -> finish reason, token usage, steps actually used
+    (servers put Admitted first: the request is queued, deployments/backends.py)
     await engine.cancel(request_id)   # frees the slot at the next step
     engine.stats()                    # queued/running, token backlog, step latency, tok/s
     ModelInfo.from_config(cfg, "my-model")   # what the API layer needs to know of the model
@@ -96,7 +97,15 @@ class Finished:
     error: str | None = None
 
 
-Event = TextDelta | CanvasUpdate | Finished
+@dataclass
+class Admitted:
+    """The request is in an engine's queue: sent by a server right after submit succeeded, so
+    a caller with several requests can tell all of them were taken before it answers."""
+
+    request_id: str
+
+
+Event = Admitted | TextDelta | CanvasUpdate | Finished
 
 
 @dataclass

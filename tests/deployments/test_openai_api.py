@@ -421,17 +421,24 @@ async def test_api_keys(local_api, tmp_path, monkeypatch):
 
 
 async def test_overload_429_inflight_cap(local_api):
-    async with local_api(mock={"step_delay_s": 0.05}, max_inflight=1, retry_after_s=3) as api:
+    """Retry-After says the measured drain time once there is one, the configured value before."""
+    async with local_api(mock={"step_delay_s": 0.05}, max_inflight=1, retry_after_s=3,
+                         fixed_load=True) as api:
         slow = asyncio.create_task(api.client.post("/v1/chat/completions",
                                                    json=chat_body(max_tokens=64)))
         while api.service.inflight == 0:
             await asyncio.sleep(0.005)
         r = await api.client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
         err = assert_error(r, 429)
-        assert r.headers["retry-after"] == "3"
+        assert r.headers["retry-after"] == "3"  # nothing measured: the configured value
         assert err["type"] == "rate_limit_error"
+        await api.set_load(7.2)
+        r = await api.client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+        assert_error(r, 429)
+        assert r.headers["retry-after"] == "8"  # the drain time, rounded up
         assert (await slow).status_code == 200
         assert api.service.inflight == 0
+        await api.set_load(0.0)
         assert (await api.client.post("/v1/chat/completions",
                                       json=chat_body(max_tokens=2))).status_code == 200
 
@@ -479,9 +486,9 @@ async def test_abandoned_stream_frees_the_engine_slot(local_api):
         from deployments.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate(chat_body(max_tokens=400, stream=True))
-        job = api.service.make_job(req, "chat")
-        streams, first = await api.service.start_stream(job)
-        gen = api.service.stream(job, req.include_usage, streams, first, chat=True)
+        job = await api.service.make_job(req, "chat")
+        streams, early = await api.service.start_stream(job)
+        gen = api.service.stream(job, req.include_usage, streams, early, chat=True)
         await gen.__anext__()  # role chunk
         await gen.__anext__()  # first block
         assert api.engine.stats().running == 1

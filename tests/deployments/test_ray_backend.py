@@ -1,7 +1,7 @@
-"""RayBackend (the ingress' view of the ModelServer replicas) when a replica dies: a request
-whose replica died before its first event is resent and the client sees a normal answer; one
-that dies mid-stream, or keeps finding dead replicas, ends with a 503 and Retry-After. Fake
-handles stand in for Serve's, so the exact moment of death is under the test's control."""
+"""RayBackend (the ingress' view of the ModelServer replicas) when a replica dies: the request is
+resent and the client sees a normal answer, mid-stream too (the text it already has is skipped);
+one whose replacement answers differently, or that keeps finding dead replicas, ends with a 503
+and Retry-After. Fake handles stand in for Serve's, so the moment of death is the test's."""
 
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ class FakeGen:
 
 
 class FakeHandle:
-    """Replicas that die after `plan[k]` events on the k-th call (None: a healthy replica)."""
+    """Replicas that die after `plan[k]` events on the k-th call (None: a healthy replica);
+    `answers[k]` the events the k-th replica would send (default EVENTS)."""
 
-    def __init__(self, plan):
-        self.plan, self.calls = list(plan), 0
+    def __init__(self, plan, answers=None):
+        self.plan, self.calls, self.answers = list(plan), 0, answers
         self.generate = self
 
     def options(self, **_):
@@ -50,16 +51,17 @@ class FakeHandle:
 
     def remote(self, request, routing):
         die = self.plan[min(self.calls, len(self.plan) - 1)]
+        events = self.answers[self.calls] if self.answers else EVENTS
         self.calls += 1
-        return FakeGen(EVENTS, die)
+        return FakeGen(events, die)
 
 
 def req() -> GenerationRequest:
     return GenerationRequest("r1", [3, 4], SamplingParams(max_new_tokens=2))
 
 
-async def run(plan, retries=2):
-    handle = FakeHandle(plan)
+async def run(plan, retries=2, answers=None):
+    handle = FakeHandle(plan, answers)
     backend = RayBackend(handle, None, retry_after_s=3, replica_retries=retries,
                          retry_backoff_s=0)
     got = [e async for e in backend.generate(req(), None)]
@@ -71,11 +73,25 @@ async def test_replica_dead_before_first_event_is_resent_transparently():
     assert got == EVENTS and calls == 3
 
 
-async def test_replica_dying_mid_stream_ends_with_503_retry_after():
+async def test_replica_dying_mid_stream_is_resumed_on_another():
+    got, calls = await run([1, None])
+    assert calls == 2
+    assert [e.text for e in got if isinstance(e, TextDelta)] == ["a", "b"]  # "a" once
+    assert got[-1] == EVENTS[-1]
+
+
+async def test_a_replacement_that_answers_differently_ends_with_503_retry_after():
+    other = [TextDelta("r1", "x", [9]), TextDelta("r1", "b", [6]), EVENTS[-1]]
+    with pytest.raises(APIError) as e:
+        await run([1, None], answers=[EVENTS, other])
+    assert e.value.status == 503
+    assert e.value.headers["Retry-After"] == "3"
+
+
+async def test_replicas_dying_mid_stream_every_time_give_503():
     with pytest.raises(APIError) as e:
         await run([1])
     assert e.value.status == 503
-    assert e.value.headers["Retry-After"] == "3"
 
 
 async def test_every_replica_dead_gives_503_after_the_retries():

@@ -279,7 +279,8 @@ async def test_disconnects_free_slots_and_inflight_cap_is_429(e2e):
         with pytest.raises(openai.RateLimitError) as rl:
             e2e.client().chat.completions.create(
                 model=MODEL_ID, messages=[{"role": "user", "content": "x"}], max_tokens=2)
-        assert rl.value.response.headers["retry-after"] == "2"
+        # the cluster's drain time (20 long answers queued), not the configured 2 s
+        assert 2 < int(rl.value.response.headers["retry-after"]) <= 60
         await wait_async(e2e, "the engine to be busy", lambda h: h["load"]["running"] > 0)
     finally:
         await disconnect(tasks)

@@ -232,7 +232,8 @@ def scenario_replica_kill(url: str, model: str) -> ScenarioResult:
     def fault() -> None:
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
 
-    requests, res.fault_at = run_clients(url, model, n_clients=6, duration_s=15.0, fault=fault)
+    # 32 clients: both replicas' batches (16 each) full when one dies
+    requests, res.fault_at = run_clients(url, model, n_clients=32, duration_s=15.0, fault=fault)
     res.requests = [_rel(r, res.fault_at) for r in requests]
     res.restored_after_s = wait_running(APP, 2, res.fault_at, res.replicas_after_fault)
     return res
