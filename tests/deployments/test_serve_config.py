@@ -128,3 +128,20 @@ def test_bad_args_refused(bad, match):
 def test_tensor_parallel_needs_the_models_own_engine():
     with pytest.raises(ValueError, match="engine_factory"):
         build_app({"model": {"tensor_parallel_size": 2}}, engine_factory=lambda: None)
+
+
+def test_family_options_reach_the_model_description(api_tokenizer):
+    """model.family_options switches a family's published sampler options on (LLaDA's
+    logits_eos_inf: EOS never predicted), and an unknown option fails the replica's start."""
+    from engine.types import ModelInfo
+
+    from .conftest import tiny_model_config
+
+    cfg = tiny_model_config(api_tokenizer, attention="full", extra={"family": "llada"})
+    args = parse_args({"model": {"family_options": {"logits_eos_inf": True}}})
+    plain = ModelInfo.from_config(cfg)
+    on = ModelInfo.from_config(cfg, None, args.model.family_options)
+    assert cfg.eos_id not in plain.suppress_token_ids
+    assert cfg.eos_id in on.suppress_token_ids
+    with pytest.raises(ValueError, match="no option"):
+        ModelInfo.from_config(cfg, None, {"logits_eos_infinity": True})
