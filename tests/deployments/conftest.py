@@ -33,13 +33,15 @@ MODEL_ID = "test-coder"
 
 def app_args(**settings) -> AppArgs:
     """AppArgs from flat test settings: limits fields (max_inflight, retry_after_s, ...),
-    token_healing (model) and full_attention_cache (engine)."""
-    args: dict = {"limits": {}}
+    token_healing (model), full_attention_cache and engine_<field> (engine)."""
+    args: dict = {"limits": {}, "engine": {}}
     for key, value in settings.items():
         if key == "token_healing":
             args["model"] = {"token_healing": value}
         elif key == "full_attention_cache":
-            args["engine"] = {"full_attention_cache": value}
+            args["engine"]["full_attention_cache"] = value
+        elif key.startswith("engine_"):
+            args["engine"][key.removeprefix("engine_")] = value
         elif key in LimitsArgs.model_fields:
             args["limits"][key] = value
         else:
