@@ -204,18 +204,27 @@ def test_playground_watches_the_canvas_denoise(servers, page, tmp_path):
     assert page.problems == []
 
 
-@needs_chromium
-def test_playground_fim_mode_shows_prefix_and_suffix(servers, page):
-    url = servers.urls["open"]
+def open_in_mode(page, url: str, mode: str) -> None:
+    """The page, loaded, in `mode`, canvases shown as they arrive."""
     page.goto(f"{url}/playground")
     page.wait_for_selector("#model option[value='tiny-coder']", state="attached")
-    page.select_option("#mode", "fim")
+    page.select_option("#mode", mode)
     page.select_option("#pace", "0")
-    assert page.is_visible("#suffix")
-    page.fill("#suffix", "\n    return a\n")
+
+
+def generate_to_the_end(page) -> None:
     generate(page)
     page.wait_for_function("() => document.getElementById('phase').textContent"
                            ".startsWith('done')")
+
+
+@needs_chromium
+def test_playground_fim_mode_shows_prefix_and_suffix(servers, page):
+    url = servers.urls["open"]
+    open_in_mode(page, url, "fim")
+    assert page.is_visible("#suffix")
+    page.fill("#suffix", "\n    return a\n")
+    generate_to_the_end(page)
     want = api_answer(url, suffix="\n    return a\n")["choices"][0]["text"]
     assert page.text_content("#gen") == want
     assert page.text_content("#before") == PROMPT
@@ -226,13 +235,8 @@ def test_playground_fim_mode_shows_prefix_and_suffix(servers, page):
 @needs_chromium
 def test_playground_chat_mode(servers, page):
     url = servers.urls["open"]
-    page.goto(f"{url}/playground")
-    page.wait_for_selector("#model option[value='tiny-coder']", state="attached")
-    page.select_option("#mode", "chat")
-    page.select_option("#pace", "0")
-    generate(page)
-    page.wait_for_function("() => document.getElementById('phase').textContent"
-                           ".startsWith('done')")
+    open_in_mode(page, url, "chat")
+    generate_to_the_end(page)
     r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": "tiny-coder", "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": MAX_TOKENS, "temperature": 0})
