@@ -328,7 +328,7 @@ def deployed_variants(args, schedule: Schedule) -> list[VariantResult]:
     """Each variant deployed in turn on one local Ray + Serve, loaded, then deleted."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_application
 
     results: list[VariantResult] = []
     with harness.serve_cluster(args.max_replicas + 2, "dllm-bench-burst") as base:
@@ -337,7 +337,7 @@ def deployed_variants(args, schedule: Schedule) -> list[VariantResult]:
                 name, args.engine, args.max_replicas, args.upscale_delay_s, args.downscale_delay_s
             )
             app_name = f"burst-{name}"
-            app = build_app(app_args, engine_factory=engine_factory(args.engine))
+            app = build_application(app_args, engine_factory=engine_factory(args.engine))
             url = harness.deploy_app(app, base, app_name, route_prefix=f"/{app_name}")
             time.sleep(args.settle_s)  # load stats and capacity measured before the load
             secs = asyncio.run(

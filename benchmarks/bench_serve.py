@@ -505,10 +505,10 @@ def main(argv: list[str] | None = None) -> None:
         if a.url:
             url = harness.require_loopback(a.url)
         else:
-            from deployments.app import build_app
+            from deployments.app import build_application
 
             base = stack.enter_context(harness.serve_cluster(4, "dllm-bench"))
-            url = harness.deploy_app(build_app(args, engine_factory=factory), base, APP_NAME)
+            url = harness.deploy_app(build_application(args, engine_factory=factory), base, APP_NAME)
         result = bench(url, a, args, deployed=not a.url, factory=factory)
     stem = Path(a.out) if a.out else harness.result_path("serve", "")
     out = harness.write_results("serve", result, stem.with_suffix(".json"))

@@ -7,7 +7,8 @@
     await engine.shutdown()
 
     # under Serve: every ModelServer replica builds one instead of loading the model
-    serve.run(build_app(args, engine_factory=MockEngineFactory("tiny-coder", step_delay_s=0.02)))
+    mock = MockEngineFactory("tiny-coder", step_delay_s=0.02)
+    serve.run(build_application(args, engine_factory=mock))
 
 Not a deployable choice: no app argument reaches it, only code that builds the app itself.
 
@@ -117,7 +118,7 @@ class _Seq:
 
 
 class MockEngineFactory:
-    """A replica's engine_factory (deployments.app.build_app): a MockEngine with these options,
+    """A replica's engine_factory (deployments.app.build_application): a MockEngine with these options,
     and the tokenizer and config of `source` (a preset or a directory in our own format: the
     API needs the tokenizer; the weights are never loaded). Picklable, so Serve ships it."""
 

@@ -71,12 +71,16 @@ def replica_options(a: ServerArgs, tensor_parallel_size: int = 1) -> dict:
     return opts
 
 
-def build_app(args: dict | AppArgs | None = None, engine_factory=None):
-    """Builder for `serve run` / `serve deploy` (import_path deployments.app:build_app).
+def build_app(args: dict | AppArgs | None = None):
+    """Builder for `serve run` / `serve deploy` (import_path deployments.app:build_app). Serve
+    calls an application builder with exactly one argument, the config's `args`."""
+    return build_application(args)
 
-    engine_factory: () -> (engine, tokenizer, ModelConfig), called in each replica instead of
-    loading args.model (a model-free engine for load tests: benchmarks/mock_engine.py); it must
-    be picklable."""
+
+def build_application(args: dict | AppArgs | None = None, engine_factory=None):
+    """The app of `args`. engine_factory: () -> (engine, tokenizer, ModelConfig), called in each
+    replica instead of loading args.model (a model-free engine for load tests:
+    benchmarks/mock_engine.py); it must be picklable."""
     from deployments.ingress import OpenAIIngress
     from deployments.load_board import LoadBoardDeployment
     from deployments.replica import ModelServer

@@ -30,7 +30,7 @@ def app(ray_serve):
     from ray import serve
 
     from benchmarks.mock_engine import MockEngineFactory
-    from deployments.app import build_app
+    from deployments.app import build_application
 
     # ~2000 token-steps/s per replica; a 128-token answer at 16 steps/block = 4 blocks x
     # 32 tokens x 16 steps = 2048 token-steps (1 s of one replica at best quality).
@@ -56,7 +56,7 @@ def app(ray_serve):
             },
         },
     }
-    serve.run(build_app(args, engine_factory=mock), name=APP, route_prefix=PREFIX)
+    serve.run(build_application(args, engine_factory=mock), name=APP, route_prefix=PREFIX)
     try:
         yield f"{ray_serve.http_url}{PREFIX}"
     finally:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-from deployments.app import build_app, replica_options
+from deployments.app import build_app, build_application, replica_options
 from deployments.config import AppArgs, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,7 +47,10 @@ def test_config_validates_and_builds(name):
                                      "request_router_config": router.model_dump()})
     assert router.request_router_class == "deployments.replica_router:LeastBacklogRouter"
     # the builder makes the three deployments, each handed the same validated args
-    deps = bound_deployments(build_app(app.args))
+    # built as `serve run` builds it: Serve's own call of the import path's builder
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    deps = bound_deployments(call_user_app_builder_with_args_if_necessary(build_app, app.args))
     assert set(deps) == {"OpenAIIngress", "ModelServer", "LoadBoard"}
     server, ingress = deps["ModelServer"], deps["OpenAIIngress"]
     assert server.init_args[0] == args and ingress.init_args[2] == args
@@ -110,7 +113,7 @@ def test_tensor_parallel_replica_reserves_one_packed_bundle_per_rank():
     ReplicaConfig.create(object, ray_actor_options=opts["ray_actor_options"],
                          placement_group_bundles=opts["placement_group_bundles"],
                          placement_group_strategy="PACK")
-    deps = bound_deployments(build_app({"model": {"tensor_parallel_size": 2},
+    deps = bound_deployments(build_application({"model": {"tensor_parallel_size": 2},
                                         "server": {"num_gpus": 1}}))
     assert deps["ModelServer"]._replica_config.placement_group_bundles == \
         [{"GPU": 1, "CPU": 1}] * 2
@@ -127,7 +130,7 @@ def test_bad_args_refused(bad, match):
 
 def test_tensor_parallel_needs_the_models_own_engine():
     with pytest.raises(ValueError, match="engine_factory"):
-        build_app({"model": {"tensor_parallel_size": 2}}, engine_factory=lambda: None)
+        build_application({"model": {"tensor_parallel_size": 2}}, engine_factory=lambda: None)
 
 
 def test_family_options_reach_the_model_description(api_tokenizer):

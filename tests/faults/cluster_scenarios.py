@@ -290,13 +290,13 @@ def main(out_path: str) -> None:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_application
     from tests.cluster_serve import serve_cluster
 
     results: dict = {}
     with serve_cluster({"num_cpus": 4, "num_gpus": 0}, [{"num_cpus": 0, "num_gpus": 1}] * 2,
                        "dllm-faults", out_path, results) as (cluster, workers, base):
-        serve.run(build_app(app_args(), engine_factory=mock_engine()), name=APP, route_prefix=PREFIX)
+        serve.run(build_application(app_args(), engine_factory=mock_engine()), name=APP, route_prefix=PREFIX)
         url = f"{base}{PREFIX}"
         model = model_of(url)
         results["setup"] = {"replicas": running(APP), "nodes": len(ray.nodes())}
@@ -310,7 +310,7 @@ def main(out_path: str) -> None:
 
         serve.delete(APP)  # frees the GPUs for the overload app's replicas
         serve.run(
-            build_app(
+            build_application(
                 app_args(max_ongoing_requests=2, max_queued_requests=2)
                 | {
                     "limits": {

@@ -46,7 +46,7 @@ def app(ray_serve):
     from ray import serve
 
     from benchmarks.mock_engine import MockEngineFactory
-    from deployments.app import build_app
+    from deployments.app import build_application
 
     mock = MockEngineFactory("tiny-coder", step_delay_s=0.01, max_num_seqs=8)
     args = {
@@ -61,7 +61,7 @@ def app(ray_serve):
             }
         },
     }
-    serve.run(build_app(args, engine_factory=mock), name=APP, route_prefix=PREFIX)
+    serve.run(build_application(args, engine_factory=mock), name=APP, route_prefix=PREFIX)
     url = f"{ray_serve.http_url}{PREFIX}"
     try:
         yield url
