@@ -178,7 +178,8 @@ class MockEngine(EngineBase):
         request.params.validate()
         if not self._accepting:
             raise EngineClosedError("the engine is shutting down")
-        if self.config.max_queued is not None and len(self._queue) >= self.config.max_queued:
+        free = max(0, self.config.max_num_seqs - len(self._running))  # as engine.Engine counts
+        if self.config.max_queued is not None and len(self._queue) >= self.config.max_queued + free:
             raise QueueFullError(f"{len(self._queue)} requests are already queued")
         if request.request_id in self._by_id:
             raise ValueError(f"duplicate request id {request.request_id!r}")

@@ -227,9 +227,11 @@ class ChatMessage(OpenAIRequestModel):
             return self.content
         parts = []
         for p in self.content:
-            if p.type != "text" or p.text is None:
+            if p.type != "text":
                 raise ValueError(f"content parts of type {p.type!r} are not supported "
                                  "(text only)")
+            if p.text is None:
+                raise ValueError("a content part of type 'text' needs a text")
             parts.append(p.text)
         return "".join(parts)
 

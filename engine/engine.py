@@ -131,7 +131,12 @@ class Engine(EngineBase):
             raise EngineClosedError("the engine is shutting down")
         if request.request_id in self._by_id:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
-        if self.config.max_queued is not None and len(self._waiting) >= self.config.max_queued:
+        # max_queued bounds the requests waiting for a slot: those that will take a free slot
+        # at the next iteration are not waiting for one (every choice of a request is submitted
+        # before the scheduler runs, so an idle engine must take max_num_seqs + max_queued)
+        free = max(0, self.config.max_num_seqs - len(self._running))
+        if self.config.max_queued is not None and \
+                len(self._waiting) >= self.config.max_queued + free:
             raise QueueFullError(f"{len(self._waiting)} requests are already queued")
         seq = Sequence.create(request, self.cfg, self.tokenizer, self.device)
         if seq.cache_tokens_needed():

@@ -237,3 +237,17 @@ async def test_a_stream_cut_at_any_stage_frees_the_engine(local_api, cut_after):
         r = await api.client.post("/v1/chat/completions", json=chat_body(max_tokens=4,
                                                                           stream=True))
         assert sse_events(r.text)[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("running, queued, prompts, n", [(16, 128, 48, 3), (1, 1, 1, 2)])
+async def test_choices_that_fit_an_idle_engine_are_answered(local_api, running, queued,
+                                                            prompts, n):
+    """Exactly max_num_seqs + max_queued choices on an idle engine: admitted and answered (the
+    engine used to count the choices about to take free slots as queued, and said 503)."""
+    async with local_api(mock={"max_num_seqs": running, "max_queued": queued},
+                         engine_max_num_seqs=running, engine_max_queued=queued) as api:
+        r = await api.client.post("/v1/completions", json={
+            "model": MODEL_ID, "prompt": [f"p{i}" for i in range(prompts)], "n": n,
+            "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == running + queued

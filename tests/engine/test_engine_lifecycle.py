@@ -249,3 +249,23 @@ async def test_shutdown_drains_then_cancels(bc_net, tok):
     await wait_until(lambda: iterations(engine) >= 1)
     await engine.shutdown(drain_timeout_s=0)
     assert (await task)[-1].finish_reason == "cancelled"
+
+
+async def test_an_idle_engine_takes_max_num_seqs_plus_max_queued_at_once(bc_net, tok):
+    """Requests submitted together (a request's n choices) that will take the free slots are
+    not 'waiting': an idle engine admits max_num_seqs + max_queued of them, then refuses."""
+    from engine import QueueFullError
+
+    engine = make_engine(bc_net, tok, max_num_seqs=2, max_queued=1)
+    streams = [engine.submit(request(f"r{i}", PROMPT, max_new_tokens=8, steps=2,
+                                     block_length=8)) for i in range(3)]
+    with pytest.raises(QueueFullError):
+        engine.submit(request("r3", PROMPT, max_new_tokens=8, steps=2, block_length=8))
+    await engine.start()
+
+    async def drain(stream):
+        return [e async for e in stream]
+
+    results = await asyncio.gather(*(drain(s) for s in streams))
+    assert [r[-1].finish_reason for r in results] == ["length"] * 3
+    await engine.shutdown()
