@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 
 from autoscaling.load import ClusterLoad, ReplicaLoad, cluster_load
 from deployments.errors import (
+    DEFAULT_RETRY_AFTER_S,
     InvalidRequest,
     ServerDraining,
     ServerOverloaded,
@@ -52,7 +53,8 @@ class Backend(abc.ABC):
 class LocalBackend(Backend):
     """An engine in this process."""
 
-    def __init__(self, engine: EngineBase, replica_id: str = "local", retry_after_s: float = 2):
+    def __init__(self, engine: EngineBase, replica_id: str = "local",
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S):
         self.engine = engine
         self.replica_id = replica_id
         self.retry_after_s = retry_after_s
@@ -98,7 +100,7 @@ def _own_internal_request_id() -> None:
 class RayBackend(Backend):
     """DeploymentHandles to the ModelServer replicas and the LoadBoard."""
 
-    def __init__(self, server_handle, board_handle, retry_after_s: float = 2,
+    def __init__(self, server_handle, board_handle, retry_after_s: float = DEFAULT_RETRY_AFTER_S,
                  replica_retries: int = 2, retry_backoff_s: float = 0.25):
         self.server = server_handle.options(stream=True)
         self.board = board_handle

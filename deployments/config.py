@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments.errors import DEFAULT_RETRY_AFTER_S
 from deployments.step_router import Ladder
 from engine.config import EngineConfig
 from model.sampling import FullCacheMode
@@ -73,7 +74,7 @@ class LimitsArgs(_Args):
     max_drain_s: float | None = Field(default=None, gt=0)  # cluster drain time; beyond: 429
     # Retry-After while the cluster's drain time is not measured yet; once it is, refusals
     # that may fit later say that drain time instead
-    retry_after_s: int = Field(default=2, ge=1)
+    retry_after_s: int = Field(default=DEFAULT_RETRY_AFTER_S, ge=1)
     # Request bodies past this are refused (413) before they are read: a 128k-token context of
     # code is ~0.5 MB of text, so 8 MiB leaves room for JSON escapes and long chat histories
     max_request_bytes: int = Field(default=8 << 20, ge=1024)

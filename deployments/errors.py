@@ -31,6 +31,11 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+# Retry-After while nothing better is known (limits.retry_after_s); the ingress replaces it with
+# the cluster's measured drain time once there is one (OpenAIService.retry_after_s)
+DEFAULT_RETRY_AFTER_S = 2
+
+
 def retry_after(seconds: float) -> dict[str, str]:
     """The Retry-After header: whole seconds, at least 1."""
     return {"Retry-After": str(max(1, math.ceil(seconds)))}

@@ -75,7 +75,7 @@ def mock_model_dir(tmp_path_factory, api_tokenizer) -> Path:
 class RecordingBackend(LocalBackend):
     """LocalBackend that remembers every GenerationRequest (and its routing note)."""
 
-    def __init__(self, engine, retry_after_s: float = 2):
+    def __init__(self, engine, retry_after_s: float):
         super().__init__(engine, retry_after_s=retry_after_s)
         self.requests = []
         self.routing = []
