@@ -9,7 +9,8 @@ Byte-level BPE splits multi-byte UTF-8 characters over tokens, and the decoder s
 trailing character as U+FFFD; a stop string must never be half-sent and then cut. So each push
 decodes all committed tokens (the same `decode` the reference uses for the final text, so the
 deltas add up to it exactly) and holds back (1) a trailing run of U+FFFD, which more bytes may
-turn into a character, and (2) the longest tail that is a proper prefix of a stop string.
+turn into a character, and (2) the longest tail that is a proper prefix of a stop string; text
+from a whole stop string on is never sent.
 What was sent is always a prefix of the final text: a stop string found later cannot start inside
 the sent text, since its start would have been a held-back tail.
 """
@@ -36,6 +37,12 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest occurrence of any stop string in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
 class TextStream:
     def __init__(self, tokenizer, stop_ids: set[int], stops: list[str]):
         self.tokenizer = tokenizer
@@ -57,8 +64,14 @@ class TextStream:
         self.n_tokens += len(token_ids)
         self.text_ids += [t for t in token_ids if t not in self.stop_ids]
         text = self.text
+        cut = first_stop(text, self.stops)
+        if cut is not None:
+            # A whole stop string arrived in this push (a block commits many tokens at once):
+            # nothing from it on is ever sent; the final text ends there too.
+            text = text[:cut]
         stable = text.rstrip(REPLACEMENT)
-        stable = stable[:len(stable) - stop_prefix_len(stable, self.stops)]
+        if cut is None:
+            stable = stable[:len(stable) - stop_prefix_len(stable, self.stops)]
         if len(stable) <= len(self.sent):
             return "", []
         if not stable.startswith(self.sent):  # cannot happen for prefix-stable decoders

@@ -33,6 +33,16 @@ def test_possible_stop_string_start_is_held_back(tok):
     assert stream.sent == "x = 1 STILL"
 
 
+def test_text_from_a_whole_stop_string_on_is_never_sent(tok):
+    # A block commits many tokens at once: the stop string and text past it arrive in one push.
+    stream = TextStream(tok, stop_ids=set(), stops=["STOP", "\n\n"])
+    sent, _ = stream.push(tok.encode("x = 1"))
+    more, _ = stream.push(tok.encode(" STOP y = 2 STOP z"))
+    assert sent + more == "x = 1 "
+    rest, _ = stream.flush("x = 1 ")  # the final text, cut at the stop as Sequence cuts it
+    assert rest == "" and stream.sent == "x = 1 "
+
+
 def test_stop_prefix_len():
     assert stop_prefix_len("abc", ["cd"]) == 1
     assert stop_prefix_len("abc", ["bcd", "cx"]) == 2

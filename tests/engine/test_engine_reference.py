@@ -138,7 +138,21 @@ async def test_stop_string_ends_early_and_is_never_streamed(bc_net, tok):
     assert_like_reference(bc_net, tok, req, events)
     fin = events[-1]
     assert fin.finish_reason == "stop" and stop not in fin.text
-    assert stop not in streamed_text(events)
+    assert streamed_text(events) == fin.text  # nothing from the stop string on was streamed
+
+
+async def test_stop_string_inside_one_block_streams_nothing_past_it(bc_net, tok):
+    # One 16-token block holds the stop string and text after it, all committed together.
+    params = dict(max_new_tokens=16, steps=4, block_length=16)
+    text = generate(bc_net, PROMPT, request("x", PROMPT, **params).params, tokenizer=tok).text
+    stop = text[4:7]
+    assert len(text) > 10 and text.find(stop) == 4
+    engine = make_engine(bc_net, tok)
+    events = await collect(engine, request("s", PROMPT, stop=[stop], **params))
+    await engine.shutdown()
+    fin = events[-1]
+    assert fin.finish_reason == "stop" and fin.text == text[:4]
+    assert streamed_text(events) == text[:4]
 
 
 async def test_float32_mixed_batch_equals_reference(tok):
