@@ -9,7 +9,12 @@ Per steps-per-block setting (1, 2, 4, 8, 16, 32 with block length 32) it measure
 - fim_edit_similarity: 1 - Levenshtein distance / longer length, averaged over the same cases;
 - parse_rate: a held-out function's header (its def line and docstring) is completed; the
   completion, cut where the function's indentation ends, replaces the original body and the whole
-  file must still parse with `ast` (an empty completion counts as a failure).
+  file must still parse with `ast` (an empty completion counts as a failure);
+- pass_rate: a held-out function whose docstring holds a doctest (benchmarks/exec_cases.py: from
+  the held-out files of the whole training corpus, validated so that the original body passes
+  and no trivial body does) is completed from its header, and its own doctest is run on the
+  completion in a sandboxed child interpreter.
+FIM and parse cases come from the standard library's held-out files, as in every earlier run.
 Writes benchmarks/results/quality.json (`rows`, one per setting, plus an autoregressive baseline:
 block 1, one step) and quality.png.
 """
@@ -33,6 +38,15 @@ from model.sampling import SamplingParams, generate
 log = logging.getLogger("dllm.eval")
 
 STEPS = (1, 2, 4, 8, 16, 32)
+
+# The five prompts TRAINING.md shows, with each version's completion (`dllm eval --showcase`).
+SHOWCASE_PROMPTS = (
+    "class Stack:\n    def __init__(self):\n",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import os\n\n\ndef list_python_files(root):\n",
+    "def read_json(path):\n    with open(path) as f:\n",
+    "    for i, line in enumerate(lines):\n        if not line.strip():\n",
+)
 
 
 @dataclass
@@ -131,8 +145,20 @@ def parses(source: str) -> bool:
         return False
 
 
+def complete_body(net, tok, before: str, indent: int, params_kw: dict, prompt_tokens: int,
+                  max_new_tokens: int) -> str:
+    """The model's continuation of a function header (healed as the server heals it), cut where
+    the function's indentation ends."""
+    ids, healed, allowed = heal_prompt(tok, tok.encode(before)[-prompt_tokens:])
+    params = SamplingParams(max_new_tokens=max_new_tokens, first_token_ids=allowed, **params_kw)
+    text = generate(net, ids, params, tokenizer=tok).text
+    text = text[len(healed):] if text.startswith(healed) else text
+    return cut_function_body(text, indent)
+
+
 def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
-             prompt_tokens: int = 320, parse_tokens: int = 64, defer: list[int] | None = None) -> dict:
+             prompt_tokens: int = 320, parse_tokens: int = 64, defer: list[int] | None = None,
+             execs: list | None = None, exec_tokens: int = 128) -> dict:
     em = sim = 0.0
     for c in harness.progress(fims, desc=f"fim  spb={steps:>2}", leave=False):
         params = SamplingParams(max_new_tokens=64, steps=steps, block_length=block_length,
@@ -146,21 +172,24 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
         em += got.rstrip() == c.middle.rstrip()
         sim += edit_similarity(got.rstrip(), c.middle.rstrip())
     ok = 0
+    kw = dict(steps=steps, block_length=block_length, defer_token_ids=list(defer or []))
     for c in harness.progress(parses_, desc=f"parse spb={steps:>2}", leave=False):
         # the header ends in a newline: heal it as the server does (model/healing.py)
-        ids, healed, allowed = heal_prompt(tok, tok.encode(c.before)[-prompt_tokens:])
-        params = SamplingParams(max_new_tokens=parse_tokens, steps=steps,
-                                block_length=block_length, first_token_ids=allowed,
-                                defer_token_ids=list(defer or []))
-        text = generate(net, ids, params, tokenizer=tok).text
-        text = text[len(healed):] if text.startswith(healed) else text
-        body = cut_function_body(text, c.indent)
+        body = complete_body(net, tok, c.before, c.indent, kw, prompt_tokens, parse_tokens)
         # an empty body would leave a docstring-only function, which parses: count it as a miss
         ok += bool(body.strip()) and parses(c.before + body + c.after)
-    return {"fim_exact_match": em / max(1, len(fims)),
-            "fim_edit_similarity": sim / max(1, len(fims)),
-            "parse_rate": ok / max(1, len(parses_)),
-            "fim_cases": len(fims), "parse_cases": len(parses_)}
+    out = {"fim_exact_match": em / max(1, len(fims)),
+           "fim_edit_similarity": sim / max(1, len(fims)),
+           "parse_rate": ok / max(1, len(parses_)),
+           "fim_cases": len(fims), "parse_cases": len(parses_)}
+    if execs:
+        from benchmarks.exec_cases import run_cases
+
+        bodies = [complete_body(net, tok, c.before, c.indent, kw, prompt_tokens, exec_tokens)
+                  for c in harness.progress(execs, desc=f"exec spb={steps:>2}", leave=False)]
+        passed = run_cases(execs, bodies)
+        out.update(pass_rate=sum(passed) / len(execs), exec_cases=len(execs))
+    return out
 
 
 def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> None:
@@ -168,9 +197,12 @@ def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> Non
     x = [r["steps_per_block"] for r in rows]
     for key, label in [("fim_exact_match", "FIM exact match"),
                        ("fim_edit_similarity", "FIM edit similarity"),
-                       ("parse_rate", "parse rate")]:
+                       ("parse_rate", "parse rate"),
+                       ("pass_rate", "doctest pass rate")]:
+        if key not in rows[0]:
+            continue
         line, = ax.plot(x, [r[key] for r in rows], marker="o", label=label)
-        if baseline:
+        if baseline and key in baseline:
             ax.axhline(baseline[key], color=line.get_color(), ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(v) for v in x])
@@ -182,14 +214,33 @@ def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> Non
     harness.save_figure(fig, path)
 
 
+def showcase(net, tok, args) -> None:
+    rows = []
+    for prompt in SHOWCASE_PROMPTS:
+        ids, healed, allowed = heal_prompt(tok, tok.encode(prompt))
+        params = SamplingParams(max_new_tokens=64, steps=32, block_length=32,
+                                first_token_ids=allowed)
+        text = generate(net, ids, params, tokenizer=tok).text
+        rows.append({"prompt": prompt, "completion": text[len(healed):] if text.startswith(healed)
+                     else text})
+        print(f"--- {prompt!r}\n{prompt}{rows[-1]['completion']}")
+    harness.write_results("showcase", {"model": args.model, "rows": rows},
+                          args.out or harness.result_path("showcase"))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="dllm eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-coder")
     p.add_argument("--fim-cases", type=int, default=200)
     p.add_argument("--parse-cases", type=int, default=60)
+    p.add_argument("--exec-cases", type=int, default=60,
+                   help="doctested held-out functions to complete and run (0: skip)")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true", help="skip the autoregressive row")
+    p.add_argument("--showcase", action="store_true",
+                   help="only complete SHOWCASE_PROMPTS (64 tokens, block 32, 32 steps/block, "
+                        "temperature 0) and write results/showcase.json")
     p.add_argument("--out", default=None, help="JSON path (default results/quality.json)")
     p.add_argument("--corpus", default=None, help="folder of .py files (default: the stdlib)")
     p.add_argument("--defer-eos", action="store_true",
@@ -200,22 +251,34 @@ def main(argv=None) -> None:
     from model.loaders import load_pretrained
 
     net, tok, cfg = load_pretrained(args.model, progress=False)
+    if args.showcase:
+        showcase(net, tok, args)
+        return
     _, held = split_files(python_corpus(args.corpus))
     fims = fim_cases(tok, held, args.fim_cases)
     pcs = parse_cases(held, args.parse_cases)
-    log.info("%d held-out files: %d FIM cases, %d parse cases", len(held), len(fims), len(pcs))
+    execs = []
+    if args.exec_cases:
+        from benchmarks.exec_cases import exec_cases
+        from model.corpus import code_corpus
+
+        _, held_all = split_files(code_corpus()[0])
+        execs = exec_cases(held_all, args.exec_cases)
+    log.info("%d held-out files: %d FIM cases, %d parse cases, %d executed cases", len(held),
+             len(fims), len(pcs), len(execs))
     rows = []
     t0 = time.time()
     defer = [t for t in (cfg.eos_id, cfg.eot_id) if t is not None] if args.defer_eos else None
     for s in args.steps:
         row = {"steps_per_block": s, "block_length": args.block_length,
-               **evaluate(net, tok, cfg, fims, pcs, s, args.block_length, defer=defer)}
+               **evaluate(net, tok, cfg, fims, pcs, s, args.block_length, defer=defer,
+                          execs=execs)}
         log.info("%s", row)
         rows.append(row)
     baseline = None
     if not args.no_baseline:
         baseline = {"steps_per_block": 1, "block_length": 1,
-                    **evaluate(net, tok, cfg, fims, pcs, 1, 1, defer=defer)}
+                    **evaluate(net, tok, cfg, fims, pcs, 1, 1, defer=defer, execs=execs)}
         log.info("autoregressive: %s", baseline)
     result = {"model": args.model, "defer_eos": args.defer_eos, "rows": rows,
               "autoregressive": baseline,

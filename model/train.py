@@ -4,9 +4,13 @@
     dllm train --export model/weights/tiny-coder                  # also writes the shipped format
     deepspeed --num_gpus 8 -m model.train --deepspeed --device cuda   # ZeRO-2 on GPUs
 
-The corpus defaults to the standard library of the running interpreter, split train/held-out by a
-hash of each file's path. Each step draws one kind of batch (plain / FIM / chat, see model/data.py)
-and one block length (mostly 32, some shorter, some 1 = autoregressive so the in-house AR baseline
+The corpus defaults to the standard library of the running interpreter plus the permissively
+licensed pure-Python packages installed beside it (model/corpus.py: licences, skips, de-duplication),
+split train/held-out by a hash of each file's key; `--corpus stdlib` is the standard library alone
+(without its tests), `--corpus DIR` a folder of .py files taken whole. The held-out loss is measured
+with fixed noise on v1's held-out set (the standard library's held-out files, tests included), so
+runs on different corpora compare, and on this corpus's own held-out files. Each step draws one
+kind of batch (plain / FIM / chat, see model/data.py) and one block length (mostly 32, some shorter, some 1 = autoregressive so the in-house AR baseline
 runs on weights that were trained for it). Checkpoints (model, optimizer, step, RNG) are written
 atomically every --ckpt-every steps; held-out loss on fixed batches every --eval-every steps.
 """
@@ -27,6 +31,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
+from model.corpus import code_corpus
 from model.data import ExampleSampler, python_corpus, split_files
 from model.diffusion import diffusion_loss
 from model.tokenizer import Tokenizer
@@ -47,7 +52,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="start from an exported checkpoint's weights and tokenizer (a fresh "
                         "optimizer): continue training the shipped model in a later session")
     p.add_argument("--preset", default="tiny-coder")
-    p.add_argument("--corpus", default=None, help="folder of .py files (default: the stdlib)")
+    p.add_argument("--corpus", default="packages",
+                   help="'packages' (stdlib + permissive installed packages), 'stdlib', or a folder of .py files")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=384)
@@ -60,6 +66,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast precision of the forward/backward (weights and optimizer stay "
+                        "float32); auto = bf16 where the device computes it natively")
     p.add_argument("--deepspeed", action="store_true", help="use DeepSpeed ZeRO (GPU launcher)")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -102,6 +111,40 @@ def held_out_loss(net, batches) -> float:
     return total / max(n, 1)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively (CUDA, or a CPU with AVX512-BF16/AMX, through oneDNN):
+    elsewhere autocast would emulate them, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() \
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a training step. bf16 autocast measured 1.44x the float32 step on
+    tiny-coder (2-core AMD EPYC with AVX512-BF16; benchmarks/results/bench_train.json)."""
+    on = precision == "bf16" or (precision == "auto" and bf16_native(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def load_corpus(spec: str | None) -> tuple[dict[str, str], list]:
+    """-> (files, CorpusSource records). 'packages' and 'stdlib' skip tests and generated files
+    (model/corpus.py); a folder is taken whole."""
+    if spec in (None, "packages"):
+        return code_corpus(packages=True)
+    if spec == "stdlib":
+        return code_corpus(packages=False)
+    return python_corpus(spec), []
+
+
+def eval_sets(held_files: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The held-out sets the loss is reported on: "v1" = the whole standard library's held-out
+    files (tests included: 33 of its 56 files), the set every run since v1 is measured on, so
+    numbers compare across corpora; "code" = this corpus's held-out files (no tests)."""
+    _, v1 = split_files(python_corpus())
+    return {"v1": v1, "code": held_files}
+
+
 def train(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,9 +152,12 @@ def train(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(args.seed + rank)
-    files = python_corpus(args.corpus)
+    files, sources = load_corpus(args.corpus)
     train_files, held_files = split_files(files)
-    log.info("corpus: %d train files, %d held-out files", len(train_files), len(held_files))
+    log.info("corpus: %d train files, %d held-out files (%d sources)", len(train_files),
+             len(held_files), len(sources))
+    if rank == 0 and sources:
+        (out / "corpus.json").write_text(json.dumps([vars(s) for s in sources], indent=1))
     preset = ModelConfig.from_name(args.preset)
     tok = _get_tokenizer(out, train_files, preset.vocab_size, args.init_from)
     cfg = ModelConfig.from_dict({**preset.to_dict(), "vocab_size": tok.vocab_size,
@@ -129,10 +175,12 @@ def train(args) -> Path:
         net = engine.module
 
     sampler = ExampleSampler(tok, train_files, seq_len=args.seq_len, seed=args.seed + rank + state["step"])
-    held = ExampleSampler(tok, held_files, seq_len=args.seq_len, seed=999)
-    eval_batches = [held.batch(k, args.batch_size, 32)
-                    for k in ("plain", "fim")[: max(1, args.eval_batches)]
-                    for _ in range(max(1, args.eval_batches // 2))]
+    eval_batches = {}
+    for name, held_set in eval_sets(held_files).items():
+        held = ExampleSampler(tok, held_set, seq_len=args.seq_len, seed=999)
+        eval_batches[name] = [held.batch(k, args.batch_size, 32)
+                              for k in ("plain", "fim")[: max(1, args.eval_batches)]
+                              for _ in range(max(1, args.eval_batches // 2))]
     rng = random.Random(args.seed + rank + state["step"])
     metrics = (out / "log.jsonl").open("a")
     bar = tqdm(total=args.max_steps, initial=state["step"], desc="train", unit="step",
@@ -146,8 +194,9 @@ def train(args) -> Path:
         b = sampler.batch(kind, args.batch_size, bl)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        loss, st = diffusion_loss(net, b.ids.to(device), b.prompt_len.to(device), bl,
-                                  loss_mask=b.loss_mask.to(device))
+        with autocast(device, args.precision):
+            loss, st = diffusion_loss(net, b.ids.to(device), b.prompt_len.to(device), bl,
+                                      loss_mask=b.loss_mask.to(device))
         if engine is not None:
             engine.backward(loss)
             engine.step()
@@ -166,10 +215,13 @@ def train(args) -> Path:
         row = {"step": state["step"], "kind": kind, "block_length": bl, **st,
                "lr": lr_at(step, args), "tokens": state["tokens"], "wall_s": round(state["wall_s"], 1)}
         if state["step"] % args.eval_every == 0 or state["step"] == args.max_steps:
-            row["held_out_loss"] = held_out_loss(net, eval_batches)
-            log.info("step %d held-out loss %.4f (%d tokens, %.0f s)", state["step"],
-                     row["held_out_loss"], state["tokens"], state["wall_s"])
+            row["held_out_loss"] = held_out_loss(net, eval_batches["v1"])
+            row["held_out_loss_code"] = held_out_loss(net, eval_batches["code"])
+            log.info("step %d held-out loss %.4f (v1 set), %.4f (code set) (%d tokens, %.0f s)",
+                     state["step"], row["held_out_loss"], row["held_out_loss_code"],
+                     state["tokens"], state["wall_s"])
             state["held_out_loss"] = row["held_out_loss"]
+            state["held_out_loss_code"] = row["held_out_loss_code"]
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if rank == 0 and (state["step"] % args.ckpt_every == 0 or state["step"] == args.max_steps):
