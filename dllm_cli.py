@@ -1,9 +1,10 @@
 """`dllm`: the project's command line.
 
     dllm train ...             train a diffusion LM (model/train.py)
+    dllm train --lora ...      fine-tune a LoRA adapter on a folder of code (model/train_lora.py)
     dllm generate ...          complete a prompt, optionally watching the canvas denoise
     dllm eval ...              quality against denoising steps -> benchmarks/results/quality.json
-    dllm bench sampler|engine|serve|burst|tp|full-cache|kernels ...   benchmarks -> results/
+    dllm bench sampler|engine|serve|burst|tp|full-cache|context|kernels|train|moe|exact-samplers|lora ...  -> results/
     dllm dashboard ...         Grafana dashboard as code
 
 Each subcommand lives in its own module and is imported only when used, so `dllm generate` does
@@ -27,7 +28,12 @@ BENCHES = {
     "burst": "benchmarks.bench_burst",
     "tp": "benchmarks.bench_tp",
     "full-cache": "benchmarks.bench_full_cache",
+    "context": "benchmarks.bench_context",
     "kernels": "benchmarks.bench_kernels",
+    "train": "benchmarks.bench_train",
+    "moe": "benchmarks.bench_moe",
+    "exact-samplers": "benchmarks.bench_exact_samplers",
+    "lora": "benchmarks.bench_lora",
 }
 OTHER = {"dashboard": "monitoring.dashboard"}
 
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int | None:
         if not rest or rest[0] not in BENCHES:
             sys.exit(f"usage: dllm bench {{{','.join(BENCHES)}}} [options]")
         module, rest = BENCHES[rest[0]], rest[1:]
+    elif cmd == "train" and "--lora" in rest:
+        module = "model.train_lora"
     elif cmd in COMMANDS or cmd in OTHER:
         module = COMMANDS.get(cmd) or OTHER[cmd]
     else:

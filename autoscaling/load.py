@@ -56,16 +56,23 @@ class ReplicaLoad:
     step_latency_ms: float = 0.0
     output_tokens_per_s: float = 0.0
     reported_at: float = field(default_factory=time.time)  # wall clock: crosses processes
+    # the engine's fitted iteration-time model (engine/cost_model.StepCost.to_dict()) and its
+    # batch limit: what the step controller (deployments/slo.py) predicts latency from
+    step_cost: dict = field(default_factory=dict)
+    max_num_seqs: int = 0
 
     @classmethod
     def from_stats(cls, replica_id: str, stats, peak_capacity: float = 0.0) -> ReplicaLoad:
         """From an engine.types.EngineStats (duck-typed so this module needs no engine import)."""
+        extra = getattr(stats, "extra", None) or {}
         return cls(replica_id=replica_id, queued=int(stats.queued), running=int(stats.running),
                    token_backlog=float(stats.token_backlog),
                    capacity=float(stats.capacity_token_steps_per_s),
                    peak_capacity=float(peak_capacity),
                    step_latency_ms=float(stats.step_latency_ms),
-                   output_tokens_per_s=float(stats.output_tokens_per_s))
+                   output_tokens_per_s=float(stats.output_tokens_per_s),
+                   step_cost=dict(getattr(stats, "step_cost", None) or {}),
+                   max_num_seqs=int(extra.get("max_num_seqs", 0) or 0))
 
     @property
     def effective_capacity(self) -> float:
@@ -90,6 +97,11 @@ class ClusterLoad:
     drain_s: float = 0.0  # token_backlog / capacity: seconds of accepted work
     max_replica_drain_s: float = 0.0  # the most loaded replica's own drain time
     at: float = 0.0  # wall time of the snapshot (0: never refreshed)
+    # the replicas' iteration-time models averaged (engine/cost_model.StepCost.mean) and the
+    # smallest batch limit among them (0: not reported); mean step latency over replicas
+    step_cost: dict = field(default_factory=dict)
+    max_num_seqs: int = 0
+    step_latency_ms: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +122,7 @@ def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
     caps = [r.effective_capacity if r.effective_capacity > 0 else default_cap for r in reports]
     backlog = sum(r.token_backlog for r in reports)
     capacity = sum(caps)
+    limits = [r.max_num_seqs for r in reports if r.max_num_seqs > 0]
     return ClusterLoad(
         replicas=len(reports),
         queued=sum(r.queued for r in reports),
@@ -120,7 +133,25 @@ def cluster_load(reports: list[ReplicaLoad], now: float | None = None,
         drain_s=backlog / capacity if capacity > 0 else (math.inf if backlog else 0.0),
         max_replica_drain_s=max(r.token_backlog / c for r, c in zip(reports, caps, strict=False)),
         at=now,
+        step_cost=mean_step_cost([r.step_cost for r in reports]),
+        max_num_seqs=min(limits) if limits else 0,
+        step_latency_ms=sum(r.step_latency_ms for r in reports) / len(reports),
     )
+
+
+def mean_step_cost(costs: list[dict]) -> dict:
+    """The cluster's iteration-time model: the mean of the replicas' fitted coefficients
+    (engine/cost_model.StepCost dicts; same hardware assumed); {} while none has a fit. Plain
+    Python, so the autoscaling side needs no engine import."""
+    fitted = [c for c in costs if c and c.get("samples", 0) >= 4 and any(
+        x > 0 for x in c.get("coef", ()))]
+    if not fitted:
+        return {}
+    n = len(fitted)
+    coef = [sum(c["coef"][i] for c in fitted) / n for i in range(len(fitted[0]["coef"]))]
+    return {"coef": coef, "samples": sum(c["samples"] for c in fitted),
+            "rmse_s": sum(c.get("rmse_s", 0.0) for c in fitted) / n,
+            "rows_spread": max(c.get("rows_spread", 0.0) for c in fitted)}
 
 
 class LoadBoard:

@@ -4,7 +4,7 @@ the served engine on a LLaDA-8B-shaped model; JSON + PNG out, a short table prin
     bash benchmarks/gpu_check.sh                          # on a GPU machine, from the repo root
     PYTHONPATH=. python3 benchmarks/gpu_check.py --tiny   # the same code paths, small, on the CPU
 
-Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-engine):
+Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-engine, --skip-context):
 1. correctness: pytest tests/kernels on the device (CUDA-marked tests included), summary kept;
 2. kernels: benchmarks/bench_kernels.py rows (median times, speed-up, errors);
 3. engine: the real Engine (engine/: scheduler, paged KV pool, batched commit; what a replica
@@ -14,6 +14,24 @@ Sections (each can be skipped: --skip-tests, --skip-kernels, --skip-engine):
    EngineConfig(cuda_graphs=True) side by side: tok/s, peak memory, fraction of the weight-
    bandwidth bound, graph counters, token agreement (bf16: informational; the exact check is
    tests/engine). With --tiny the "graphs" rows are the same static path uncaptured, on the CPU.
+4. context: benchmarks/bench_context.gpu_section on a Llama-3-8B shape (GQA 8 KV heads, bf16,
+   Llama-3.1 rope scaling): prefill and step time and peak memory at 4k..128k tokens (--quick:
+   to 64k), and a running stream's inter-token gaps while the longest prompt prefills, chunked
+   (8192) vs one pass.
+5. diffusion_gemma: benchmarks/bench_diffusion_gemma.gpu_section, the engine on a
+   DiffusionGemma-26B-A4B-shaped random model (bf16, ~52 GB): batch 1 and 8, 4096-token prompts,
+   512 new tokens, 16 steps per 256-token canvas: tok/s and peak memory, beside vLLM's
+   published FP8 figures (--skip-diffusion-gemma skips it).
+6. moe: benchmarks/bench_moe.gpu_section, a LLaDA2.0-mini-shaped random MoE model (16B, bf16,
+   256 experts top-8, blocks of 32 aligned to position 0): one MoE layer at 16..8192 tokens
+   with the grouped-GEMM fast path vs the per-expert loop, and the engine at batch 1 and 16
+   (512-token prompts, 256 new tokens; --quick: 128), fast vs reference MoE: tok/s, peak
+   memory, token agreement (--skip-moe skips it).
+7. lora: benchmarks/bench_lora.gpu_section, the gathered LoRA matmul (kernels/lora_triton.py)
+   against its torch reference and a loop over adapters at LLaDA-8B widths (8 slots of rank 16,
+   16 and 64 rows of 32 tokens), then the engine on the 1B-shaped model: base, one adapter,
+   4 adapters + base mixed in each batch, and the same served one adapter at a time (tok/s,
+   mixed vs grouped) (--skip-lora skips it).
 Every decode number here is the served engine's: there is no separate decode loop.
 Needs torch + triton only (no ray, flash-attn, deepspeed, tokenizers, network). Output goes to
 $OUT when set, else $DLLM_RESULTS_DIR or benchmarks/results/, as gpu_check_<card>_<date>.json:
@@ -362,8 +380,66 @@ def run_sections(args, out_dir: Path, tag: str) -> dict:
         except Exception as e:  # e.g. out of memory building the 8B model: keep the rest
             logging.exception("engine section failed")
             report["engine_error"] = f"{type(e).__name__}: {e}"
+    if not args.skip_context:
+        print("== 4. long context: prefill, step time, memory to 128k; the stall, chunked vs not",
+              flush=True)
+        from benchmarks import bench_context
+
+        try:
+            report["context"] = bench_context.gpu_section(args.tiny, args.quick)
+            bench_context.plot(report["context"], out_dir / f"gpu_check_context_{tag}.png")
+        except Exception as e:  # keep the other sections
+            logging.exception("context section failed")
+            report["context_error"] = f"{type(e).__name__}: {e}"
+    if not getattr(args, "skip_diffusion_gemma", False):
+        report.update(run_diffusion_gemma_section(args.tiny, args.quick))
+    if not getattr(args, "skip_moe", False):
+        report.update(run_moe_section(args.tiny, args.quick, out_dir, tag))
+    if not getattr(args, "skip_lora", False):
+        report.update(run_lora_section(args.tiny, args.quick))
     report["goals"] = goals(report.get("kernels", []), report.get("engine"))
     return report
+
+
+def run_diffusion_gemma_section(tiny: bool, quick: bool) -> dict:
+    """Section 5 -> {"diffusion_gemma": ...} or {"diffusion_gemma_error": ...}."""
+    print("== 5. DiffusionGemma (uniform diffusion, MoE): batch 1 and 8, 4096 in / 512 out",
+          flush=True)
+    from benchmarks import bench_diffusion_gemma
+
+    try:
+        return {"diffusion_gemma": bench_diffusion_gemma.gpu_section(tiny, quick)}
+    except Exception as e:  # e.g. out of memory on a card under 60 GB: keep the rest
+        logging.exception("diffusion_gemma section failed")
+        return {"diffusion_gemma_error": f"{type(e).__name__}: {e}"}
+
+
+def run_moe_section(tiny: bool, quick: bool, out_dir: Path, tag: str) -> dict:
+    """Section 6 -> {"moe": ...} or {"moe_error": ...}."""
+    print("== 6. MoE (LLaDA2.0-mini shape): grouped-GEMM fast path vs per-expert loop; engine "
+          "batch 1 and 16", flush=True)
+    from benchmarks import bench_moe
+
+    try:
+        report = bench_moe.gpu_section(tiny, quick)
+        bench_moe.plot(report, out_dir / f"gpu_check_moe_{tag}.png")
+        return {"moe": report}
+    except Exception as e:  # e.g. out of memory building 16B on a small card: keep the rest
+        logging.exception("moe section failed")
+        return {"moe_error": f"{type(e).__name__}: {e}"}
+
+
+def run_lora_section(tiny: bool, quick: bool) -> dict:
+    """Section 7 -> {"lora": ...} or {"lora_error": ...}."""
+    print("== 7. LoRA: gathered matmul vs reference and per-adapter loop; engine mixed vs "
+          "grouped", flush=True)
+    from benchmarks import bench_lora
+
+    try:
+        return {"lora": bench_lora.gpu_section(tiny, quick)}
+    except Exception as e:  # keep the rest
+        logging.exception("lora section failed")
+        return {"lora_error": f"{type(e).__name__}: {e}"}
 
 
 def print_summary(report: dict, path: Path) -> None:
@@ -389,6 +465,37 @@ def print_summary(report: dict, path: Path) -> None:
         print(format_engine_table(engine))
     if "engine_error" in report:
         print("engine ERROR:", report["engine_error"])
+    if report.get("context"):
+        from benchmarks import bench_context
+
+        c = report["context"]
+        print(f"context {c['model']} ({c['layers']} layers, {c['kv_heads']} KV heads, "
+              f"{c.get('dtype', 'float32')} on {c['device']}, chunks of "
+              f"{c['prefill_chunk_tokens']})")
+        print(bench_context.format_table(c))
+    if "context_error" in report:
+        print("context ERROR:", report["context_error"])
+    if report.get("diffusion_gemma"):
+        from benchmarks import bench_diffusion_gemma
+
+        g = report["diffusion_gemma"]
+        print(f"diffusion_gemma {g['model']} ({g['parameters'] / 1e9:.1f}B parameters, "
+              f"{g['dtype']} on {g['device']}; {g['prompt_tokens']} in / {g['new_tokens']} out, "
+              f"{g['max_denoising_steps']} steps per {g['canvas_length']}-token canvas; vLLM FP8 "
+              f"batch 1: {g['published']['vllm_fp8_h100_batch1_tok_s']} tok/s H100, "
+              f"{g['published']['vllm_fp8_h200_batch1_tok_s']} H200)")
+        print(bench_diffusion_gemma.format_table(g))
+    if "diffusion_gemma_error" in report:
+        print("diffusion_gemma ERROR:", report["diffusion_gemma_error"])
+    if report.get("moe"):
+        from benchmarks import bench_moe
+
+        m = report["moe"]
+        print(f"moe {m['model']} ({m['parameters'] / 1e9:.1f}B parameters, {m['n_experts']} "
+              f"experts top-{m['experts_per_token']}, {m['dtype']} on {m['device']})")
+        print(bench_moe.format_table(m))
+    if "moe_error" in report:
+        print("moe ERROR:", report["moe_error"])
     print("goals:", json.dumps(report["goals"]))
 
 
@@ -401,6 +508,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--skip-context", action="store_true")
+    p.add_argument("--skip-diffusion-gemma", action="store_true")
+    p.add_argument("--skip-moe", action="store_true")
+    p.add_argument("--skip-lora", action="store_true")
     p.add_argument("--engine-model", default="llada-8b",
                    help="engine section model: a preset (llada-8b, default; made block-causal) "
                         "or llama-1b (launch-bound steps, where graphs matter most)")

@@ -6,7 +6,10 @@
 # gpu_check_<card>_<date>.json (+ PNGs, pytest log) to $OUT, else $DLLM_RESULTS_DIR, else
 # benchmarks/results/; prints a short table last. Budget (estimated, never run on a GPU yet):
 # ~5 min on one H100 (tests ~2, kernels ~1, the engine on 8B shapes eager vs cuda_graphs ~2;
-# --quick shortens the last, --skip-engine leaves it out).
+# --quick shortens the last, --skip-engine leaves it out; section 6, the LLaDA2.0-mini-shaped
+# MoE model (16B bf16, ~35 GB), adds ~2 min: --skip-moe leaves it out; section 4, long context
+# to 128k on a Llama-3-8B shape (16 GB weights + 16 GiB KV at 128k), ~3 min, --quick to 64k,
+# --skip-context leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"

@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.cost_model import StepCostModel
 from engine.engine import EngineClosedError, QueueFullError  # the real refusals: served alike
 from engine.types import (
     MASK_GLYPH,
@@ -148,6 +149,7 @@ class MockEngine(EngineBase):
         self._step_ms = 0.0
         self._tok_per_s = 0.0
         self._capacity = float(self.config.initial_capacity)
+        self._cost = StepCostModel()  # fitted from its own steps, as engine.Engine's
         self.steps_run = 0  # batched steps run since start (tests look at it)
 
     # --- deterministic fake output ----------------------------------------------------------
@@ -217,7 +219,8 @@ class MockEngine(EngineBase):
             queued=len(self._queue), running=len(self._running), token_backlog=backlog,
             step_latency_ms=self._step_ms, output_tokens_per_s=self._tok_per_s,
             capacity_token_steps_per_s=self._capacity,
-            iterations=self.steps_run, extra={"engine": "mock"},
+            iterations=self.steps_run, step_cost=self._cost.to_dict(),
+            extra={"engine": "mock", "max_num_seqs": self.config.max_num_seqs},
         )
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -266,6 +269,7 @@ class MockEngine(EngineBase):
                 if not seq.done:
                     committed_now += self._advance(seq)
             dt = max(time.perf_counter() - t0, 1e-6)
+            self._cost.add(len(batch), tokens_in_batch, 0.0, dt)
             self.steps_run += 1
             a = 0.2  # EMA weight: ~5 steps of memory
             self._step_ms = (1 - a) * self._step_ms + a * dt * 1e3 if self._step_ms else dt * 1e3

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from autoscaling.load import ClusterLoad, ReplicaLoad, cluster_load
 from deployments.errors import (
     DEFAULT_RETRY_AFTER_S,
+    APIError,
     InvalidRequest,
     ServerDraining,
     ServerOverloaded,
@@ -48,6 +49,15 @@ class Backend(abc.ABC):
     def cancel_stream(self, stream: AsyncIterator[Event]) -> None:
         """Stop a stream from any context (even a cancelled task): cancels the engine request."""
         asyncio.ensure_future(stream.aclose())  # type: ignore[attr-defined]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read a LoRA adapter on a model server (the others read it on first use: the
+        request's routing carries its path). Refusals as APIError 400."""
+        raise APIError(400, "this backend cannot load adapters")
+
+    async def unload_adapter(self, name: str) -> None:  # noqa: B027 - optional
+        """Forget an adapter where it is held (best effort: replicas not reached keep it
+        until their LRU drops it; the ingress no longer routes its name)."""
 
 
 class LocalBackend(Backend):
@@ -78,6 +88,15 @@ class LocalBackend(Backend):
     async def load(self) -> ClusterLoad:
         return cluster_load([ReplicaLoad.from_stats(self.replica_id, self.engine.stats())])
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        try:
+            await self.engine.load_adapter_async(name, path)
+        except (ValueError, OSError) as e:
+            raise APIError(400, f"adapter {name!r}: {e}", param="lora_path") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
+
 
 def _own_internal_request_id() -> None:
     """Give the handle call about to be made its own Serve internal request id.
@@ -103,6 +122,7 @@ class RayBackend(Backend):
     def __init__(self, server_handle, board_handle, retry_after_s: float = DEFAULT_RETRY_AFTER_S,
                  replica_retries: int = 2, retry_backoff_s: float = 0.25):
         self.server = server_handle.options(stream=True)
+        self.unary = server_handle  # adapter loads: one call, one answer
         self.board = board_handle
         self.retry_after_s = retry_after_s
         self.replica_retries = replica_retries  # resends of a request whose replica died early
@@ -186,3 +206,22 @@ class RayBackend(Backend):
 
     async def load(self) -> ClusterLoad:
         return ClusterLoad.from_dict(await self.board.snapshot.remote())
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        try:
+            await self.unary.load_adapter.remote(name, path)
+        except Exception as e:  # the replica's InvalidRequest arrives wrapped by Ray
+            raise APIError(400, f"adapter {name!r}: {_cause(e)}", param="lora_path") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        try:
+            await self.unary.unload_adapter.remote(name)
+        except Exception as e:  # noqa: BLE001 - best effort (see Backend.unload_adapter)
+            log.warning("unloading adapter %s: %s", name, e)
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of a Ray-wrapped replica exception."""
+    while getattr(e, "cause", None) is not None or e.__cause__ is not None:
+        e = getattr(e, "cause", None) or e.__cause__
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

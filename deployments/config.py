@@ -3,6 +3,7 @@
     a = parse_args({"model": {"source": "tiny-coder"}, "ladder": {"steps": [16, 8, 4, 2]}})
     a.engine          # an engine.EngineConfig (EngineArgs adds the serving-only defaults)
     a.ladder          # a deployments.step_router.Ladder
+    a.slo             # a deployments.slo.SloConfig (the latency target)
 
 This is the trust boundary for operators' YAML: every level forbids unknown keys, so a typo
 fails the deploy with the path of the bad key instead of being silently ignored. The validated
@@ -17,9 +18,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deployments.errors import DEFAULT_RETRY_AFTER_S
+from deployments.slo import SloConfig
 from deployments.step_router import Ladder
 from engine.config import EngineConfig
 from model.sampling import FullCacheMode
@@ -52,6 +61,27 @@ class ModelArgs(_Args):
     # the family's published sampler switches by name (model/families.py), e.g. LLaDA's
     # {logits_eos_inf: true, confidence_eos_eot_inf: true}
     family_options: dict[str, bool] = {}
+    # Context extension, as vLLM's overrides: the rotary scaling of a model served past its
+    # trained length, e.g. {rope_type: linear, factor: 4} (also dynamic, yarn, llama3; the
+    # checkpoint's own rope_scaling otherwise), and the context served (default: the trained
+    # one, or trained x factor with a scaling). Past trained x factor the deploy fails.
+    rope_scaling: dict[str, Any] | None = None
+    max_model_len: int | None = Field(default=None, ge=16)
+    # LoRA adapters served beside the base model, as vLLM's --lora-modules: {name: directory of
+    # a PEFT adapter}; a request's `model` names one (model/lora.py; slots: engine.max_loras)
+    lora_modules: dict[str, str] = {}
+    # a PEFT adapter merged into the weights at load: the replica then serves base + adapter
+    # at the base model's cost, under the model's own id
+    merge_lora: str | None = None
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope_scaling(cls, v):
+        if v is not None:
+            from model.rope import normalise_rope_scaling
+
+            normalise_rope_scaling(v, 1)  # the type and its fields, before any load
+        return v
 
 
 @dataclasses.dataclass
@@ -80,6 +110,15 @@ class LimitsArgs(_Args):
     max_request_bytes: int = Field(default=8 << 20, ge=1024)
     # Threads that tokenize prompts off the event loop (the Rust tokenizers release the GIL)
     tokenizer_threads: int = Field(default=2, ge=1, le=64)
+
+
+class LoRAArgs(_Args):
+    """Loading adapters at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter, as
+    vLLM's). Off by default; on, only directories under `root` load, and an API key is
+    required (auth must be configured): any other path is refused with a 400 before any read."""
+
+    dynamic_loading: bool = False
+    root: str | None = None
 
 
 class AuthArgs(_Args):
@@ -121,8 +160,10 @@ class AppArgs(_Args):
     model: ModelArgs = ModelArgs()
     engine: EngineArgs = EngineArgs()
     ladder: Ladder = Ladder()
+    slo: SloConfig = SloConfig()  # the latency target of the step controller (deployments/slo.py)
     limits: LimitsArgs = LimitsArgs()
     auth: AuthArgs = AuthArgs()
+    lora: LoRAArgs = LoRAArgs()
     server: ServerArgs = ServerArgs()
     ingress: IngressArgs = IngressArgs()
 
@@ -132,6 +173,24 @@ class AppArgs(_Args):
             raise ValueError("with model.tensor_parallel_size > 1, server.num_gpus is per "
                              f"rank and must be 1 (GPU ranks) or 0 (CPU ranks), got "
                              f"{self.server.num_gpus}")
+        return self
+
+    @model_validator(mode="after")
+    def _lora(self):
+        wants = bool(self.model.lora_modules) or self.lora.dynamic_loading
+        if wants and self.engine.max_loras < 1:
+            raise ValueError("serving LoRA adapters (model.lora_modules, lora.dynamic_loading) "
+                             "needs engine.max_loras >= 1 adapter slots")
+        if self.lora.dynamic_loading and not self.lora.root:
+            raise ValueError("lora.dynamic_loading needs lora.root, the only directory "
+                             "adapters may be loaded from")
+        if self.model.tensor_parallel_size > 1 and self.model.merge_lora:
+            # per-row adapters work under TP (the leader repeats each slot load on every
+            # rank); a merge would have to happen on every rank's shard at load
+            raise ValueError("model.merge_lora with model.tensor_parallel_size > 1 is not "
+                             "supported; serve the adapter per row (lora_modules) instead")
+        if self.model.id is not None and self.model.id in self.model.lora_modules:
+            raise ValueError(f"adapter name {self.model.id!r} is the base model's id")
         return self
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from engine import QueueFullError
+from engine import ContextTooLongError, QueueFullError
 
 
 class APIError(Exception):
@@ -65,9 +65,15 @@ class InvalidRequest(ValueError):
     """The engine refused the request's parameters (400)."""
 
 
+class ContextTooLong(InvalidRequest):
+    """The request can never fit the replica's context or KV pool (413)."""
+
+
 def replica_refusal(e: Exception) -> Exception:
     """An engine's refusal at submit (ValueError, QueueFullError, EngineClosedError) as the
     exception a replica sends back."""
+    if isinstance(e, ContextTooLongError):
+        return ContextTooLong(str(e))
     if isinstance(e, ValueError):
         return InvalidRequest(str(e))
     if isinstance(e, QueueFullError):
@@ -77,6 +83,8 @@ def replica_refusal(e: Exception) -> Exception:
 
 def refusal_status(e: Exception, retry_after_s: float) -> APIError:
     """A replica's refusal as the client's status: 400, or 503 + Retry-After."""
+    if isinstance(e, ContextTooLong):
+        return APIError(413, str(e), param="prompt", code="context_length_exceeded")
     if isinstance(e, InvalidRequest):
         return APIError(400, str(e))
     if isinstance(e, ServerOverloaded):

@@ -5,7 +5,9 @@
     # the same app around a RayBackend to the ModelServer replicas.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions
-(`suffix` = fill-in-the-middle), POST /v1/fim/completions (Mercury's FIM API), GET /health.
+(`suffix` = fill-in-the-middle), POST /v1/fim/completions (Mercury's FIM API), GET /health;
+with lora.dynamic_loading, vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (an API
+key required; only directories under lora.root). /v1/models lists LoRA adapters with `parent`.
 
 Errors are the OpenAI envelope {"error": {message, type, param, code}} (deployments/errors.py):
 400 bad parameters or malformed JSON, 401 missing/wrong API key, 404 unknown model or route, 413
@@ -37,9 +39,11 @@ from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FIMCompletionRequest,
+    LoadLoRAAdapterRequest,
     ModelList,
+    UnloadLoRAAdapterRequest,
 )
-from deployments.step_router import StepRouter
+from deployments.slo import make_router
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +119,21 @@ def build_openai_app(service: OpenAIService) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        return ModelList(data=[service.model_card()]).model_dump(exclude_none=True)
+        return ModelList(data=service.model_cards()).model_dump(exclude_none=True)
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        service.check_model(model_id)
-        return service.model_card().model_dump(exclude_none=True)
+        return service.model_card(service.check_model(model_id)).model_dump(exclude_none=True)
+
+    # LoRA adapters at run time (vLLM's endpoints; 404 unless lora.dynamic_loading)
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
+        return await service.load_adapter(body.lora_name, body.lora_path,
+                                          request.headers.get("authorization"))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
+        return await service.unload_adapter(body.lora_name, request.headers.get("authorization"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -207,7 +220,7 @@ class OpenAIIngress:
         if not api_keys:
             log.warning("no API keys configured: the API is open")
         backend = RayBackend(server, board, args.limits.retry_after_s)
-        router = StepRouter(args.ladder, metrics=RouterMetrics(args.ladder.steps))
+        router = make_router(args, info, metrics=RouterMetrics(args.ladder.steps))
         self.service = OpenAIService(info, tokenizer, backend, args, api_keys, router,
                                      metrics=IngressMetrics())
         await self.service.start()

@@ -13,7 +13,9 @@ ingress strips from the answer again, since the client's prompt already has it. 
 requests with stop strings (the healed text could match them).
 
 Every refusal here is an APIError raised before any engine work: 400 for bad parameters, 413
-when the prompt (plus max_tokens) does not fit the model's context.
+when the prompt (plus max_tokens) does not fit the model's context (max_model_len), or, for a
+full-attention model without the prefix/dual cache, is longer than
+engine.max_uncached_full_attention_tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from deployments.protocol import (
     FIMCompletionRequest,
     GenerationRequestBase,
 )
+from deployments.slo import RequestShape
 from deployments.step_router import StepChoice
 from engine.types import GenerationRequest, ModelInfo
 from model.healing import heal_prompt
@@ -62,6 +65,7 @@ class Job:
     echo: list[str] = field(default_factory=list)  # per request: text to prepend (echo)
     healed: list[str] = field(default_factory=list)  # per request: prompt text regenerated
     quality: str = "auto"
+    own_threshold: bool = False  # the request set confidence_threshold: rungs do not change it
     route: str = ""
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -77,12 +81,36 @@ class Job:
             return {"below_best": None}
         return {"below_best": bool(self.choice.rung)}
 
+    def apply_choice(self, choice: StepChoice) -> None:
+        """Give every engine request the router's setting (steps per block and, unless the
+        request set its own, the rung's confidence threshold)."""
+        self.choice = choice
+        for r in self.requests:
+            r.params.steps = choice.steps
+            if not self.own_threshold:
+                r.params.confidence_threshold = choice.confidence_threshold
+            r.params.validate()
+            self.steps_per_block = min(choice.steps, r.params.block_length)
+
+    def shape(self, info: ModelInfo) -> RequestShape:
+        """What the step controller predicts this job's latency from (its longest choice)."""
+        r = max(self.requests, key=lambda r: (r.params.max_new_tokens, len(r.prompt_ids)))
+        return RequestShape(prompt_tokens=len(r.prompt_ids) + len(r.suffix_ids or []),
+                            max_new_tokens=r.params.max_new_tokens,
+                            block_length=r.params.block_length,
+                            block_causal=info.attention == "block_causal", n=len(self.requests))
+
+    def scheduled_passes(self) -> int:
+        """Denoising passes of the longest choice if nothing stops early (for calibration)."""
+        return max(r.params.schedule.total_steps for r in self.requests)
+
     def token_steps(self, info: ModelInfo) -> int:
         """The work this job adds to the cluster, as the engine counts it (model/schedule.py)."""
         return sum(request_token_steps(
             len(r.prompt_ids) + len(r.suffix_ids or []), r.params.max_new_tokens,
             r.params.steps, r.params.block_length, info.attention == "block_causal",
-            r.params.full_cache, len(r.suffix_ids or []), info.logit_shift)
+            r.params.full_cache, len(r.suffix_ids or []), info.logit_shift,
+            info.block_align)
             for r in self.requests)
 
 
@@ -155,7 +183,11 @@ class JobBuilder:
         return Prompt(list(p), echo=self.tokenizer.decode(list(p)) if echo else "")
 
     def fim_ids(self, prefix: str, suffix: str) -> tuple[list[int], list[int] | None]:
-        """Block-causal models: FIM format in the prompt; full attention: suffix after canvas."""
+        """Block-causal models: FIM format in the prompt; full attention: suffix after canvas;
+        uniform-diffusion models (DiffusionGemma, not trained for it): refused."""
+        if self.info.process == "uniform":
+            raise APIError(400, f"the {self.info.family} family does not support "
+                                "fill-in-the-middle (suffix)", param="suffix")
         if self.info.attention == "block_causal":
             try:
                 return self.tokenizer.fim_prompt(prefix, suffix), None
@@ -169,7 +201,11 @@ class JobBuilder:
         """n choices of each prompt."""
         base_seed = req.seed if req.seed is not None else random.getrandbits(31)
         job = Job(id=f"{prefix}-{uuid.uuid4().hex[:24]}", requests=[], choice=choice,
-                  steps_per_block=choice.steps, prompt_tokens=0, quality=req.quality)
+                  steps_per_block=choice.steps, prompt_tokens=0, quality=req.quality,
+                  # a threshold the request or the family's own sampler sets (Fast-dLLM v2's
+                  # sub-block threshold) is not the step router's to change
+                  own_threshold=req.confidence_threshold is not None
+                  or self.info.family_params.get("confidence_threshold") is not None)
         for prompt in prompts:
             ids, suffix_ids = prompt.ids, prompt.suffix_ids
             max_new = self._max_new_tokens(req.max_new_tokens, len(ids) + len(suffix_ids or []))
@@ -182,6 +218,8 @@ class JobBuilder:
                 k = len(job.requests)
                 params = self._params(req, max_new, choice.steps, (base_seed + k) % 2**31)
                 params.first_token_ids = first_ids
+                self._check_uncached_full_row(len(ids) + max_new + len(suffix_ids or []),
+                                              params.full_cache)
                 job.requests.append(GenerationRequest(
                     request_id=f"{job.id}-{k}", prompt_ids=list(ids), params=params,
                     suffix_ids=suffix_ids, diffusing=req.diffusing))
@@ -197,6 +235,18 @@ class JobBuilder:
                 default_full_cache=self.args.engine.full_attention_cache)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def _check_uncached_full_row(self, row_tokens: int, full_cache: str) -> None:
+        """Full-attention rows run whole at every step unless they use the prefix/dual cache:
+        past engine.max_uncached_full_attention_tokens they are refused (413, the limit named)."""
+        limit = self.args.engine.max_uncached_full_attention_tokens
+        if self.info.attention != "full" or full_cache != "none" or limit is None:
+            return
+        if row_tokens > limit:
+            raise APIError(413, f"the prompt plus max_tokens is {row_tokens} tokens; this server "
+                           f"runs full-attention rows of more than {limit} tokens only with the "
+                           "prefix or dual cache: set full_cache to 'prefix' or 'dual'",
+                           param="prompt", code="context_length_exceeded")
 
     def _max_new_tokens(self, requested: int | None, used: int) -> int:
         ctx = self.info.max_seq_len
@@ -217,6 +267,8 @@ class JobBuilder:
     def _heal(self, req: GenerationRequestBase, ids: list[int]
               ) -> tuple[list[int], str, list[int] | None]:
         if not self.args.model.token_healing or req.stop_list:
+            return ids, "", None
+        if self.info.process == "uniform":  # no first-token constraint in uniform diffusion
             return ids, "", None
         try:
             return heal_prompt(self.tokenizer, ids)

@@ -17,8 +17,10 @@ import asyncio
 import hmac
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from starlette.responses import JSONResponse
 
@@ -44,7 +46,8 @@ from deployments.protocol import (
     Usage,
     sse,
 )
-from deployments.step_router import StepRouter
+from deployments.slo import SloRouter, make_router
+from deployments.step_router import StepChoice, StepRouter
 from deployments.streams import EventStreams, SSEResponse
 from engine.types import Admitted, CanvasUpdate, Event, Finished, ModelInfo, TextDelta
 
@@ -61,7 +64,7 @@ class OpenAIService:
         self.limits = args.limits
         self.api_keys = api_keys
         self._key_bytes = [k.encode("utf-8") for k in sorted(api_keys)]
-        self.router = router or StepRouter(args.ladder)
+        self.router = router or make_router(args, info)
         self.metrics = metrics
         self.jobs = JobBuilder(info, tokenizer, args)
         # Tokenizing (the Rust tokenizers release the GIL) and text checks run here, off the
@@ -71,6 +74,10 @@ class OpenAIService:
         self.load_cache = LoadSnapshotCache(backend.load, args.ladder.refresh_s,
                                             on_update=self.router.observe)
         self.inflight = 0
+        # LoRA adapters by name -> directory: serve_config's model.lora_modules, plus those
+        # loaded at run time (per ingress replica; each model server reads one on first use)
+        self.adapters: dict[str, str] = dict(args.model.lora_modules)
+        self.lora_root = Path(args.lora.root).resolve() if args.lora.root else None
 
     async def start(self) -> None:
         await self.load_cache.refresh()
@@ -96,10 +103,69 @@ class OpenAIService:
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
-    def check_model(self, model: str) -> None:
-        if model != self.info.id:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves "
-                           f"{self.info.id!r}", param="model", code="model_not_found")
+    def check_model(self, model: str) -> str | None:
+        """-> None for the base model, the adapter's name for a LoRA adapter; 404 else."""
+        if model == self.info.id:
+            return None
+        if model in self.adapters:
+            return model
+        served = [self.info.id, *sorted(self.adapters)]
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                       + ", ".join(repr(m) for m in served[:20]), param="model",
+                       code="model_not_found")
+
+    def _routing(self, job: Job) -> dict:
+        """What travels with each request to the replicas: the step choice's quality note,
+        and for an adapter its directory (a replica that does not hold it reads it)."""
+        note = dict(job.quality_note)
+        adapter = job.requests[0].adapter if job.requests else None
+        if adapter is not None:
+            note["adapter_path"] = self.adapters[adapter]
+        return note
+
+    # --- LoRA adapters at run time (vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter) -
+    def _check_dynamic(self, authorization) -> None:
+        if not self.args.lora.dynamic_loading:
+            raise APIError(404, "loading adapters at run time is off (lora.dynamic_loading)",
+                           code="not_found")
+        if not self.api_keys:  # never open to anyone: it makes the server read directories
+            raise APIError(403, "loading adapters needs API keys configured (auth)",
+                           type="permission_error", code="api_keys_required")
+        self.check_auth(authorization)
+
+    def adapter_dir(self, lora_path: str) -> str:
+        """The directory lora_path names, if it is under lora.root (relative paths are
+        taken under it); 400 otherwise, decided on the path alone (resolving symbolic links)
+        before anything in it is read."""
+        root = self.lora_root
+        p = Path(lora_path)
+        if "\x00" in lora_path:
+            raise APIError(400, "lora_path holds a NUL byte", param="lora_path")
+        target = (p if p.is_absolute() else root / p).resolve()
+        if not target.is_relative_to(root):
+            raise APIError(400, f"lora_path {lora_path!r} is outside the adapter root "
+                           f"(lora.root)", param="lora_path", code="path_outside_root")
+        return str(target)
+
+    async def load_adapter(self, name: str, lora_path: str, authorization) -> dict:
+        self._check_dynamic(authorization)
+        path = self.adapter_dir(lora_path)
+        if name == self.info.id:
+            raise APIError(400, f"{name!r} is the base model's id", param="lora_name")
+        if name in self.adapters:
+            raise APIError(400, f"an adapter named {name!r} is already loaded; unload it "
+                           "first", param="lora_name", code="adapter_exists")
+        await self.backend.load_adapter(name, path)  # read and checked on one replica
+        self.adapters[name] = path
+        return {"object": "lora_adapter", "id": name, "parent": self.info.id, "loaded": True}
+
+    async def unload_adapter(self, name: str, authorization) -> dict:
+        self._check_dynamic(authorization)
+        if self.adapters.pop(name, None) is None:
+            raise APIError(404, f"no adapter named {name!r} is loaded", param="lora_name",
+                           code="model_not_found")
+        await self.backend.unload_adapter(name)
+        return {"object": "lora_adapter", "id": name, "loaded": False}
 
     def admit(self, job: Job) -> None:
         """Refuse what cannot run: never (400, the limit named) or not now (429)."""
@@ -138,16 +204,33 @@ class OpenAIService:
     async def make_job(self, req: GenerationRequestBase, kind: str) -> Job:
         """The step choice here, on the event loop (the router's state lives there); text
         checks and tokenizing in the worker pool, so a long prompt stalls no other request."""
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         if req.ignored_fields() and self.metrics is not None:
             self.metrics.ignored_fields(len(req.ignored_fields()))
-        choice = self.router.choose(req.denoising_steps, req.quality, record=False)
         if kind == "chat":
             assert isinstance(req, ChatCompletionRequest)
             build = self.jobs.chat
         else:
             build = self.jobs.completion
-        return await asyncio.get_running_loop().run_in_executor(self.workers, build, req, choice)
+        # tokenized first with the best rung's steps, so the controller sees the request's real
+        # shape (prompt and answer lengths); then the setting it picks is applied
+        provisional = StepChoice(steps=req.denoising_steps or self.router.ladder.steps[0],
+                                 rung=None, reason="pinned")
+        job = await asyncio.get_running_loop().run_in_executor(self.workers, build, req,
+                                                               provisional)
+        if isinstance(self.router, SloRouter):
+            budget = req.latency_budget_ms / 1000.0 if req.latency_budget_ms else None
+            choice = self.router.choose(req.denoising_steps, req.quality, record=False,
+                                        shape=job.shape(self.info), budget_s=budget)
+        else:
+            choice = self.router.choose(req.denoising_steps, req.quality, record=False)
+        try:
+            job.apply_choice(choice)
+        except ValueError as e:  # a rung's setting the request's own parameters refuse
+            raise APIError(400, str(e)) from None
+        for r in job.requests:  # every choice through the adapter the request named
+            r.adapter = adapter
+        return job
 
     async def respond(self, req: GenerationRequestBase, kind: str, route: str = ""):
         """Run a request; JSON or SSE. `kind` is "chat" or "completion"."""
@@ -164,7 +247,11 @@ class OpenAIService:
         self.admit(job)
         self.router.record_choice(job.choice, job.quality)  # admitted: a 429 is not a choice
         self.inflight += 1
-        ledger_key = self.router.admitted(job.token_steps(self.info))
+        if isinstance(self.router, SloRouter):
+            ledger_key = self.router.admitted(job.token_steps(self.info), len(job.requests),
+                                              job.shape(self.info))
+        else:
+            ledger_key = self.router.admitted(job.token_steps(self.info))
         released = False
 
         def release():
@@ -190,11 +277,11 @@ class OpenAIService:
     def _body(self, job: Job, kind: str, texts: list[str], finished: dict[int, Finished]):
         usage = self._usage(job, finished)
         if kind == "chat":
-            return ChatCompletionResponse(id=job.id, model=self.info.id, usage=usage, choices=[
+            return ChatCompletionResponse(id=job.id, model=_model_name(job, self.info.id), usage=usage, choices=[
                 ChatChoice(index=i, message=ChatMessageOut(content=texts[i]),
                            finish_reason=self._finish_reason(finished[i]))
                 for i in range(len(texts))])
-        return CompletionResponse(id=job.id, model=self.info.id, usage=usage, choices=[
+        return CompletionResponse(id=job.id, model=_model_name(job, self.info.id), usage=usage, choices=[
             CompletionChoice(index=i, text=job.echo[i] + texts[i],
                              finish_reason=self._finish_reason(finished[i]))
             for i in range(len(texts))])
@@ -202,14 +289,31 @@ class OpenAIService:
     # --- running a job ----------------------------------------------------------------------
     def _usage(self, job: Job, finished: dict[int, Finished]) -> Usage:
         completion = sum(f.completion_tokens for f in finished.values())
+        c = job.choice
         return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=completion,
                      total_tokens=job.prompt_tokens + completion,
                      denoising_steps=sum(f.steps for f in finished.values()),
-                     denoising_steps_per_block=job.steps_per_block)
+                     denoising_steps_per_block=job.steps_per_block,
+                     denoising_setting=_setting(job),
+                     denoising_confidence_threshold=job.requests[0].params.confidence_threshold
+                     if job.requests else None,
+                     predicted_latency_ms=_ms(c.predicted_latency_s),
+                     latency_target_ms=_ms(c.target_s))
 
     def headers(self, job: Job) -> dict[str, str]:
         # (no x-request-id of ours: Serve's proxy sets one; the body carries the completion id)
-        return {"x-denoising-steps": str(job.steps_per_block)}
+        out = {"x-denoising-steps": str(job.steps_per_block), "x-denoising-setting": _setting(job)}
+        if (ms := _ms(job.choice.predicted_latency_s)) is not None:
+            out["x-predicted-latency-ms"] = f"{ms:.0f}"
+        return out
+
+    def _observe_finished(self, job: Job, finished: dict[int, Finished]) -> None:
+        """Tell the step controller what the request really took (its calibration)."""
+        if not isinstance(self.router, SloRouter) or not finished:
+            return
+        used = max(f.steps for f in finished.values())
+        self.router.finished(job.choice, job.scheduled_passes(), used,
+                             time.perf_counter() - job.started)
 
     def _finish_reason(self, f: Finished) -> str:
         """The OpenAI finish reason; a cancelled or failed generation is a 503."""
@@ -221,7 +325,7 @@ class OpenAIService:
     async def collect(self, job: Job) -> tuple[list[str], dict[int, Finished]]:
         texts = [""] * len(job.requests)
         finished: dict[int, Finished] = {}
-        streams = EventStreams(self.backend, job.requests, job.quality_note, job.healed)
+        streams = EventStreams(self.backend, job.requests, self._routing(job), job.healed)
         try:
             async for i, event in streams:
                 if isinstance(event, TextDelta):
@@ -233,6 +337,7 @@ class OpenAIService:
                     self._finish_reason(event)
         finally:
             streams.close()
+        self._observe_finished(job, finished)
         if self.metrics is not None:
             self.metrics.finished(job, finished)
         return texts, finished
@@ -241,7 +346,7 @@ class OpenAIService:
         """Open the streams and wait until every choice is admitted (or one is refused, which
         cancels the others), so a refusal is a status, never a 200 and then an error chunk.
         -> the streams and the events that arrived meanwhile."""
-        streams = EventStreams(self.backend, job.requests, job.quality_note, job.healed)
+        streams = EventStreams(self.backend, job.requests, self._routing(job), job.healed)
         early: list[tuple[int, Event]] = []
         waiting = set(range(len(job.requests)))
         try:
@@ -259,11 +364,11 @@ class OpenAIService:
 
     # --- streaming ----------------------------------------------------------------------------
     def _chat_chunk(self, job: Job, choices: list, usage: Usage | None = None) -> str:
-        return sse(ChatCompletionChunk(id=job.id, model=self.info.id, choices=choices,
+        return sse(ChatCompletionChunk(id=job.id, model=_model_name(job, self.info.id), choices=choices,
                                        usage=usage))
 
     def _completion_chunk(self, job: Job, choices: list, usage: Usage | None = None) -> str:
-        return sse(CompletionResponse(id=job.id, model=self.info.id, choices=choices,
+        return sse(CompletionResponse(id=job.id, model=_model_name(job, self.info.id), choices=choices,
                                       usage=usage))
 
     @staticmethod
@@ -300,6 +405,7 @@ class OpenAIService:
                     yield chunk(job, [self._choice(chat, i, finish_reason=reason)], None)
             if include_usage:
                 yield chunk(job, [], self._usage(job, finished))
+            self._observe_finished(job, finished)
             if self.metrics is not None:
                 self.metrics.finished(job, finished)
         except APIError as e:
@@ -310,17 +416,29 @@ class OpenAIService:
         yield SSE_DONE
 
     # --- model and health ---------------------------------------------------------------------
-    def model_card(self) -> ModelCard:
+    def model_card(self, model_id: str | None = None) -> ModelCard:
+        """The base model's card, or an adapter's (with its `parent`, as vLLM lists them)."""
         i = self.info
-        return ModelCard(id=i.id, created=i.created, max_model_len=i.max_seq_len,
+        card = ModelCard(id=i.id, created=i.created, max_model_len=i.max_seq_len,
                          block_length=i.block_length, attention=i.attention,
-                         default_denoising_steps=i.default_steps)
+                         default_denoising_steps=i.default_steps,
+                         classifier_free_guidance=i.classifier_free_guidance,
+                         diffusion_process=i.process)
+        if model_id is None or model_id == i.id:
+            return card
+        return card.model_copy(update={"id": model_id, "parent": i.id,
+                                       "root": self.adapters[model_id]})
+
+    def model_cards(self) -> list[ModelCard]:
+        return [self.model_card()] + [self.model_card(n) for n in sorted(self.adapters)]
 
     def health(self) -> tuple[int, dict]:
         load = self.load_cache.latest
         body = {"status": "ok", "model": self.info.id, "load": load.to_dict(),
                 "rung": self.router.rung, "steps": self.router.ladder.steps[self.router.rung],
                 "inflight": self.inflight, "load_age_s": round(self.load_cache.age_s, 3)}
+        if isinstance(self.router, SloRouter):  # the setting, target and predictions per rung
+            body["slo"] = self.router.describe()
         # Unavailable: no model server reports load, or the board has been silent for 30 s
         # (a starved CPU can delay a refresh by seconds; that alone is not an outage).
         if load.replicas == 0 or self.load_cache.age_s > 30:
@@ -335,3 +453,21 @@ async def _chain(early: list[tuple[int, Event]], streams: EventStreams
         yield item
     async for item in streams:
         yield item
+
+
+def _ms(seconds: float | None) -> float | None:
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return round(seconds * 1000.0, 1)
+
+
+def _setting(job: Job) -> str:
+    """The setting a job runs at, as StepChoice.setting spells it."""
+    thr = job.requests[0].params.confidence_threshold if job.requests else None
+    return str(job.steps_per_block) if thr is None else f"{job.steps_per_block}@{thr:g}"
+
+
+def _model_name(job: Job, base: str) -> str:
+    """The `model` an answer names: the adapter the request asked for, else the base model."""
+    adapter = job.requests[0].adapter if job.requests else None
+    return adapter or base

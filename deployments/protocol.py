@@ -28,8 +28,24 @@ Diffusion extensions:
   full_cache            none | prefix | dual: Fast-dLLM's approximate KV cache on full-attention
                         models (LLaDA, Dream; model/sampling.py); default: the server's
                         (app arg engine.full_attention_cache); block-causal models ignore it
-Usage gains `denoising_steps` (forward passes spent over all choices) and
-`denoising_steps_per_block` (the router's choice, also sent as header `x-denoising-steps`).
+  step_schedule         even | dream: commits per step (model/schedule.transfer_schedule);
+                        default: the family's (Dream's own schedule for Dream)
+  scoring               raw | nucleus | drawn: the distribution positions are scored on
+                        (model/sampling.ScoringMode); default: the family's
+  latency_budget_ms     this request's own latency target: the best setting predicted to meet
+                        it (deployments/slo.py); denoising_steps still pins, quality bounds
+  max_denoising_steps   uniform-diffusion models (DiffusionGemma): the cap on denoising steps per
+                        canvas (adaptive stopping may take fewer); pins like denoising_steps
+  entropy_bound         the EB-sampler bound: DiffusionGemma's acceptance, or the masked models'
+                        remasking "entropy_bound" (default 0.1 there)
+  cfg_scale             classifier-free guidance (LLaDA's cfg_scale, >= 0): each step also runs
+                        the prompt-masked row and commits from un + (cfg_scale + 1)(cond - un);
+                        400 for families without it (ModelCard.classifier_free_guidance)
+Usage gains `denoising_steps` (forward passes spent over all choices),
+`denoising_steps_per_block` (the router's choice, also sent as header `x-denoising-steps`),
+`denoising_setting` / `denoising_confidence_threshold` (the rung: header
+`x-denoising-setting`), `predicted_latency_ms` and `latency_target_ms` (the controller's
+prediction and the target it met: header `x-predicted-latency-ms`).
 """
 
 from __future__ import annotations
@@ -44,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.step_router import QualityLevel
 from engine.types import ModelInfo
-from model.sampling import FullCacheMode, RemaskingRule, SamplingParams
+from model.sampling import FullCacheMode, RemaskingRule, SamplingParams, ScoringMode, StepSchedule
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +168,18 @@ class GenerationRequestBase(OpenAIRequestModel):
     diffusing: bool = False
     ignore_eos: bool = False
     full_cache: FullCacheMode | None = None
+    # the latency this request may take, in ms (an IDE's inline completion: 300; a chat may
+    # wait): the step controller picks the best setting predicted to meet it, for this request
+    # alone (deployments/slo.py); denoising_steps still pins, quality still bounds
+    latency_budget_ms: float | None = Field(default=None, gt=0.0, le=3_600_000.0)
+    # classifier-free guidance strength (LLaDA's generate cfg_scale); 0 or absent: off
+    cfg_scale: float | None = Field(default=None, ge=0.0, le=100.0)
+    step_schedule: StepSchedule | None = None  # default: the family's (Dream: "dream")
+    scoring: ScoringMode | None = None  # default: the family's (Dream: "nucleus")
+    # uniform diffusion (DiffusionGemma): steps cap per canvas and the acceptance's entropy
+    # bound; entropy_bound is also the masked models' remasking "entropy_bound" bound
+    max_denoising_steps: int | None = Field(default=None, ge=1, le=1024)
+    entropy_bound: float | None = Field(default=None, gt=0.0, le=1000.0)
 
     @field_validator("stop")
     @classmethod
@@ -172,6 +200,10 @@ class GenerationRequestBase(OpenAIRequestModel):
         logit_bias = getattr(self, "logit_bias", None)
         if logit_bias:
             raise ValueError("logit_bias is not supported by this server: omit it")
+        if self.max_denoising_steps is not None:
+            if self.denoising_steps not in (None, self.max_denoising_steps):
+                raise ValueError("max_denoising_steps and denoising_steps disagree")
+            self.denoising_steps = self.max_denoising_steps  # a pin, as denoising_steps is
         return self
 
     @property
@@ -197,16 +229,50 @@ class GenerationRequestBase(OpenAIRequestModel):
         model family's (validated: ValueError on a combination the engine cannot run)."""
         temperature = self.temperature if self.temperature is not None \
             else default_temperature if default_temperature is not None else info.temperature
+        if self.cfg_scale and not info.classifier_free_guidance:
+            raise ValueError(f"cfg_scale: the {info.family} family has no classifier-free "
+                             "guidance (LLaDA's full-attention models do)")
+        if self.cfg_scale and (self.full_cache or default_full_cache) != "none":
+            raise ValueError("cfg_scale needs full_cache 'none' (the unconditional row has no "
+                             "cache of its own)")
+        if info.process == "uniform":
+            self._check_uniform(info, max_new_tokens)
+        elif self.max_denoising_steps is not None:
+            raise ValueError("max_denoising_steps applies to uniform-diffusion models "
+                             "(DiffusionGemma); this model takes denoising_steps per block")
+        elif self.entropy_bound is not None and \
+                (self.remasking or info.remasking) != "entropy_bound":
+            raise ValueError("entropy_bound applies with remasking 'entropy_bound'")
+        exact = dict(info.family_params)  # the family's exact sampler, request fields over it
+        exact.update({k: v for k, v in (("step_schedule", self.step_schedule),
+                                        ("scoring", self.scoring),
+                                        ("confidence_threshold", self.confidence_threshold))
+                      if v is not None})
         return SamplingParams(
-            max_new_tokens=max_new_tokens, steps=steps,
+            **exact, max_new_tokens=max_new_tokens, steps=steps,
             block_length=self.block_length_for(info, max_new_tokens),
-            remasking=self.remasking or info.remasking,
-            confidence_threshold=self.confidence_threshold, temperature=temperature,
+            remasking=self.remasking or info.remasking, temperature=temperature,
             top_p=self.top_p if self.top_p is not None else info.top_p, seed=seed,
             stop=self.stop_list, suppress_token_ids=list(info.suppress_token_ids),
             defer_token_ids=list(info.defer_token_ids),
             stop_token_ids=[] if self.ignore_eos else None,
-            full_cache=self.full_cache or default_full_cache).validate()
+            full_cache=self.full_cache or default_full_cache,
+            cfg_scale=self.cfg_scale or 0.0, entropy_bound=self.entropy_bound,
+            max_denoising_steps=self.max_denoising_steps).validate()
+
+    def _check_uniform(self, info: ModelInfo, max_new_tokens: int) -> None:
+        """What a uniform-diffusion model (DiffusionGemma) cannot take: another canvas length,
+        a masked model's commit rule or threshold (its acceptance is the entropy bound; its
+        temperature follows the checkpoint's schedule, so temperature / top_p do not apply)."""
+        if self.block_length is not None and self.block_length != info.block_length:
+            raise ValueError(f"block_length: this model denoises canvases of "
+                             f"{info.block_length} tokens (its canvas_length)")
+        if self.remasking not in (None, "entropy_bound"):
+            raise ValueError("remasking: this uniform-diffusion model accepts by entropy bound "
+                             "only (set entropy_bound)")
+        for name in ("confidence_threshold", "full_cache", "step_schedule", "scoring"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name} does not apply to uniform-diffusion models")
 
 
 # --- chat completions ------------------------------------------------------------------------
@@ -227,6 +293,10 @@ class ChatMessage(OpenAIRequestModel):
             return self.content
         parts = []
         for p in self.content:
+            if p.type in ("image_url", "image", "input_image"):
+                raise ValueError(f"content parts of type {p.type!r}: image input is not served "
+                                 "(this deployment runs the text model only; DiffusionGemma's "
+                                 "vision tower is not loaded)")
             if p.type != "text":
                 raise ValueError(f"content parts of type {p.type!r} are not supported "
                                  "(text only)")
@@ -317,6 +387,12 @@ class Usage(ResponseModel):
     # extensions
     denoising_steps: int = 0  # forward passes spent, all choices together
     denoising_steps_per_block: int = 0  # the steps chosen for this request
+    # the setting chosen ("16", or "16@0.9" with a confidence threshold), its threshold, and
+    # the latency the step controller predicted for it and held it to (absent when pinned)
+    denoising_setting: str | None = None
+    denoising_confidence_threshold: float | None = None
+    predicted_latency_ms: float | None = None
+    latency_target_ms: float | None = None
 
 
 class DiffusionState(ResponseModel):
@@ -399,6 +475,26 @@ class ModelCard(ResponseModel):
     block_length: int | None = None
     attention: str | None = None
     default_denoising_steps: int | None = None
+    classifier_free_guidance: bool | None = None  # whether requests may set cfg_scale
+    # "masked" or "uniform" (DiffusionGemma: max_denoising_steps / entropy_bound apply)
+    diffusion_process: str | None = None
+    # a LoRA adapter's card (as vLLM lists them): the base model it applies to
+    parent: str | None = None
+    root: str | None = None
+
+
+class LoadLoRAAdapterRequest(OpenAIRequestModel):
+    """POST /v1/load_lora_adapter (vLLM's body): a PEFT adapter directory under lora.root."""
+
+    lora_name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(OpenAIRequestModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None  # vLLM's field; accepted, unused
 
 
 class ModelList(ResponseModel):

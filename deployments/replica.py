@@ -60,8 +60,31 @@ def build_engine(args: AppArgs, loaded: tuple | None = None) -> tuple[EngineBase
         torch.set_num_threads(args.model.torch_threads)
     net, tokenizer, cfg = loaded or load_pretrained(
         args.model.source, device=resolve_device(args.model.device),
-        dtype=torch_dtype(args.model.dtype))
-    return Engine(net, tokenizer, cfg, args.engine), tokenizer, cfg
+        dtype=torch_dtype(args.model.dtype), rope_scaling=args.model.rope_scaling,
+        max_model_len=args.model.max_model_len)
+    read = adapter_reader(args.model.source, cfg)
+    if args.model.merge_lora:  # one adapter folded into the weights (model/lora.py)
+        from model.lora import merge_adapter
+
+        merge_adapter(net, read("merged", args.model.merge_lora))
+    engine = Engine(net, tokenizer, cfg, args.engine)
+    engine.adapter_reader = read
+    for name, path in args.model.lora_modules.items():
+        engine.load_adapter(name, path)
+    return engine, tokenizer, cfg
+
+
+def adapter_reader(source: str, cfg):
+    """(name, directory) -> AdapterWeights: a PEFT adapter read against `source`'s format."""
+    from model.loaders.lora import base_map, read_adapter
+    from model.parallel import unshard_config
+
+    map_tensor, full = base_map(source), unshard_config(cfg)
+
+    def read(name: str, path: str):
+        return read_adapter(path, map_tensor=map_tensor, cfg=full, name=name)
+
+    return read
 
 
 async def start_engine(args: AppArgs, engine_factory: EngineFactory | None = None):
@@ -121,6 +144,14 @@ class ModelServer:
             raise ServerDraining("the model server is shutting down")
         if self.tp is not None and self.tp.leader.broken:  # Serve replaces us at the next check
             raise ServerDraining("a tensor-parallel rank of this replica failed")
+        path = (routing or {}).get("adapter_path")
+        if request.adapter is not None and path and \
+                request.adapter not in self.engine.adapter_names():
+            # loaded at run time on another replica: read it here on first use (multiplexing)
+            try:
+                await self.engine.load_adapter_async(request.adapter, path)
+            except (ValueError, OSError) as e:
+                raise replica_refusal(ValueError(f"adapter {request.adapter!r}: {e}")) from None
         try:
             stream = self.engine.submit(request)
         except (ValueError, RuntimeError) as e:
@@ -137,6 +168,19 @@ class ModelServer:
             if not finished:  # the caller went away (disconnect) or we are being torn down
                 await self.engine.cancel(request.request_id)
             await stream.aclose()
+
+    # --- LoRA adapters ----------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str) -> list[str]:
+        """Read and hold the PEFT adapter in `path` as `name` (the ingress checked the path is
+        under lora.root). -> the adapters this replica holds. Refusals as InvalidRequest."""
+        try:
+            await self.engine.load_adapter_async(name, path)
+        except (ValueError, OSError) as e:
+            raise replica_refusal(ValueError(str(e))) from None
+        return self.engine.adapter_names()
+
+    async def unload_adapter(self, name: str) -> bool:
+        return self.engine.remove_adapter(name)
 
     # --- load and health --------------------------------------------------------------------
     def replica_load(self) -> ReplicaLoad:
@@ -196,7 +240,10 @@ class ModelServer:
     def record_routing_stats(self) -> dict:
         load = self.replica_load()
         return {"token_backlog": load.token_backlog, "capacity": load.effective_capacity,
-                "queued": load.queued, "running": load.running, "reported_at": load.reported_at}
+                "queued": load.queued, "running": load.running, "reported_at": load.reported_at,
+                # for the router: requests for an adapter go where it is already held
+                "adapters": self.engine.adapter_names(),
+                "resident_adapters": self.engine.resident_adapters()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.replica_load()

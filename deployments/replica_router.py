@@ -17,6 +17,12 @@ to it as an estimate (the mean cost of a request on that replica), which keeps a
 arriving within one period from all landing on the same replica. Ties (within 5 ms of work)
 share a rank, where Serve's own queue-length check picks among them; a replica that is full
 (max_ongoing_requests) is skipped by Serve and the next rank is tried.
+
+LoRA adapters (Serve's model multiplexing, by the request's adapter): replicas are ranked first
+by what they hold of the request's adapter, then by drain time within each level: those with
+it in a slot (no load at all), those holding it read (a copy into a slot), then the rest (which
+read it from disk on first use, the request's routing carrying its path). A replica that holds
+it but is full is skipped by Serve like any other, so the next level takes the request.
 """
 
 from __future__ import annotations
@@ -40,6 +46,19 @@ def replica_drain_s(stats: dict, routed_since: int, request_cost: float,
     capacity = float(stats.get("capacity") or 0.0) or fallback_capacity
     backlog = float(stats.get("token_backlog") or 0.0) + routed_since * request_cost
     return backlog / capacity
+
+
+def adapter_level(stats: dict, adapter: str | None) -> int:
+    """0: the adapter is in a slot (or none is asked for), 1: held, 2: must be read."""
+    if adapter is None or adapter in (stats.get("resident_adapters") or ()):
+        return 0
+    return 1 if adapter in (stats.get("adapters") or ()) else 2
+
+
+def requested_adapter(pending_request: PendingRequest | None) -> str | None:
+    """The LoRA adapter of a ModelServer.generate(request, routing) call, if any."""
+    args = getattr(pending_request, "args", None) or ()
+    return getattr(args[0], "adapter", None) if args else None
 
 
 def rank_by_drain(drains: list[tuple[float, object]], tie_s: float = TIE_S) -> list[list]:
@@ -79,15 +98,16 @@ class LeastBacklogRouter(RequestRouter):
         self._ensure_state()
         if not candidate_replicas:
             return []
-        costs = []
+        adapter = requested_adapter(pending_request)
+        levels: dict[int, list] = defaultdict(list)
         for r in candidate_replicas:
             stats = r.routing_stats or {}
             running = int(stats.get("running") or 0) + int(stats.get("queued") or 0)
             backlog = float(stats.get("token_backlog") or 0.0)
             cost = backlog / running if running else DEFAULT_REQUEST_TOKEN_STEPS
-            costs.append((replica_drain_s(stats, self._routed(r), cost,
-                                          self.fallback_capacity), r))
-        return rank_by_drain(costs)
+            levels[adapter_level(stats, adapter)].append(
+                (replica_drain_s(stats, self._routed(r), cost, self.fallback_capacity), r))
+        return [rank for level in sorted(levels) for rank in rank_by_drain(levels[level])]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result) -> None:

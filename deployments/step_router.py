@@ -61,38 +61,75 @@ QUALITY_LEVELS: tuple[str, ...] = get_args(QualityLevel)
 
 @dataclass
 class Ladder:
-    """The settings the router moves between; `ladder:` in serve_config.yaml."""
+    """The settings the router moves between; `ladder:` in serve_config.yaml.
+
+    A rung is steps per block, optionally with a confidence threshold (commit every prediction
+    above it, at least one per step; the steps then cap the passes: model/sampling.py), best
+    quality first. `control` says what moves the cluster between rungs: "slo" (the
+    latency-target controller of deployments/slo.py, the default) or "thresholds" (this
+    module's drain-time thresholds, kept as the baseline `dllm bench burst` compares with)."""
 
     # Steps per block, best quality first: on a 32-token block 16 steps commit 2 tokens per
     # forward pass, 2 steps commit 16.
     steps: list[int] = field(default_factory=lambda: [16, 8, 4, 2])
-    # Cluster drain seconds at which to move to rung 1, 2, ... Rung 1 sits above the drain time
-    # of ONE typical answer at the best rung (128 tokens at 16 steps: ~1.2 s for tiny-coder on
-    # the 2-core CPU), else a lone user degrades itself: [1, 2, 4] did, in
-    # benchmarks/results/serve.json; [3, 4, 5] held 4 steps too long under overload.
-    thresholds_s: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0])
+    # Cluster drain seconds at which to move to rung 1, 2, ... (control "thresholds" only;
+    # None: 2, 3, 4, ... s). Rung 1 sits above the drain time of ONE typical answer at the best
+    # rung (128 tokens at 16 steps: ~1.2 s for tiny-coder on the 2-core CPU), else a lone user
+    # degrades itself: [1, 2, 4] did, in benchmarks/results/serve.json; [3, 4, 5] held 4 steps
+    # too long under overload.
+    thresholds_s: list[float] | None = None
     hysteresis: float = 0.25  # climb back only below (1 - hysteresis) * threshold
     up_hold_s: float = 2.0  # ... held for this long, one rung at a time
     # How often the ingress refreshes its load snapshot; the ladder needs one at least every
     # second to follow a burst.
     refresh_s: float = 0.25
+    # Per rung: a confidence threshold (Fast-dLLM's parallel decoding; the DiLaServe paper
+    # reports thresholds as the best load control) or None for the fixed schedule; None for the
+    # whole list: no threshold rungs. A rung may repeat the steps of the one before it with a
+    # lower threshold (steps then cap the passes).
+    confidence_thresholds: list[float | None] | None = None
+    # Per rung: its quality, overriding the model's quality table (deployments/slo.py)
+    quality: list[float] | None = None
+    control: Literal["slo", "thresholds"] = "slo"
 
     def __post_init__(self) -> None:
         if not self.steps or any(s < 1 for s in self.steps):
             raise ValueError(f"ladder steps must be positive integers, got {self.steps}")
-        if any(a <= b for a, b in zip(self.steps, self.steps[1:], strict=False)):
-            raise ValueError(f"ladder steps must decrease (best quality first), got {self.steps}")
+        if self.confidence_thresholds is not None and len(self.confidence_thresholds) != \
+                len(self.steps):
+            raise ValueError(f"confidence_thresholds needs one entry per rung ({len(self.steps)}),"
+                             f" got {len(self.confidence_thresholds)}")
+        thr = self.thresholds_of()
+        if any(t is not None and not 0.0 < t <= 1.0 for t in thr):
+            raise ValueError(f"confidence thresholds must be in (0, 1], got {thr}")
+        # cheaper down the ladder: fewer steps, or as many with a lower threshold (None: none)
+        rungs = list(zip(self.steps, thr, strict=True))
+        for (s0, t0), (s1, t1) in zip(rungs, rungs[1:], strict=False):
+            if s1 > s0 or (s1 == s0 and not (t1 is not None and (t0 is None or t1 < t0))):
+                raise ValueError(f"ladder steps must decrease (best quality first; equal steps "
+                                 f"only with a lower confidence threshold), got {self.steps}"
+                                 + (f" / {thr}" if self.confidence_thresholds else ""))
+        if self.thresholds_s is None:
+            self.thresholds_s = [2.0 + i for i in range(len(self.steps) - 1)]
         if len(self.thresholds_s) != len(self.steps) - 1:
             raise ValueError(f"a ladder of {len(self.steps)} rungs needs {len(self.steps) - 1} "
                              f"thresholds, got {len(self.thresholds_s)}")
         if any(a >= b for a, b in zip(self.thresholds_s, self.thresholds_s[1:], strict=False)):
             raise ValueError(f"ladder thresholds must increase, got {self.thresholds_s}")
+        if self.quality is not None and len(self.quality) != len(self.steps):
+            raise ValueError(f"ladder quality needs one value per rung ({len(self.steps)}), got "
+                             f"{len(self.quality)}")
         if not 0.0 <= self.hysteresis < 1.0:
             raise ValueError("hysteresis must be in [0, 1)")
         if self.up_hold_s < 0:
             raise ValueError("up_hold_s must be >= 0")
         if not 0.0 < self.refresh_s <= 1.0:
             raise ValueError("refresh_s must be in (0, 1] seconds")
+
+    def thresholds_of(self) -> list[float | None]:
+        """The confidence threshold of every rung (None: the fixed schedule)."""
+        return list(self.confidence_thresholds) if self.confidence_thresholds is not None \
+            else [None] * len(self.steps)
 
     @property
     def last(self) -> int:
@@ -118,7 +155,24 @@ class Ladder:
 class StepChoice:
     steps: int  # steps per block for this request
     rung: int | None  # ladder rung used (None when pinned)
-    reason: str  # "pinned" | "load" | "bounded"
+    reason: str  # "pinned" | "load" | "bounded" | "budget" (deployments/slo.py)
+    confidence_threshold: float | None = None  # the rung's threshold (None: fixed schedule)
+    # deployments/slo.py: the latency predicted for this request at this setting, the target it
+    # was held to, and the rung's quality (None from the threshold ladder)
+    predicted_latency_s: float | None = None
+    predicted_ttft_s: float | None = None
+    target_s: float | None = None
+    quality: float | None = None
+    model_latency_s: float | None = None  # the step model's own mean, before calibration
+    predicted_rows: float | None = None  # rows per replica it was predicted to run with
+    predicted_passes: float | None = None  # denoising passes the prediction assumed
+
+    @property
+    def setting(self) -> str:
+        """The setting as one word: "16" (steps per block) or "16@0.9" (with a threshold)."""
+        if self.confidence_threshold is None:
+            return str(self.steps)
+        return f"{self.steps}@{self.confidence_threshold:g}"
 
 
 class StepRouter:
@@ -205,7 +259,8 @@ class StepRouter:
             lo, hi = self.ladder.window(quality)
             rung = min(max(self.rung, lo), hi)
             choice = StepChoice(steps=self.ladder.steps[rung], rung=rung,
-                                reason="load" if rung == self.rung else "bounded")
+                                reason="load" if rung == self.rung else "bounded",
+                                confidence_threshold=self.ladder.thresholds_of()[rung])
         if record:
             self.record_choice(choice, quality)
         return choice

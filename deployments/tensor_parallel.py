@@ -71,7 +71,7 @@ class RankWorker:
         return _where()
 
     def setup(self, init_method: str, source: str, device: str, dtype: str,
-              timeout_s: float, env: dict) -> dict:
+              timeout_s: float, env: dict, context: dict | None = None) -> dict:
         from engine.tensor_parallel import TPFollower
         from model.parallel import init_distributed, load_sharded
 
@@ -79,7 +79,7 @@ class RankWorker:
         dev = init_distributed(self.rank, self.world_size, init_method, resolve_device(device),
                                timeout_s=timeout_s)
         net, _, _ = load_sharded(source, self.rank, self.world_size, device=dev,
-                                 dtype=torch_dtype(dtype))
+                                 dtype=torch_dtype(dtype), **(context or {}))
         self.follower = TPFollower(net)
         return {"rank": self.rank, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                 "params": sum(p.numel() for p in net.parameters()), **_where()}
@@ -173,13 +173,15 @@ class TensorParallelGroup:
         init_method = f"tcp://{host}:{free_port(host)}"
         log.info("tensor-parallel replica: %d ranks, %s, rendezvous %s", n,
                  "one node" if host == "127.0.0.1" else "several nodes", init_method)
+        # the deploy-time context overrides (rope scaling): every rank rotates alike
+        context = dict(rope_scaling=model.rope_scaling, max_model_len=model.max_model_len)
         setups = [w.setup.remote(init_method, model.source, model.device, model.dtype,
-                                 collective_timeout_s, env) for w in workers]
+                                 collective_timeout_s, env, context) for w in workers]
         os.environ.update(env)
         dev = await asyncio.to_thread(init_distributed, 0, n, init_method, device,
                                       collective_timeout_s)
         net, tok, cfg = await asyncio.to_thread(load_sharded, model.source, 0, n, device=dev,
-                                                dtype=torch_dtype(model.dtype))
+                                                dtype=torch_dtype(model.dtype), **context)
         ranks = [{"rank": 0, "n_heads": net.cfg.n_heads, "n_kv_heads": net.cfg.n_kv_heads,
                   "params": sum(p.numel() for p in net.parameters()), **me}]
         ranks += await asyncio.gather(*setups)

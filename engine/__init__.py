@@ -8,12 +8,16 @@
 Modules: types.py (the contract with the server), config.py (EngineConfig), engine.py (the
 scheduler loop, admission, cancellation, stats), batch.py (the batched forwards of one
 iteration), kv_pool.py (the paged KV pool and its attention context), sequence.py (one request's
-block state, stop checks and events), detok.py (UTF-8- and stop-string-safe text deltas). The
+block state, stop checks and events), detok.py (UTF-8- and stop-string-safe text deltas),
+uniform_batch.py / uniform_sequence.py (uniform diffusion, DiffusionGemma: its batched step,
+per-layer paged pool and per-sequence self-conditioning state). The
 block schedule and its cost are model/schedule.py's, the sampling rules model/rules.py's, shared
 with the reference sampler. Knows nothing of Ray or HTTP.
 """
 
 from engine.config import EngineConfig
 from engine.engine import Engine, EngineClosedError, QueueFullError
+from engine.types import ContextTooLongError
 
-__all__ = ["Engine", "EngineConfig", "EngineClosedError", "QueueFullError"]
+__all__ = ["ContextTooLongError", "Engine", "EngineConfig", "EngineClosedError",
+           "QueueFullError"]

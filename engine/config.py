@@ -2,6 +2,7 @@
 
     EngineConfig(max_num_seqs=16, kv_cache_bytes=256 << 20)   # memory budget in bytes
     EngineConfig(kv_pages=512, page_size=16)                  # ... or in pages
+    EngineConfig(prefill_chunk_tokens=2048)                   # long prompts prefilled in chunks
     EngineConfig(cuda_graphs=True)                            # denoise forwards from CUDA graphs
 
 The KV pool holds the clean tokens (prompt, finished blocks) of the running sequences of a
@@ -37,12 +38,25 @@ class EngineConfig:
     # Prompt tokens prefilled per scheduler iteration (at least one prompt always goes in): a
     # burst of long prompts is spread over a few steps instead of stalling everyone's next step.
     max_prefill_tokens: int = 4096
+    # Chunked prefill: a prompt (or finished block) longer than this is written to the KV cache
+    # over several iterations, a group of layers at a time (~prefill_chunk_tokens x n_layers
+    # token-layers each, at least one layer), alongside the other rows' denoising step, so one
+    # long prompt does not stall every running stream (engine/prefill.py says why layers, not
+    # token ranges: the prompt is one bidirectional segment; families with blocks aligned to
+    # position 0 take whole-block token chunks of about this size). None: one pass, as before.
+    prefill_chunk_tokens: int | None = None
+    # Full-attention rows without the prefix/dual cache (SamplingParams.full_cache) run prompt +
+    # canvas + suffix at every step; longer rows are refused (413 at the ingress, naming the
+    # limit) and must use the cache. None: only the context limits them.
+    max_uncached_full_attention_tokens: int | None = None
     # Requests waiting for a slot; None = unbounded. When full, submit raises QueueFullError
     # (the server answers 503 with Retry-After). 256: sixteen times the default batch, ~90 s
     # of tiny-coder work on the 2-core CPU; past that a client is better told to come back.
     max_queued: int | None = 256
-    # Query lengths are padded up to one of these (then to a multiple of the largest), so the
-    # forward sees few distinct shapes: block lengths 1..32 fall on 5 shapes.
+    # Graph mode (cuda_graphs): query lengths are padded up to one of these (then to a multiple
+    # of the largest), so the graphs see few distinct shapes: block lengths 1..32 fall on 5.
+    # Eager forwards are not padded (engine/batch.py StepRunner._lengths): static shapes are
+    # only worth their padding where a graph is replayed.
     length_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128, 256)
     # Batch sizes are padded up to one of these with dummy rows. Empty = no padding: on a CPU a
     # dummy row costs as much as a real one. With cuda_graphs, empty means graph_batch_buckets().
@@ -69,6 +83,13 @@ class EngineConfig:
     # 5 logits-row buckets and 4 windows (1000-token contexts) with room to spare.
     max_graphs: int = 256
 
+    # LoRA adapters resident at once (model/lora.py slots; 0: no adapter support, no hooks) and
+    # the largest rank a slot holds. Each slot costs max_lora_rank * (in + out) per Linear:
+    # tiny-coder at rank 16, 1.6 MB per slot in float32. 4 as vLLM's default max_loras; a
+    # request whose adapter is not resident waits for a slot no running row holds (LRU evicted).
+    max_loras: int = 0
+    max_lora_rank: int = 16
+
     def num_pages(self, cfg: ModelConfig, dtype_bytes: int) -> int:
         if self.kv_pages is not None:
             return int(self.kv_pages)
@@ -78,7 +99,11 @@ class EngineConfig:
 
     def page_bytes(self, cfg: ModelConfig, dtype_bytes: int) -> int:
         """K and V of every layer for page_size tokens."""
-        return 2 * cfg.n_layers * self.page_size * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+        return self.page_size * kv_bytes_per_token(cfg, dtype_bytes)
+
+    def kv_tokens(self, cfg: ModelConfig, dtype_bytes: int) -> int:
+        """Tokens the KV pool holds (pages x page_size): what admission reserves from."""
+        return self.num_pages(cfg, dtype_bytes) * self.page_size
 
     def validate(self) -> EngineConfig:
         if self.max_num_seqs < 1:
@@ -91,10 +116,17 @@ class EngineConfig:
             raise ValueError("batch_buckets must be increasing")
         if any(b < 1 for b in (*self.length_buckets, *self.batch_buckets)):
             raise ValueError("buckets must be >= 1")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be >= 0 and max_lora_rank >= 1")
         if self.graph_window < 1:
             raise ValueError("graph_window must be >= 1")
         if self.max_graphs < 0:
             raise ValueError("max_graphs must be >= 0")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be >= 1 (or None: one pass)")
+        if self.max_uncached_full_attention_tokens is not None and \
+                self.max_uncached_full_attention_tokens < 1:
+            raise ValueError("max_uncached_full_attention_tokens must be >= 1 (or None)")
         return self
 
     def graph_batch_buckets(self) -> tuple[int, ...]:
@@ -107,6 +139,12 @@ class EngineConfig:
         out = [b for b in (1, 2, 4, 8, 16) if b < self.max_num_seqs]
         out += list(range(32, self.max_num_seqs, 16))
         return tuple(out + [self.max_num_seqs])
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """K and V of every layer for one token: 2 x layers x kv heads x head dim x dtype bytes
+    (tiny-coder fp32: 2 x 5 x 2 x 64 x 4 = 5 KiB; LLaDA-8B bf16: 2 x 32 x 32 x 128 x 2 = 512 KiB)."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

@@ -15,7 +15,10 @@ batched cache write for the prompts just admitted and the blocks just finished (
 models only) and (2) ONE denoising step over every running sequence together, each with its own
 steps, block length, commit rule, threshold, temperature/top_p and seed (engine/batch.py).
 Sequences therefore join and leave between steps: a new request is prefilled and takes its first
-step in the next iteration, whatever the others are doing.
+step in the next iteration, whatever the others are doing. With EngineConfig.prefill_chunk_tokens
+a longer write is prefilled a group of layers per iteration instead (engine/prefill.py, one
+such chunk per iteration beside everyone's step; the row steps once its cache is complete), so a
+long prompt stalls the running streams by a chunk, not by its whole prefill.
 
 Full-attention models (LLaDA, Dream) run the whole row every step, or, for requests with
 `params.full_cache` "prefix" / "dual", Fast-dLLM's approximate cache: a refresh forward at each
@@ -31,6 +34,12 @@ does for one sequence, would pad every row of a dense batch to previous + curren
 whenever any row has a write pending: at 16 rows and 8 steps per block that is ~88% of steps,
 nearly doubling the step's tokens; separate, the writes measured 9-18% of iteration time in
 bench_engine (the tokens they must process anyway).
+
+Uniform-diffusion families (DiffusionGemma: FamilyDefaults.process "uniform") run through the
+same loop with their own sequence, runner and pool (engine/uniform_sequence.py,
+engine/uniform_batch.py): the cache write is the causal encode of a prompt or a finished canvas,
+the step is the decoder over the whole canvas with each row's self-conditioning state and its
+own generator, and a canvas is done when adaptive stopping says so or its steps run out.
 
 A failing forward does not take others down: the batch is retried row by row and only the row
 that fails again gets Finished(finish_reason="error").
@@ -50,10 +59,24 @@ import torch
 
 from engine.batch import StepRunner
 from engine.config import EngineConfig
+from engine.cost_model import StepCostModel
 from engine.kv_pool import PagedKVPool
+from engine.prefill import ChunkedPrefill
 from engine.sequence import DONE, RUNNING, Sequence
-from engine.types import EngineBase, EngineStats, Event, Finished, GenerationRequest
+from engine.types import (
+    ContextTooLongError,
+    EngineBase,
+    EngineStats,
+    Event,
+    Finished,
+    GenerationRequest,
+)
+from engine.uniform_batch import LayeredKVPool, UniformStepRunner, layered_num_pages
+from engine.uniform_sequence import UniformSequence
 from model.config import ModelConfig
+from model.families import family_defaults
+from model.loaders.lora import AdapterWeights
+from model.lora import LoRABank, apply_lora, find_bank
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +90,10 @@ class EngineClosedError(RuntimeError):
     """submit() after shutdown() began."""
 
 
+class UnknownAdapterError(ValueError):
+    """submit() naming a LoRA adapter the engine does not hold (the server answers 404)."""
+
+
 @dataclass
 class _Iteration:
     """What one worker-thread iteration hands back to the loop."""
@@ -75,6 +102,8 @@ class _Iteration:
     committed: int = 0  # tokens committed by the step
     cache_write_s: float = 0.0  # time in the cache-write forward (prefill, finished blocks)
     worker_s: float = 0.0  # time inside the worker thread (the rest is handing over)
+    rows: int = 0  # sequences in the denoising step (the step cost model's features)
+    attn_kpairs: float = 0.0  # thousands of (query, key) pairs the forwards attended
 
 
 class Engine(EngineBase):
@@ -87,9 +116,29 @@ class Engine(EngineBase):
         p = next(net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.pool: PagedKVPool | None = None
+        # uniform (renoising) diffusion, DiffusionGemma: its own sequences, runner and pool
+        # (engine/uniform_*.py); everything else of the scheduler is shared
+        self.uniform = family_defaults(self.cfg).process == "uniform"
         if self.cfg.attention == "block_causal":
             self._create_pool()
-        self.runner = StepRunner(net, self.pool, self.config)
+        # LoRA: slots hooked onto the network's Linears (model/lora.py) before the runner looks
+        # for them; adapters by name, read once (Engine.add_adapter), resident up to max_loras
+        self.lora: LoRABank | None = find_bank(net)
+        if self.lora is None and self.config.max_loras:
+            S, R = self.config.max_loras, self.config.max_lora_rank
+            if _is_tp_leader(net):  # slots on rank 0's shard; every load repeated on the others
+                self.lora = apply_lora(net.net, S, R)
+                self.lora.on_load.append(lambda slot, a: net.lora_load(slot, a, S, R))
+            else:
+                self.lora = apply_lora(net, S, R)
+        self.adapters: dict[str, AdapterWeights] = {}
+        # (name, directory) -> AdapterWeights for load_adapter: model/loaders/lora.read_adapter
+        # against the base checkpoint's format, set by whoever loaded the model
+        self.adapter_reader = None
+        self._retired: set[str] = set()  # removed while running rows held them
+        self.runner = UniformStepRunner(net, self.pool, self.config) if self.uniform \
+            else StepRunner(net, self.pool, self.config)
+        self.prefill = ChunkedPrefill(net, self.config)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
@@ -106,6 +155,9 @@ class Engine(EngineBase):
             maxlen=self.config.stats_window_steps)
         self._committed_log: collections.deque[tuple[float, int]] = collections.deque()
         self._capacity = 0.0
+        # iteration time vs rows, tokens and attended context, fitted online: what the step
+        # controller (deployments/slo.py) predicts each setting's latency from
+        self._cost = StepCostModel()
         self._iterations = 0
         self._busy_s = 0.0  # total iteration time, and the part spent writing the cache
         self._cache_write_s = 0.0
@@ -138,12 +190,25 @@ class Engine(EngineBase):
         if self.config.max_queued is not None and \
                 len(self._waiting) >= self.config.max_queued + free:
             raise QueueFullError(f"{len(self._waiting)} requests are already queued")
-        seq = Sequence.create(request, self.cfg, self.tokenizer, self.device)
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise UnknownAdapterError(f"this engine holds no adapter {request.adapter!r}"
+                                      + ("" if self.lora is not None else
+                                         " (it serves no adapters: EngineConfig.max_loras = 0)"))
+        seq = (UniformSequence if self.uniform else Sequence).create(
+            request, self.cfg, self.tokenizer, self.device)
+        limit = self.config.max_uncached_full_attention_tokens
+        if limit is not None and not seq.layout.block_causal and seq.full_cache == "none" \
+                and seq.full_len > limit:
+            raise ContextTooLongError(
+                f"a full-attention row of {seq.full_len} tokens without the prefix/dual cache "
+                f"is past this engine's limit of {limit} (max_uncached_full_attention_tokens)")
         if seq.cache_tokens_needed():
-            pages = self.config.num_pages(self.cfg, self.net_dtype_bytes)
+            pages = self._num_pages()
             need = -(-seq.cache_tokens_needed() // self.config.page_size)
             if need > pages:
-                raise ValueError(f"the request needs {need} KV pages, the pool has {pages}")
+                raise ContextTooLongError(
+                    f"the request needs {need} KV pages ({seq.cache_tokens_needed()} tokens); "
+                    f"this replica's pool has {pages} ({pages * self.config.page_size} tokens)")
             if self.pool is None:  # a full-attention model's first request with a cache
                 self._create_pool()
         self._ensure_started()
@@ -153,13 +218,99 @@ class Engine(EngineBase):
         self._wake.set()
         return self._stream(seq)
 
+    # --- LoRA adapters --------------------------------------------------------------------
+    def add_adapter(self, adapter: AdapterWeights) -> None:
+        """Hold `adapter` under adapter.name (read by model/loaders/lora.read_adapter); it is
+        put in a slot when a request first names it. Raises AdapterError if it cannot fit the
+        slots (rank, modules), ValueError if the engine serves no adapters or the name is still
+        held by running requests after a removal."""
+        if self.lora is None:
+            raise ValueError("this engine serves no adapters (EngineConfig.max_loras = 0)")
+        self.lora.check(adapter)
+        if adapter.name in self._retired or (adapter.name in self.adapters
+                                             and not self.lora.evict(adapter.name)):
+            raise ValueError(f"adapter {adapter.name!r} is in use by running requests")
+        self.lora.evict(adapter.name)  # a new version of a name: the old slot is stale
+        self.adapters[adapter.name] = adapter
+
+    def load_adapter(self, name: str, path: str) -> AdapterWeights:
+        """Read the PEFT adapter in directory `path` (through `adapter_reader`) and hold it
+        as `name`. Blocking file reads: call it off the event loop."""
+        adapter = self._read_adapter(name, path)
+        self.add_adapter(adapter)
+        return adapter
+
+    async def load_adapter_async(self, name: str, path: str) -> AdapterWeights:
+        """load_adapter from the event loop: the files are read in a thread, the adapter is
+        added on the loop (where admission changes the slots), never beside it."""
+        adapter = await asyncio.to_thread(self._read_adapter, name, path)
+        self.add_adapter(adapter)
+        return adapter
+
+    def _read_adapter(self, name: str, path: str) -> AdapterWeights:
+        if self.adapter_reader is None:
+            raise ValueError("this engine cannot read adapters (no adapter_reader)")
+        if self.lora is None:
+            raise ValueError("this engine serves no adapters (EngineConfig.max_loras = 0)")
+        return self.adapter_reader(name, path)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Forget adapter `name` (requests already admitted finish with it). -> whether it
+        was held."""
+        if self.adapters.pop(name, None) is None:
+            return False
+        if self.lora is not None and not self.lora.evict(name):
+            self._retired.add(name)  # evicted when its last row releases it
+        return True
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.adapters)
+
+    def resident_adapters(self) -> list[str]:
+        return self.lora.resident() if self.lora is not None else []
+
+    def _acquire_adapter(self, seq: Sequence) -> bool:
+        """Pin a slot holding seq's adapter. False: every slot is held by running rows."""
+        if seq.adapter is None:
+            return True
+        adapter = self.adapters.get(seq.adapter)
+        if adapter is None:
+            raise UnknownAdapterError(f"adapter {seq.adapter!r} was removed")
+        slot = self.lora.acquire(adapter)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_slot < 0:
+            return
+        self.lora.release(seq.lora_slot)
+        seq.lora_slot = -1
+        if seq.adapter in self._retired and self.lora.evict(seq.adapter):
+            self._retired.discard(seq.adapter)
+
+    def _num_pages(self) -> int:
+        if self.uniform:
+            return layered_num_pages(self.config, self.net, self.net_dtype_bytes)
+        return self.config.num_pages(self.cfg, self.net_dtype_bytes)
+
     def _create_pool(self) -> None:
-        pages = self.config.num_pages(self.cfg, self.net_dtype_bytes)
-        self.pool = PagedKVPool(self.cfg, pages, self.config.page_size, self.device, self.dtype)
+        pages = self._num_pages()
+        if self.uniform:  # per-layer K/V shapes (sliding and global layers differ)
+            self.pool = LayeredKVPool(self.net.kv_shapes, self.net.windows, pages,
+                                      self.config.page_size, self.device, self.dtype)
+            page_bytes = LayeredKVPool.page_bytes(self.net.kv_shapes, self.config.page_size,
+                                                  self.net_dtype_bytes)
+        else:
+            self.pool = PagedKVPool(self.cfg, pages, self.config.page_size, self.device,
+                                    self.dtype)
+            page_bytes = self.config.page_bytes(self.cfg, self.net_dtype_bytes)
         if getattr(self, "runner", None) is not None:
             self.runner.pool = self.pool
-        log.info("KV pool: %d pages of %d tokens (%.1f MiB)", pages, self.config.page_size,
-                 pages * self.config.page_bytes(self.cfg, self.net_dtype_bytes) / 2**20)
+        log.info("KV pool: %d pages of %d tokens = %d tokens (%.1f MiB, %d B per token)", pages,
+                 self.config.page_size, pages * self.config.page_size, pages * page_bytes / 2**20,
+                 page_bytes // self.config.page_size)
 
     @property
     def net_dtype_bytes(self) -> int:
@@ -203,10 +354,14 @@ class Engine(EngineBase):
             kv_pages_used=self.pool.used_pages if self.pool else 0,
             kv_pages_total=self.pool.num_pages if self.pool else 0,
             iterations=self._iterations,
+            step_cost=self._cost.to_dict(),
             extra={"busy_s": self._busy_s,
                    "cache_write_s": self._cache_write_s, "worker_s": self._worker_s,
                    "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size,
-                   **({"cuda_graphs": self.runner.static.stats()} if self.runner.static else {})},
+                   **({"cuda_graphs": self.runner.static.stats()} if self.runner.static else {}),
+                   **({"lora": {"adapters": len(self.adapters), "resident": self.lora.resident(),
+                                "loads": self.lora.loads, "evictions": self.lora.evictions}}
+                      if self.lora is not None else {})},
         )
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -267,6 +422,7 @@ class Engine(EngineBase):
         self._by_id.pop(request_id, None)
 
     def _release(self, seq: Sequence) -> None:
+        self._release_adapter(seq)
         if self.pool is not None and seq.pages:
             self.pool.free(seq.pages)
             seq.pages = []
@@ -288,18 +444,31 @@ class Engine(EngineBase):
         prefill = 0
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             seq = self._waiting[0]
-            if prefill and prefill + len(seq.prompt) > self.config.max_prefill_tokens:
+            # a prompt prefilled in chunks costs this iteration one chunk, not its length
+            cost = len(seq.prompt)
+            if self.config.prefill_chunk_tokens is not None:
+                cost = min(cost, self.config.prefill_chunk_tokens)
+            if prefill and prefill + cost > self.config.max_prefill_tokens:
                 break
+            try:
+                if not self._acquire_adapter(seq):
+                    break  # every adapter slot is held: the head waits, as for pages
+            except UnknownAdapterError as e:  # removed while it waited
+                self._waiting.popleft()
+                self._deliver(seq, seq.abort("error", str(e)))
+                self._by_id.pop(seq.request_id, None)
+                continue
             pages: list[int] = []
             if seq.cache_tokens_needed():
                 got = self.pool.allocate(self.pool.pages_for(seq.cache_tokens_needed()))
                 if got is None:
+                    self._release_adapter(seq)
                     break  # FIFO: the head waits for pages; later requests do not overtake it
                 pages = got
             self._waiting.popleft()
             seq.admit(pages)
             self._running.append(seq)
-            prefill += len(seq.prompt)
+            prefill += cost
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -339,6 +508,8 @@ class Engine(EngineBase):
         self._step_times.append(dt)
         self._committed_log.append((t0, it.committed))
         self._trim_committed(t1)
+        if it.rows:
+            self._cost.add(it.rows, it.token_steps, it.attn_kpairs, dt)
         rate = it.token_steps / max(dt, 1e-9)
         a = self.config.capacity_ewma
         self._capacity = rate if self._capacity == 0.0 else (1 - a) * self._capacity + a * rate
@@ -354,13 +525,35 @@ class Engine(EngineBase):
         failed: dict[str, str] = {}
         with torch.no_grad():
             writes = [s for s in batch if s.pending_append is not None]
-            if writes:
+            # attended pairs of this iteration, from the sequences' own counters (no tensors)
+            it.attn_kpairs = sum(_attn_pairs(s) for s in batch) / 1000.0
+            # long writes go in chunks (engine/prefill.py): one chunk per iteration, the oldest
+            # admitted first, beside everyone else's step
+            chunked = [s for s in writes if self.prefill.applies(s)][:1]
+            writes = [s for s in writes if not self.prefill.applies(s)]
+            # a write past the largest length bucket goes alone: batched, every other row would
+            # be padded to it, and a lone unpadded row attends unmasked (kv_pool's `unmasked`)
+            top = self.config.length_buckets[-1]
+            groups = [[s] for s in writes if _write_len(s) > top]
+            short = [s for s in writes if _write_len(s) <= top]
+            groups += [short] if short else []
+            if writes or chunked:
                 t0 = time.perf_counter()
-                for n, apply in self._isolated(writes, self.runner.cache_write, failed):
-                    it.token_steps += n
-                    apply()
+                for group in groups:
+                    for n, apply in self._isolated(group, self.runner.cache_write, failed):
+                        it.token_steps += n
+                        apply()
+                for seq in chunked:
+                    for n, apply in self._isolated(
+                            [seq], lambda rows: self.prefill.chunk(rows[0], self.pool), failed):
+                        it.token_steps += n
+                        apply()
                 it.cache_write_s = time.perf_counter() - t0
-            stepping = [s for s in batch if s.request_id not in failed]
+            # a sequence steps once its cache holds everything before its block (a chunked
+            # prefill still in progress waits)
+            stepping = [s for s in batch if s.request_id not in failed
+                        and s.pending_append is None]
+            it.rows = len(stepping)
             outcomes: dict[str, tuple[int, int]] = {}
             if stepping:
                 for rows, (n, outcome, apply) in self._isolated_rows(stepping, self.runner.denoise,
@@ -407,3 +600,34 @@ class Engine(EngineBase):
                 log.exception("request %s failed", s.request_id)
                 failed[s.request_id] = f"{type(e).__name__}: {e}"
         return out
+
+
+def _write_len(seq: Sequence) -> int:
+    start, end = seq.pending_append
+    return end - start
+
+
+def _attn_pairs(seq: Sequence) -> int:
+    """(query, key) pairs this iteration's forwards attend for one sequence: its pending cache
+    write over what is cached before it, then its denoising step (block-causal: the active block
+    over the cache and itself; full attention: the whole row, or the cached span over the row)."""
+    pairs = 0
+    if seq.pending_append is not None:
+        lo, hi = seq.pending_append
+        pairs += (hi - lo) * hi
+    lo, hi = seq.block_span()
+    if seq.layout.block_causal:
+        head = seq.block_head  # blocks aligned to 0: the prompt's tail runs with block 0
+        cached = len(seq.prompt) + lo - head
+        return pairs + (hi - lo + head) * (cached + hi - lo + head)
+    n = seq.full_len
+    if seq.full_cache == "none" or seq.refreshing:
+        return pairs + n * n
+    q0, q1 = seq.cached_span()
+    return pairs + (q1 - q0) * n
+
+
+def _is_tp_leader(net: torch.nn.Module) -> bool:
+    from engine.tensor_parallel import TPLeader
+
+    return isinstance(net, TPLeader)

@@ -5,6 +5,9 @@
     seq.after_step(masks_left)  # -> True when the active block is done (no masks or steps used up)
     events = seq.finish_block() # stop checks, text delta, Finished; or sets up the next block
 
+Models whose blocks are aligned to position 0 (cfg.block_align "zero": LLaDA2.x, SDAR) prefill
+the prompt's whole blocks block-causally, run block 0 after the prompt's tail (`block_head`)
+and denoise a canvas padded to a block boundary, cut to max_new_tokens in the answer.
 The schedule is model/sampling.generate's, step for step, because both read model/schedule.py:
 blocks of `block_length` over `max_new_tokens` masks, `steps_in(b)` steps per block with the
 even commit split, the block left early when nothing is masked; stop tokens and stop strings
@@ -23,7 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detok import TextStream, render_canvas
-from engine.types import CanvasUpdate, Event, Finished, GenerationRequest, TextDelta
+from engine.types import (
+    CanvasUpdate,
+    ContextTooLongError,
+    Event,
+    Finished,
+    GenerationRequest,
+    TextDelta,
+)
 from model.config import ModelConfig
 from model.rules import banned_token_ids, constrains_first_token, stop_token_ids
 from model.sampling import SamplingParams, truncate_at_stop
@@ -53,9 +63,18 @@ class Sequence:
     cached_len: int = 0  # tokens of this sequence in the KV pool
     pages: list[int] = field(default_factory=list)
     pending_append: tuple[int, int] | None = None  # (start, end) in prompt+canvas to cache next
+    # chunked prefill (engine/prefill.py): layers of pending_append written so far, and the
+    # hidden state [1, n, d] entering layer prefill_layer
+    prefill_layer: int = 0
+    prefill_hidden: torch.Tensor | None = None
     committed: int = 0  # tokens committed so far (for output tok/s)
     finished: Finished | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
+    lora_slot: int = -1  # the adapter slot this row's forwards use (model/lora.py); -1: none
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -67,21 +86,29 @@ class Sequence:
         if suffix and block_causal:
             raise ValueError("block-causal models take fill-in-the-middle in the prompt "
                              "(Tokenizer.fim_prompt), not as a suffix after the canvas")
+        if params.cfg_scale > 0 and block_causal:
+            raise ValueError("cfg_scale (classifier-free guidance) is for full-attention models")
+        if params.ar_block_start and not (cfg.logit_shift and block_causal):
+            raise ValueError("ar_block_start is for block-causal models with shifted logits "
+                             "(Fast-dLLM v2)")
         n = params.max_new_tokens
-        if len(prompt) + n + len(suffix) > cfg.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({n}) exceeds the model's "
-                             f"context ({cfg.max_seq_len})")
+        # blocks aligned to position 0 (cfg.block_align "zero") pad the canvas to a block boundary
+        schedule = params.schedule_for(len(prompt), cfg)
+        if len(prompt) + schedule.max_new_tokens + len(suffix) > cfg.max_seq_len:
+            raise ContextTooLongError(f"prompt ({len(prompt)}) + max_new_tokens ({n}) exceeds "
+                                      f"the model's context ({cfg.max_seq_len})")
         if any(not 0 <= t < cfg.vocab_size for t in prompt + suffix):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
         stop_ids = stop_token_ids(cfg, params.stop_token_ids)
-        layout = RowLayout(len(prompt), n, len(suffix), block_causal, params.full_cache,
-                           cfg.logit_shift)
+        layout = RowLayout(len(prompt), schedule.max_new_tokens, len(suffix), block_causal,
+                           params.full_cache, cfg.logit_shift, block_head=schedule.offset)
         return cls(request=request, params=params, cfg=cfg, tokenizer=tokenizer, prompt=prompt,
                    suffix=suffix, stop_ids=stop_ids,
                    banned=banned_token_ids(cfg, params.suppress_token_ids),
-                   canvas=torch.full((n,), cfg.mask_id, dtype=torch.long, device=device),
+                   canvas=torch.full((schedule.max_new_tokens,), cfg.mask_id, dtype=torch.long,
+                                     device=device),
                    stream=TextStream(tokenizer, stop_ids, params.stop),
-                   schedule=params.schedule, layout=layout)
+                   schedule=schedule, layout=layout)
 
     # --- the block schedule ---------------------------------------------------------------
     @property
@@ -134,18 +161,37 @@ class Sequence:
         return token_steps_left(self.schedule, self.layout, self.block, self.step,
                                 self.cached_len)
 
+    @property
+    def block_head(self) -> int:
+        """Prompt tokens that run with the active block instead of sitting in the cache: the
+        prompt's tail in block 0's block when blocks are aligned to position 0, else 0."""
+        return self.layout.block_head if self.block_span()[0] == 0 else 0
+
     def admit(self, pages: list[int]) -> None:
         self.state, self.pages = RUNNING, pages
-        if self.layout.block_causal and self.prompt:
-            self.pending_append = (0, len(self.prompt))
+        prefill = len(self.prompt) - self.layout.block_head  # aligned: whole blocks only
+        if self.layout.block_causal and prefill:
+            self.pending_append = (0, prefill)
+
+    def ar_position(self) -> int | None:
+        """Fast-dLLM v2 (params.ar_block_start): the canvas position the pending cache write is
+        followed by, when it opens a block that is still masked there -- its token is the
+        argmax of the write's next-token logits (model/sampling.generate does the same)."""
+        if not self.params.ar_block_start or self.pending_append is None:
+            return None
+        at = self.pending_append[1] - len(self.prompt)
+        if 0 <= at < self.canvas.shape[0] and int(self.canvas[at]) == self.cfg.mask_id:
+            return at
+        return None
 
     def append_ids(self) -> list[int]:
-        """Tokens of pending_append (positions start..end over prompt + canvas)."""
+        """Tokens of pending_append (positions start..end over prompt + canvas; an aligned
+        row's block 0 starts inside the prompt)."""
         start, end = self.pending_append
         P = len(self.prompt)
         if end <= P:
             return self.prompt[start:end]
-        return self.canvas[start - P:end - P].tolist()
+        return self.prompt[start:P] + self.canvas[max(0, start - P):end - P].tolist()
 
     # --- after a step ---------------------------------------------------------------------
     def after_step(self, masks_left: int) -> bool:
@@ -159,7 +205,8 @@ class Sequence:
 
     def finish_block(self) -> list[Event]:
         """The active block is final: stop checks, its text, then Finished or the next block."""
-        lo, hi = self.block_span()
+        lo, block_hi = self.block_span()
+        hi = min(block_hi, self.params.max_new_tokens)  # an aligned canvas's padding: no answer
         block_ids = self.canvas[lo:hi].tolist()
         stop_at = next((i for i, t in enumerate(block_ids) if t in self.stop_ids), None)
         if stop_at is not None:
@@ -172,7 +219,7 @@ class Sequence:
             return events + self._finish("length", hi)
         if self.layout.block_causal:  # the finished block becomes clean context for the next one
             P = len(self.prompt)
-            self.pending_append = (P + lo, P + hi)
+            self.pending_append = (P + lo - self.block_head, P + block_hi)
         self.block += 1
         self.step = 0
         return events

@@ -98,12 +98,25 @@ class TPLeader(nn.Module):
             raise RuntimeError(f"the tensor-parallel group is broken: {self.broken}")
         spec = dict(input_ids=_cpu(input_ids), positions=_cpu(positions), t=_cpu(t),
                     logits_slice=_cpu(logits_slice), attn=describe_attention(attn))
+        bank = getattr(self.net, "lora_bank", None)
+        if bank is not None:  # each row's LoRA slot (model/lora.py), the same on every rank
+            spec["lora_rows"] = bank.last_rows
         with self._lock:
             try:
                 self._send(spec)
                 self.forwards += 1
                 return self.net(input_ids, positions=positions, t=t, attn=attn,
                                 logits_slice=logits_slice)
+            except Exception as e:
+                self._check_failure(e)
+                raise
+
+    def lora_load(self, slot: int, adapter, max_loras: int, max_lora_rank: int) -> None:
+        """Repeat a LoRA slot load on the followers (each keeps its slice of the adapter;
+        the first load hooks a bank of the same shape onto their shard)."""
+        with self._lock:
+            try:
+                self._send({"lora_load": (slot, adapter, max_loras, max_lora_rank)})
             except Exception as e:
                 self._check_failure(e)
                 raise
@@ -195,6 +208,17 @@ class TPFollower:
         """Run one dispatched forward; returns how many this follower has run."""
         if spec.get("noop"):
             return self.forwards
+        if "lora_load" in spec:
+            from model.lora import apply_lora
+
+            slot, adapter, max_loras, max_rank = spec["lora_load"]
+            bank = getattr(self.net, "lora_bank", None) or apply_lora(self.net, max_loras, max_rank)
+            bank.load(slot, adapter)
+            return self.forwards
+        bank = getattr(self.net, "lora_bank", None)
+        if bank is not None and spec.get("lora_rows") is not None:
+            rows, always = spec["lora_rows"]
+            bank.set_rows(rows, always=always)
         dev = self.device
 
         def on_dev(x):

@@ -46,6 +46,16 @@ class ModelInfo:
     defer_token_ids: tuple[int, ...] = ()  # committed after every other position of a block
     vocab_size: int = 0
     logit_shift: bool = False  # hidden state i predicts token i + 1 (Dream)
+    # "zero": blocks aligned to position 0 (LLaDA2.x, SDAR; ModelConfig.block_align), which
+    # changes a request's blocks and so its cost (model/schedule.canvas_schedule)
+    block_align: str = "prompt"
+    # The family's exact-sampler SamplingParams fields (FamilyDefaults.exact_sampler_kwargs:
+    # Dream's step schedule and nucleus scores, Fast-dLLM v2's sub-blocks, ...); requests
+    # override them field by field.
+    family_params: dict = field(default_factory=dict)
+    classifier_free_guidance: bool = False  # the family takes cfg_scale (LLaDA)
+    # "masked" or "uniform" (DiffusionGemma: max_denoising_steps / entropy_bound apply, no FIM)
+    process: str = "masked"
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -60,7 +70,15 @@ class ModelInfo:
                    remasking=fam.remasking, temperature=fam.temperature, top_p=fam.top_p,
                    suppress_token_ids=tuple(fam.suppress_token_ids),
                    defer_token_ids=tuple(fam.defer_token_ids), vocab_size=cfg.vocab_size,
-                   logit_shift=bool(cfg.logit_shift))
+                   logit_shift=bool(cfg.logit_shift), block_align=cfg.block_align,
+                   family_params=fam.exact_sampler_kwargs(),
+                   classifier_free_guidance=fam.classifier_free_guidance
+                   and cfg.attention == "full", process=fam.process)
+
+
+class ContextTooLongError(ValueError):
+    """A request that can never fit: longer than the model's context, or needing more KV than
+    the whole pool holds (Engine.submit raises it; the server answers 413 naming the limit)."""
 
 
 @dataclass
@@ -70,6 +88,7 @@ class GenerationRequest:
     params: SamplingParams
     suffix_ids: list[int] | None = None  # FIM for full-attention models (after the canvas)
     diffusing: bool = False  # also stream whole intermediate canvases
+    adapter: str | None = None  # a LoRA adapter the engine holds (Engine.add_adapter); None: base
 
 
 @dataclass
@@ -119,6 +138,9 @@ class EngineStats:
     kv_pages_used: int = 0
     kv_pages_total: int = 0
     iterations: int = 0  # scheduler iterations run so far (busy fraction = iterations x latency)
+    # the fitted iteration-time model (engine/cost_model.StepCost.to_dict(); {} before any step):
+    # the step controller predicts each setting's latency from it
+    step_cost: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -141,6 +163,23 @@ class EngineBase(abc.ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         pass
+
+    # LoRA adapters (engine/engine.py holds them; an engine without adapter support has none)
+    def adapter_names(self) -> list[str]:
+        return []
+
+    def resident_adapters(self) -> list[str]:
+        """Adapters in a slot now (a request naming one starts without a load)."""
+        return []
+
+    def load_adapter(self, name: str, path: str):
+        raise ValueError("this engine serves no LoRA adapters")
+
+    async def load_adapter_async(self, name: str, path: str):
+        return self.load_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> bool:
+        return False
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:  # noqa: B027
         pass

@@ -9,7 +9,10 @@
 logits: [N, V] in any float dtype; temperature, top_p: floats or [N]; seeds, positions, steps: [N]
 int64, the coordinates that key the noise (kernels/noise.py), so a row's sample never depends on
 the other rows. The scores use the untempered distribution, as LLaDA's sampler does, so the commit
-order at temperature 0 and T > 0 ranks the same quantities.
+order at temperature 0 and T > 0 ranks the same quantities; rows flagged in `sampled_scores`
+are scored instead on the distribution the token is drawn from, softmax(top_p(logits / T)),
+as Dream and Fast-dLLM v2 do (`nucleus_scores`; at T = 0 the logits themselves, truncated).
+Rows with top_p = 1 are never truncated, as in the Triton kernel.
 
 This runs on every masked position at every step and grows with the vocabulary (126k for LLaDA):
 the torch reference materialises [N, V] probabilities several times; the Triton kernel does one
@@ -24,7 +27,8 @@ from kernels.commit_types import CommitCandidates
 from kernels.dispatch import use_triton
 from kernels.noise import gumbel, uniform_noise
 
-__all__ = ["CommitCandidates", "commit_candidates", "commit_candidates_reference", "top_p_filter"]
+__all__ = ["CommitCandidates", "commit_candidates", "commit_candidates_reference",
+           "nucleus_scores", "tempered_nucleus", "top_p_filter"]
 
 
 def _per_row(x, n: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -43,7 +47,29 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def commit_candidates_reference(logits, temperature, top_p, seeds, positions, steps) -> CommitCandidates:
+def tempered_nucleus(lf: torch.Tensor, temp: torch.Tensor, topp: torch.Tensor) -> torch.Tensor:
+    """The logits a sampler draws from: lf / T (lf itself at T = 0), -inf outside the top_p
+    nucleus for rows with top_p < 1. lf [n, V] float32, temp/topp [n] -> [n, V]."""
+    z = lf / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+    cut = topp < 1
+    if bool(cut.any()):
+        z = torch.where(cut[:, None], top_p_filter(z, topp), z)
+    return z
+
+
+def nucleus_scores(z: torch.Tensor, tokens: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores on q = softmax(z), z from tempered_nucleus, as Dream's sample_tokens computes them
+    (its entropy with +1e-10 inside the log). -> (q(token), q1 - q2, -sum q log(q + 1e-10))."""
+    q = z.softmax(-1)
+    top2 = q.topk(min(2, q.shape[-1]), dim=-1).values
+    margin = top2[:, 0] - (top2[:, 1] if q.shape[-1] > 1 else 0)
+    entropy = -(q * (q + 1e-10).log()).sum(-1)  # Dream's epsilon, so its scores are ours
+    return q.gather(-1, tokens[:, None])[:, 0], margin, entropy
+
+
+def commit_candidates_reference(logits, temperature, top_p, seeds, positions, steps,
+                                sampled_scores=None) -> CommitCandidates:
     N, V = logits.shape
     lf = logits.float()
     temp = _per_row(temperature, N, lf.device)
@@ -55,21 +81,37 @@ def commit_candidates_reference(logits, temperature, top_p, seeds, positions, st
     entropy = -(probs * logp.clamp_min(-1e30)).sum(-1)
     tokens = lf.argmax(-1)
     sampled = temp > 0
-    if bool(sampled.any()):
-        rows = sampled.nonzero(as_tuple=True)[0]
-        scaled = lf[rows] / temp[rows, None]
-        filt = top_p_filter(scaled, topp[rows]) if bool((topp[rows] < 1).any()) else scaled
-        g = gumbel(uniform_noise(seeds[rows], positions[rows], steps[rows], V))
-        tokens = tokens.clone()
-        tokens[rows] = (filt + g).argmax(-1)
+    scored = sampled_scores.to(lf.device, torch.bool) if sampled_scores is not None \
+        else torch.zeros_like(sampled)
+    need = sampled | scored  # rows that need the tempered nucleus: computed once for both
+    if bool(need.any()):
+        rows = need.nonzero(as_tuple=True)[0]
+        z = tempered_nucleus(lf[rows], temp[rows], topp[rows])  # [n, V]
+        draw = sampled[rows]
+        if bool(draw.any()):
+            r = rows[draw]
+            g = gumbel(uniform_noise(seeds[r], positions[r], steps[r], V))
+            tokens = tokens.clone()
+            tokens[r] = (z[draw] + g).argmax(-1)
     confidence = probs.gather(-1, tokens[:, None])[:, 0]
+    if bool(scored.any()):
+        keep = scored[rows]
+        r = rows[keep]
+        c, m, e = nucleus_scores(z[keep], tokens[r])
+        confidence, margin, entropy = (x.clone().index_put_((r,), y) for x, y in
+                                       ((confidence, c), (margin, m), (entropy, e)))
     return CommitCandidates(tokens, confidence, margin, entropy)
 
 
-def commit_candidates(logits, temperature, top_p, seeds, positions, steps) -> CommitCandidates:
+def commit_candidates(logits, temperature, top_p, seeds, positions, steps,
+                      sampled_scores=None) -> CommitCandidates:
+    """sampled_scores: None, or bool [N]: rows scored on the tempered, top_p-truncated
+    distribution (model/sampling.py ScoringMode) instead of the raw softmax."""
     if use_triton(logits):
         from kernels import commit_select_triton  # imported when chosen: triton is optional on CPU
 
         return commit_select_triton.commit_candidates(logits, temperature, top_p, seeds,
-                                                      positions, steps)
-    return commit_candidates_reference(logits, temperature, top_p, seeds, positions, steps)
+                                                      positions, steps,
+                                                      sampled_scores=sampled_scores)
+    return commit_candidates_reference(logits, temperature, top_p, seeds, positions, steps,
+                                       sampled_scores)

@@ -21,6 +21,11 @@ at most MAX_SEARCH). Kept = tokens with z > lo, exactly the reference's nucleus 
 values; with tied values at the boundary the whole tie is kept (the reference keeps an arbitrary
 part of it, decided by its unstable sort). If the Gumbel winner of the first pass is inside the
 nucleus it is the answer (it is the max over a superset); otherwise one more pass samples inside.
+
+Rows flagged in `sampled_scores` (Dream, Fast-dLLM v2) are scored on q = softmax(z) over the
+nucleus z > lo, z = x / T (x itself at T = 0, where the search runs too when top_p < 1): two
+more passes give its normaliser and Dream's entropy -sum q log(q + 1e-10); confidence and
+margin follow from the normaliser and the top-2 values already found.
 """
 
 from __future__ import annotations
@@ -81,10 +86,11 @@ def _gumbel(idx, key, ACCURATE: tl.constexpr):
 def _commit_select_kernel(
     logits_ptr, stride_row, V,
     temp_ptr, topp_ptr, temp_value, topp_value,
-    seeds_ptr, pos_ptr, steps_ptr,
+    seeds_ptr, pos_ptr, steps_ptr, scored_ptr,
     tok_ptr, conf_ptr, margin_ptr, ent_ptr,
     TEMP_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, MAY_SAMPLE: tl.constexpr,
-    MAY_TOPP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
+    MAY_TOPP: tl.constexpr, MAY_NUCLEUS_SCORES: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
     N_THRESH: tl.constexpr, MAX_SEARCH: tl.constexpr, NEG_BIG: tl.constexpr,
     SALT: tl.constexpr, ACCURATE_LOG: tl.constexpr,
 ):
@@ -101,6 +107,12 @@ def _commit_select_kernel(
     else:
         topp = topp_value + 0.0 * row
     sampling = temp > 0.0
+    # scored: this row's scores come from the tempered, top-p-truncated distribution
+    scored = (row * 0) != 0
+    if MAY_NUCLEUS_SCORES:
+        scored = tl.load(scored_ptr + row) != 0
+    zscale = tl.where(sampling, temp, 1.0)  # z = x / zscale: tempered values (x itself at T = 0)
+    lo = float("-inf") + 0.0 * temp  # nucleus: kept = z > lo (everything without top-p)
     key = (row * 0).to(tl.uint32)
     if MAY_SAMPLE:
         # row_key of kernels.noise: three chained hashes of the low 32 bits of the coordinates
@@ -155,58 +167,61 @@ def _commit_select_kernel(
         if sampling:
             B = tl.max(best, axis=0)
             token = tl.min(tl.where(best == B, bi, 2147483647), axis=0)
-            if MAY_TOPP:
-                if topp < 1.0:
-                    # ---- nucleus: search the boundary in the tempered values z = x / T ----
-                    zmax = tl.math.div_rn(M, temp)
-                    # below zmax - log(V / (1 - p)) - 1 the whole tail weighs < 1 - p: dropped
-                    lo = zmax - (tl.log(V / (1.0 - topp)) + 1.0)
-                    hi = zmax
-                    kk = tl.arange(0, N_THRESH)
-                    frac = kk.to(tl.float32) / (N_THRESH - 1)
-                    sofs = tl.arange(0, BLOCK_S)
-                    n_between = row * 0 + 1
-                    it = row * 0
-                    while (it < MAX_SEARCH) & (n_between > 0):
-                        thr = lo + (hi - lo) * frac
-                        thr = tl.where(kk == 0, lo, tl.where(kk == N_THRESH - 1, hi, thr))
-                        mass = tl.zeros([N_THRESH], tl.float32)
-                        n_gt = tl.zeros([N_THRESH], tl.int32)
-                        n_ge = tl.zeros([N_THRESH], tl.int32)
-                        tot = tl.zeros([BLOCK_S], tl.float32)
-                        for start in range(0, V, BLOCK_S):
-                            idx = start + sofs
-                            x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
-                            z = tl.math.div_rn(x.to(tl.float32), temp)
-                            ez = tl.exp(z - zmax)
-                            tot += ez
-                            above = z[None, :] > thr[:, None]  # [N_THRESH, BLOCK_S]
-                            mass += tl.sum(tl.where(above, ez[None, :], 0.0), axis=1)
-                            n_gt += tl.sum(above.to(tl.int32), axis=1)
-                            n_ge += tl.sum((z[None, :] >= thr[:, None]).to(tl.int32), axis=1)
-                        total = tl.sum(tot, axis=0)
-                        dropped = mass >= topp * total  # mass above t >= p: t is below the cut
-                        kept = mass < topp * total
-                        new_lo = tl.max(tl.where(dropped, thr, float("-inf")), axis=0)
-                        new_hi = tl.min(tl.where(kept, thr, float("inf")), axis=0)
-                        # tokens strictly between: #(z > new_lo) - #(z >= new_hi)
-                        gt_lo = tl.max(tl.where(dropped & (thr == new_lo), n_gt, 0), axis=0)
-                        ge_hi = tl.max(tl.where(kept & (thr == new_hi), n_ge, 0), axis=0)
-                        n_between = gt_lo - ge_hi
-                        lo = new_lo
-                        hi = new_hi
-                        it += 1
+    if MAY_TOPP:
+        if (topp < 1.0) & (sampling | scored):
+            # ---- nucleus: search the boundary in the tempered values z = x / T ----
+            zmax = tl.math.div_rn(M, zscale)
+            # below zmax - log(V / (1 - p)) - 1 the whole tail weighs < 1 - p: dropped
+            lo = zmax - (tl.log(V / (1.0 - topp)) + 1.0)
+            hi = zmax
+            kk = tl.arange(0, N_THRESH)
+            frac = kk.to(tl.float32) / (N_THRESH - 1)
+            sofs = tl.arange(0, BLOCK_S)
+            n_between = row * 0 + 1
+            it = row * 0
+            while (it < MAX_SEARCH) & (n_between > 0):
+                thr = lo + (hi - lo) * frac
+                thr = tl.where(kk == 0, lo, tl.where(kk == N_THRESH - 1, hi, thr))
+                mass = tl.zeros([N_THRESH], tl.float32)
+                n_gt = tl.zeros([N_THRESH], tl.int32)
+                n_ge = tl.zeros([N_THRESH], tl.int32)
+                tot = tl.zeros([BLOCK_S], tl.float32)
+                for start in range(0, V, BLOCK_S):
+                    idx = start + sofs
+                    x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
+                    z = tl.math.div_rn(x.to(tl.float32), zscale)
+                    ez = tl.exp(z - zmax)
+                    tot += ez
+                    above = z[None, :] > thr[:, None]  # [N_THRESH, BLOCK_S]
+                    mass += tl.sum(tl.where(above, ez[None, :], 0.0), axis=1)
+                    n_gt += tl.sum(above.to(tl.int32), axis=1)
+                    n_ge += tl.sum((z[None, :] >= thr[:, None]).to(tl.int32), axis=1)
+                total = tl.sum(tot, axis=0)
+                dropped = mass >= topp * total  # mass above t >= p: t is below the cut
+                kept = mass < topp * total
+                new_lo = tl.max(tl.where(dropped, thr, float("-inf")), axis=0)
+                new_hi = tl.min(tl.where(kept, thr, float("inf")), axis=0)
+                # tokens strictly between: #(z > new_lo) - #(z >= new_hi)
+                gt_lo = tl.max(tl.where(dropped & (thr == new_lo), n_gt, 0), axis=0)
+                ge_hi = tl.max(tl.where(kept & (thr == new_hi), n_ge, 0), axis=0)
+                n_between = gt_lo - ge_hi
+                lo = new_lo
+                hi = new_hi
+                it += 1
+            if MAY_SAMPLE:
+                if sampling:
                     # kept: z > lo. The first pass's winner is the answer when it is kept.
                     x_tok = tl.load(base + token).to(tl.float32)
-                    if tl.math.div_rn(x_tok, temp) <= lo:
+                    if tl.math.div_rn(x_tok, zscale) <= lo:
                         best = tl.full([BLOCK_V], float("-inf"), tl.float32)
                         bi = tl.zeros([BLOCK_V], tl.int32)
                         for start in range(0, V, BLOCK_V):
                             idx = start + offs
                             x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
                             x = x.to(tl.float32)
-                            z = tl.math.div_rn(x, temp)
-                            score = tl.where(z > lo, z + _gumbel(idx, key, ACCURATE_LOG), float("-inf"))
+                            z = tl.math.div_rn(x, zscale)
+                            score = tl.where(z > lo, z + _gumbel(idx, key, ACCURATE_LOG),
+                                             float("-inf"))
                             better = score > best
                             best = tl.where(better, score, best)
                             bi = tl.where(better, idx, bi)
@@ -214,8 +229,33 @@ def _commit_select_kernel(
                         token = tl.min(tl.where(best == B, bi, 2147483647), axis=0)
 
     x_tok = tl.load(base + token).to(tl.float32)  # one reload beats a logit per lane in registers
+    confidence = tl.exp(x_tok - M) / S
+    if MAY_NUCLEUS_SCORES:
+        if scored:
+            # scores on q = softmax(z) over the kept tokens z > lo (Dream's sample_tokens): two
+            # more passes, the normaliser and then sum q log(q + 1e-10) with Dream's epsilon,
+            # which needs q itself, so it cannot be folded into the online pass
+            zmax = tl.math.div_rn(M, zscale)  # division by zscale > 0 keeps the order
+            sz = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                z = tl.math.div_rn(tl.load(base + idx, mask=idx < V,
+                                           other=float("-inf")).to(tl.float32), zscale)
+                sz += tl.where(z > lo, tl.exp(z - zmax), 0.0)
+            SZ = tl.sum(sz, axis=0)
+            ez = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                idx = start + offs
+                z = tl.math.div_rn(tl.load(base + idx, mask=idx < V,
+                                           other=float("-inf")).to(tl.float32), zscale)
+                q = tl.where(z > lo, tl.exp(z - zmax) / SZ, 0.0)
+                ez += q * tl.log(q + 1e-10)
+            entropy = -tl.sum(ez, axis=0)
+            confidence = tl.exp(tl.math.div_rn(x_tok, zscale) - zmax) / SZ
+            z2 = tl.math.div_rn(T2, zscale)
+            margin = (1.0 - tl.where(z2 > lo, tl.exp(z2 - zmax), 0.0)) / SZ
     tl.store(tok_ptr + row, token.to(tl.int64))
-    tl.store(conf_ptr + row, tl.exp(x_tok - M) / S)
+    tl.store(conf_ptr + row, confidence)
     tl.store(margin_ptr + row, margin)
     tl.store(ent_ptr + row, entropy)
 
@@ -231,8 +271,10 @@ def _as_param(x, n: int, device) -> tuple[torch.Tensor | None, float, bool]:
 
 def commit_candidates(logits: torch.Tensor, temperature, top_p, seeds: torch.Tensor,
                       positions: torch.Tensor, steps: torch.Tensor,
-                      block_v: int | None = None) -> CommitCandidates:
-    """logits [N, V]; temperature, top_p: floats or [N]; seeds/positions/steps: [N] int."""
+                      block_v: int | None = None,
+                      sampled_scores: torch.Tensor | None = None) -> CommitCandidates:
+    """logits [N, V]; temperature, top_p: floats or [N]; seeds/positions/steps: [N] int;
+    sampled_scores: None or bool [N], rows scored on the tempered top-p nucleus."""
     N, V = logits.shape
     dev = logits.device
     if logits.stride(-1) != 1:
@@ -247,7 +289,13 @@ def commit_candidates(logits: torch.Tensor, temperature, top_p, seeds: torch.Ten
     topp_t, topp_v, topp_rows = _as_param(top_p, N, dev)
     # Without per-row tensors the flags are known here, and the unused paths are not compiled.
     may_sample = temp_rows or temp_v > 0
-    may_topp = may_sample and (topp_rows or topp_v < 1)
+    # rows scored on the nucleus need the search and two more passes; callers pass None when
+    # no row is (known on the host from the requests' settings), so no sync and, without any,
+    # those paths are not compiled
+    may_nucleus = sampled_scores is not None
+    may_topp = (may_sample or may_nucleus) and (topp_rows or topp_v < 1)
+    scored = sampled_scores.to(device=dev, dtype=torch.int8).contiguous() if may_nucleus \
+        else tokens
 
     def ints(x):
         if x is None:
@@ -259,10 +307,10 @@ def commit_candidates(logits: torch.Tensor, temperature, top_p, seeds: torch.Ten
         logits, logits.stride(0), V,
         temp_t if temp_t is not None else conf, topp_t if topp_t is not None else conf,
         temp_v, topp_v,
-        ints(seeds), ints(positions), ints(steps),
+        ints(seeds), ints(positions), ints(steps), scored,
         tokens, conf, margin, entropy,
         TEMP_PER_ROW=temp_rows, TOPP_PER_ROW=topp_rows, MAY_SAMPLE=may_sample,
-        MAY_TOPP=may_topp, BLOCK_V=block_v or BLOCK_V, BLOCK_S=BLOCK_SEARCH,
+        MAY_TOPP=may_topp, MAY_NUCLEUS_SCORES=may_nucleus, BLOCK_V=block_v or BLOCK_V, BLOCK_S=BLOCK_SEARCH,
         N_THRESH=N_THRESH, MAX_SEARCH=MAX_SEARCH, NEG_BIG=NEG_BIG, SALT=SALT_VOCAB, ACCURATE_LOG=ACCURATE_LOG,
         num_warps=8,
     )

@@ -4,8 +4,10 @@
     # q: [B, H, L, hd], k: [B, Hkv, L, hd] (any strides, e.g. the transposed views the attention
     # module makes); cos, sin: [B or 1, 1, L, hd] as kernels.rotary.rotary_cos_sin returns
 
-    out[..., :h] = x1 * cos[:h] - x2 * sin[:h];  out[..., h:] = x2 * cos[h:] + x1 * sin[h:]
-    (h = hd / 2, x1 = x[..., :h], x2 = x[..., h:]), in float32, stored in q's / k's dtype.
+    out[..., :h] = x1 * cos[:h] - x2 * sin[:h];  out[h:rd] = x2 * cos[h:] + x1 * sin[h:]
+    (rd = cos.shape[-1] <= hd, h = rd / 2, x1 = x[..., :h], x2 = x[..., h:rd]), in float32,
+    stored in q's / k's dtype; partial rotary (rd < hd) copies dims [rd, hd) through in the
+    same program.
 
 Grid: one program per (b, l) position and group of heads; the first programs of the second
 axis take q's heads, the rest k's, so q and k share a launch and the cos/sin row is read once per
@@ -22,8 +24,8 @@ import triton.language as tl
 
 @triton.jit
 def _rotate(in_ptr, out_ptr, b, li, h0, n_heads, c1, c2, s1, s2,
-            si_b, si_h, si_l, so_b, so_h, so_l, half,
-            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+            si_b, si_h, si_l, so_b, so_h, so_l, half, rest,
+            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
     heads = h0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     valid = (heads[:, None] < n_heads) & (cols[None, :] < half)
@@ -36,16 +38,24 @@ def _rotate(in_ptr, out_ptr, b, li, h0, n_heads, c1, c2, s1, s2,
     ty = out_ptr.dtype.element_ty
     tl.store(dst, o1.to(ty), mask=valid)
     tl.store(dst + half, o2.to(ty), mask=valid)
+    if BLOCK_REST > 0:  # partial rotary: dims [2 * half, hd) pass through unchanged
+        rcols = tl.arange(0, BLOCK_REST)
+        rvalid = (heads[:, None] < n_heads) & (rcols[None, :] < rest)
+        rsrc = in_ptr + b * si_b + li * si_l + heads[:, None].to(tl.int64) * si_h \
+            + 2 * half + rcols[None, :]
+        rdst = out_ptr + b * so_b + li * so_l + heads[:, None].to(tl.int64) * so_h \
+            + 2 * half + rcols[None, :]
+        tl.store(rdst, tl.load(rsrc, mask=rvalid, other=0.0), mask=rvalid)
 
 
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
-    L, H, Hkv, half,
+    L, H, Hkv, half, rest,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
     sqo_b, sqo_h, sqo_l, sko_b, sko_h, sko_l,
     sc_b, sc_l, ss_b, ss_l,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
 ):
     pos = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -62,10 +72,12 @@ def _rotary_kernel(
     n_q_groups = tl.cdiv(H, BLOCK_H)
     if g < n_q_groups:
         _rotate(q_ptr, qo_ptr, b, li, g * BLOCK_H, H, c1, c2, s1, s2,
-                sq_b, sq_h, sq_l, sqo_b, sqo_h, sqo_l, half, BLOCK_H, BLOCK_HALF)
+                sq_b, sq_h, sq_l, sqo_b, sqo_h, sqo_l, half, rest, BLOCK_H, BLOCK_HALF,
+                BLOCK_REST)
     else:
         _rotate(k_ptr, ko_ptr, b, li, (g - n_q_groups) * BLOCK_H, Hkv, c1, c2, s1, s2,
-                sk_b, sk_h, sk_l, sko_b, sko_h, sko_l, half, BLOCK_H, BLOCK_HALF)
+                sk_b, sk_h, sk_l, sko_b, sko_h, sko_l, half, rest, BLOCK_H, BLOCK_HALF,
+                BLOCK_REST)
 
 
 def _bcast_bl(t: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, int, int]:
@@ -80,8 +92,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, L, hd = q.shape
     Hkv = k.shape[1]
-    if hd % 2:
-        raise ValueError(f"rotary needs an even head_dim, got {hd}")
+    rd = cos.shape[-1]  # rotary dims: hd, or fewer for partial rotary
+    if rd % 2 or rd > hd:
+        raise ValueError(f"rotary needs an even rotary dim <= head_dim, got {rd} of {hd}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -92,17 +105,18 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         return q_out, k_out
     cos, sc_b, sc_l = _bcast_bl(cos, B, L)
     sin, ss_b, ss_l = _bcast_bl(sin, B, L)
-    half = hd // 2
+    half, rest = rd // 2, hd - rd
     BLOCK_H = min(triton.next_power_of_2(max(H, Hkv)), 16)
     grid = (B * L, triton.cdiv(H, BLOCK_H) + triton.cdiv(Hkv, BLOCK_H))
     _rotary_kernel[grid](
         q, k, q_out, k_out, cos, sin,
-        L, H, Hkv, half,
+        L, H, Hkv, half, rest,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         sc_b, sc_l, ss_b, ss_l,
         BLOCK_H=BLOCK_H, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_REST=triton.next_power_of_2(rest) if rest else 0,
         num_warps=4,
     )
     return q_out, k_out

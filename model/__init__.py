@@ -10,7 +10,13 @@ network every family is loaded onto), loaders/ (LLaDA, Dream, DiffuLLaMA, DiffuG
 and our own checkpoints, from local directories, no remote code), tokenizer.py (tiny-coder's BPE)
 and hf_tokenizer.py (published tokenizers, same interface), families.py (sampler defaults per
 family), diffusion.py (noising, loss, block masks), sampling.py (the reference sampler),
-cache.py (KV cache), checkpoint.py (our checkpoint format), train.py, data.py.
+cache.py (KV cache), checkpoint.py (our checkpoint format), train.py, data.py;
+diffusion_gemma.py (DiffusionGemma's own network: causal encoder + bidirectional decoder, MoE,
+self-conditioning) and uniform.py (uniform, renoising diffusion: its sampler and the
+entropy-bound rule); moe.py (the mixture-of-experts layer of LLaDA2.x, LLaDA-MoE, SDAR-MoE:
+routers, the grouped-GEMM expert path and its per-expert reference); lora.py (LoRA adapters as
+hooks: many resident, one per batch row, LRU slots, merge) with loaders/lora.py (the PEFT
+format) and train_lora.py (`dllm train --lora`).
 
 The re-exports below are imported lazily, so `import model.config` stays light.
 """

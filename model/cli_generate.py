@@ -5,7 +5,9 @@
     dllm generate --model /models/LLaDA-8B-Instruct --prompt "..." --block-length 32
     dllm generate --model /models/LLaDA-8B-Instruct --prompt "..." --tensor-parallel 2 --device cuda
 
-`--steps` is denoising steps per block. `--show-steps` redraws the generated region after every
+`--steps` is denoising steps per block. Without sampler flags the model family's published
+sampler is used (model/families.py; docs/models.md lists it): Dream's diffusion_generate,
+LLaDA's generate, ...; each flag given overrides one setting of it. `--show-steps` redraws the generated region after every
 step, masks shown as a shaded block, so you can watch the text appear out of the masks.
 
 One path for every tensor-parallel degree: `complete` builds the prompt, heals its last token,
@@ -24,7 +26,14 @@ from model.families import family_defaults
 from model.healing import heal_prompt
 from model.loaders import load_pretrained, resolve_device, torch_dtype
 from model.parallel import load_sharded, run_tp
-from model.sampling import REMASKING_RULES, GenerationResult, SamplingParams, generate
+from model.sampling import (
+    REMASKING_RULES,
+    SCORING_MODES,
+    GenerationResult,
+    SamplingParams,
+    generate,
+)
+from model.schedule import STEP_SCHEDULES
 
 log = logging.getLogger("dllm.generate")
 
@@ -46,12 +55,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suffix", default=None, help="fill in the middle between prompt and suffix")
     p.add_argument("--model", default="tiny-coder", help="preset name or checkpoint directory")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per block")
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--remasking", choices=REMASKING_RULES, default="low_confidence")
+    # Sampler flags default to None: the model family's published sampler (model/families.py,
+    # the table in docs/models.md) fills whatever is not given.
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps per block (default: the family's)")
+    p.add_argument("--block-length", type=int, default=None, help="default: the family's")
+    p.add_argument("--remasking", choices=REMASKING_RULES, default=None)
     p.add_argument("--confidence-threshold", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--step-schedule", choices=STEP_SCHEDULES, default=None,
+                   help="commits per step: even (LLaDA) or dream (Dream's time schedule)")
+    p.add_argument("--scoring", choices=SCORING_MODES, default=None,
+                   help="distribution positions are scored on: raw, nucleus (Dream), drawn")
+    p.add_argument("--sub-block-length", type=int, default=None,
+                   help="Fast-dLLM v2's sub-block decoding inside each block")
+    p.add_argument("--family-option", action="append", default=[], metavar="NAME",
+                   help="switch on a published option of the family, e.g. "
+                        "confidence_eos_eot_inf or logits_eos_inf (LLaDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--no-cache", action="store_true", help="recompute instead of the KV cache")
@@ -62,17 +83,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
 
 
+# command-line flag -> SamplingParams field, for the flags that override a family default
+_OVERRIDES = {"remasking": "remasking", "confidence_threshold": "confidence_threshold",
+              "temperature": "temperature", "top_p": "top_p", "step_schedule": "step_schedule",
+              "scoring": "scoring", "sub_block_length": "sub_block_length"}
+
+
 def sampling_params(args: argparse.Namespace, cfg) -> SamplingParams:
-    """The command line's settings, the model's defaults where none is given, and the family's
-    suppressed and deferred tokens (model/families.py), as the server uses them."""
-    fam = family_defaults(cfg)
-    return SamplingParams(
-        max_new_tokens=args.max_tokens, steps=args.steps or cfg.default_steps_per_block,
-        block_length=args.block_length or cfg.block_length, remasking=args.remasking,
-        confidence_threshold=args.confidence_threshold, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache,
-        suppress_token_ids=list(fam.suppress_token_ids),
-        defer_token_ids=list(fam.defer_token_ids))
+    """The family's published sampler (model/families.py: block, steps, rule, temperature,
+    top_p, its exact-sampler settings, suppressed and deferred tokens, as the server uses them)
+    with every flag the command line gives over it."""
+    fam = family_defaults(cfg).with_options(**{name: True for name in args.family_option})
+    kw = fam.sampling_kwargs(args.max_tokens)
+    if args.block_length is not None:
+        kw["block_length"] = args.block_length
+        if args.steps is None:  # the family's steps per block, within the new block
+            kw["steps"] = min(fam.steps_per_block or args.block_length, args.block_length)
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    kw |= {fld: getattr(args, flag) for flag, fld in _OVERRIDES.items()
+           if getattr(args, flag) is not None}
+    return SamplingParams(**kw, seed=args.seed, stop=args.stop,
+                          use_cache=not args.no_cache).validate()
 
 
 def step_printer(args: argparse.Namespace, tok, cfg):
@@ -98,6 +130,14 @@ def complete(net, tok, cfg, args: argparse.Namespace,
     -> (result, healed): `healed` is the prompt's tail that healing moved into the completion
     (e.g. "\\n" of "class Point:\\n"), which the printed text leaves out."""
     params = sampling_params(args, cfg)
+    if family_defaults(cfg).process == "uniform":  # DiffusionGemma: model/uniform.py
+        from model.uniform import generate_uniform, uniform_params
+
+        if args.suffix is not None:
+            raise SystemExit(f"{cfg.extra.get('family')} does not support fill-in-the-middle")
+        prompt_ids, _ = build_prompt(tok, cfg, args.prompt, None)
+        return generate_uniform(net, prompt_ids, uniform_params(cfg, params), tokenizer=tok,
+                                on_step=on_step), ""
     prompt_ids, suffix_ids = build_prompt(tok, cfg, args.prompt, args.suffix)
     healed = ""
     if args.suffix is None:

@@ -34,6 +34,11 @@ class ModelConfig:
     n_kv_heads: int = 2  # GQA: 2 KV heads halve the KV cache
     mlp_hidden: int = 640  # SwiGLU hidden ~ 8/3 * d_model, rounded to a multiple of 64
     rope_theta: float = 10000.0
+    # Context extension of the rotary (model/rope.py): None, or {"rope_type": "linear" |
+    # "dynamic" | "yarn" | "llama3", "factor": ..., ...} as checkpoints' rope_scaling carry it.
+    rope_scaling: dict | None = None
+    # Rotate only this fraction of each head's dims (LLaDA2.x: 0.5); the rest pass through.
+    partial_rotary_factor: float = 1.0
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     # Special token ids (the tokenizer puts them first in the vocabulary).
@@ -63,6 +68,31 @@ class ModelConfig:
     time_freq_dim: int = 128
     time_scale: float = 1000.0
     lm_head_bias: bool = False  # DiT's output layer carries a bias
+    # Per-head width when it is not d_model / n_heads (Qwen3 / SDAR-4B: 2560 / 32 heads, 128 each).
+    attn_head_dim: int | None = None
+    # RMSNorm over each head of q and k before the rotary (Qwen3/SDAR, LLaDA2.x, LLaDA-MoE).
+    qk_norm: bool = False
+    # Mixture of experts (model/moe.py). n_experts 0: a dense MLP in every layer (every family
+    # before LLaDA2.x). Layers [0, first_k_dense) keep the dense MLP of width mlp_hidden.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_hidden: int = 0  # width of each routed expert
+    shared_expert_hidden: int = 0  # width of the shared expert(s) every token takes (0: none)
+    first_k_dense: int = 0
+    # "softmax" (Qwen3-MoE / OLMoE / LLaDA-MoE) or "sigmoid_group" (LLaDA2.x: group-limited
+    # sigmoid top-k with expert bias)
+    moe_router: Literal["softmax", "sigmoid_group"] = "softmax"
+    moe_norm_topk: bool = False  # renormalise the k routing weights to sum to 1
+    moe_expert_bias: bool = False  # a per-expert bias (expert_bias) added to the router scores
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_routed_scaling: float = 1.0
+    # Where blocks start (block-causal models): "prompt" = the prompt is one bidirectional
+    # segment and blocks start where it ends (BD3-LM, tiny-coder); "zero" = blocks are aligned
+    # to position 0, the prompt itself is cut into blocks that attend block-causally and
+    # generation starts mid-block, the canvas padded to a block boundary (LLaDA2.x, SDAR,
+    # Fast-dLLM v2: their authors' generate).
+    block_align: Literal["prompt", "zero"] = "prompt"
     # Sampler defaults for this model (a server may override per request).
     default_steps_per_block: int = 8
     extra: dict = field(default_factory=dict)
@@ -70,10 +100,15 @@ class ModelConfig:
     # --- derived -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head the rotary turns (even; the first ones, as transformers does)."""
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
+        if self.d_model % self.n_heads and not self.attn_head_dim:
             raise ValueError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
@@ -81,6 +116,14 @@ class ModelConfig:
             raise ValueError(f"attention must be 'full' or 'block_causal', got {self.attention!r}")
         if self.arch not in ("llama", "gpt2", "dit"):
             raise ValueError(f"arch must be 'llama', 'gpt2' or 'dit', got {self.arch!r}")
+        if self.block_align not in ("prompt", "zero"):
+            raise ValueError(f"block_align must be 'prompt' or 'zero', got {self.block_align!r}")
+        if self.n_experts and not 0 < self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token {self.experts_per_token} must be in "
+                             f"1..n_experts ({self.n_experts})")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], "
+                             f"got {self.partial_rotary_factor}")
 
     # --- presets -------------------------------------------------------------------------
     @classmethod

@@ -9,7 +9,9 @@
 Sharding (Megatron's split, the plan in model/loaders/tp.py): wq/wk/wv and the MLP's w1/w3
 (gate/up, or GPT-2's fc) are column-parallel, so each rank owns whole heads and a slice of the
 hidden units; wo and w2 (or proj) are row-parallel and followed by an all-reduce added as a
-forward hook: two all-reduces per block, and the residual stream stays replicated. Head counts
+forward hook: two all-reduces per block, and the residual stream stays replicated. A
+mixture-of-experts MLP is expert-parallel (each rank whole experts, the router replicated, one
+all-reduce on the MoE's output; model/loaders/tp.py says why). Head counts
 are divided on the Attention modules (the forward reshapes with -1 heads, so it needs no change).
 Embeddings, norms, adaLN and the time embedding are replicated; the LM head too, unless
 `vocab_parallel=True` splits it by vocabulary rows and all-gathers the logits (saves V*d weights
@@ -49,6 +51,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.loaders import load_pretrained
 from model.loaders import tp as plan
+from model.moe import MoE
 from model.sampling import generate
 from model.transformer import Attention, DiffusionTransformer
 
@@ -64,7 +67,7 @@ class ShardConfig(ModelConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // (self.n_heads * self.tp_size)
+        return self.attn_head_dim or self.d_model // (self.n_heads * self.tp_size)
 
 
 def shard_config(cfg: ModelConfig, rank: int, world_size: int) -> ShardConfig:
@@ -88,6 +91,8 @@ def unshard_config(cfg: ModelConfig) -> ModelConfig:
 
 def check_shardable(cfg: ModelConfig, world_size: int, vocab_parallel: bool = False) -> None:
     plan.check_divisible(cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden, world_size)
+    if cfg.n_experts:
+        plan.check_experts_divisible(cfg.n_experts, cfg.shared_expert_hidden, world_size)
     if vocab_parallel and cfg.vocab_size % world_size:
         raise ValueError(f"vocab-parallel LM head needs vocab_size ({cfg.vocab_size}) "
                          f"divisible by {world_size}")
@@ -163,6 +168,9 @@ def apply_tp(model: DiffusionTransformer, rank: int | None = None, world_size: i
     tied = model.lm_head.weight is model.tok_embeddings.weight
     for mod_name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
+            if isinstance(module, MoE):  # expert parallel (model/loaders/tp.py)
+                _shard_experts(module, rank, world_size)
+                module.register_forward_hook(_reduce_hook(group))
             if isinstance(module, Attention):
                 module.n_heads = cfg.n_heads // world_size
                 module.n_kv_heads = cfg.n_kv_heads // world_size
@@ -174,7 +182,9 @@ def apply_tp(model: DiffusionTransformer, rank: int | None = None, world_size: i
         _shard_linear(module, mod_name, dim, rank, world_size, vocab, cfg)
         if vocab:
             module.register_forward_hook(_gather_hook(world_size, group))
-        elif dim == 1:  # row-parallel: partial sums
+        elif dim == 1 and ".mlp.shared." not in f".{mod_name}":
+            # row-parallel: partial sums (a MoE's shared expert is summed with its experts'
+            # part by the one all-reduce on the MoE's output)
             module.register_forward_hook(_reduce_hook(group))
     if tied and not vocab_parallel:
         model.lm_head.weight = model.tok_embeddings.weight
@@ -186,6 +196,8 @@ def apply_tp(model: DiffusionTransformer, rank: int | None = None, world_size: i
 def _full_features(mod_name: str, cfg: ModelConfig) -> int:
     """Size of the split dimension of Linear `mod_name` in the full model."""
     leaf = mod_name.rsplit(".", 1)[-1]
+    if ".shared." in mod_name:
+        return cfg.shared_expert_hidden
     if leaf in ("wq", "wo"):
         return cfg.n_heads * cfg.head_dim
     if leaf in ("wk", "wv"):
@@ -193,6 +205,20 @@ def _full_features(mod_name: str, cfg: ModelConfig) -> int:
     if leaf == "lm_head":
         return cfg.vocab_size
     return cfg.mlp_hidden  # w1, w3, w2; GPT-2's fc, proj
+
+
+def _shard_experts(moe: MoE, rank: int, world_size: int) -> None:
+    """Keep experts [rank*E/n, (rank+1)*E/n) of a MoE (unless a loader kept only those)."""
+    n_local = moe.n_experts // world_size
+    for leaf in plan.EXPERTS:
+        p = getattr(moe, leaf)
+        if p.shape[0] == moe.n_experts:
+            setattr(moe, leaf, nn.Parameter(p.data.narrow(0, rank * n_local, n_local).clone(),
+                                            requires_grad=p.requires_grad))
+        elif p.shape[0] != n_local:
+            raise ValueError(f"MoE {leaf}: {p.shape[0]} experts, expected {moe.n_experts} "
+                             f"(full) or {n_local} (this rank's)")
+    moe.n_local, moe.expert_offset = n_local, rank * n_local
 
 
 def _shard_linear(linear: nn.Linear, name: str, dim: int, rank: int, world_size: int,
@@ -217,11 +243,14 @@ def _shard_linear(linear: nn.Linear, name: str, dim: int, rank: int, world_size:
 
 def load_sharded(path_or_preset, rank: int, world_size: int, *, group=None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 vocab_parallel: bool = False):
+                 vocab_parallel: bool = False, rope_scaling: dict | None = None,
+                 max_model_len: int | None = None):
     """Any checkpoint model/loaders reads (published formats, ours, "tiny-coder"), sliced per
-    rank on the way from disk, then wired for TP. -> (net, tokenizer, full ModelConfig)."""
+    rank on the way from disk, then wired for TP. -> (net, tokenizer, full ModelConfig).
+    rope_scaling / max_model_len: the deploy-time context overrides, the same on every rank."""
     net, tok, cfg = load_pretrained(path_or_preset, device=device, dtype=dtype, tp_rank=rank,
-                                    tp_size=world_size, progress=rank == 0)
+                                    tp_size=world_size, progress=rank == 0,
+                                    rope_scaling=rope_scaling, max_model_len=max_model_len)
     return apply_tp(net, rank, world_size, group, vocab_parallel=vocab_parallel), tok, cfg
 
 

@@ -4,7 +4,9 @@
     logits = net(input_ids, t=t)                       # [B, L] -> [B, L, V]; logits[:, i] predicts token i
     logits = net(ids, positions=pos, t=t, attn=ctx)    # with a mask or a KV cache (model/cache.py)
 
-Blocks: pre-norm RMSNorm, NeoX rotary, grouped-query attention, SwiGLU. With time conditioning
+Blocks: pre-norm RMSNorm, NeoX rotary, grouped-query attention, SwiGLU; optionally per-head
+q/k RMSNorm (`qk_norm`) and a mixture-of-experts MLP after the first `first_k_dense` layers
+(`n_experts`, model/moe.py) for Qwen3/SDAR, LLaDA2.x and LLaDA-MoE. With time conditioning
 (Mercury's recipe, after DiT) a timestep embedding of the per-token noise level t feeds each block
 an adaptive LayerNorm: shift/scale on both norms and a gate on both residual branches. Clean
 tokens (prompt, finished blocks) carry t = 0 and the active block its masked fraction, exactly as
@@ -29,6 +31,8 @@ from kernels.attention import Ragged, attention, ragged_attention
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary, rotary_cos_sin
 from model.config import ModelConfig
+from model.moe import MoE
+from model.rope import rope_frequencies
 
 
 class AttentionContext(Protocol):
@@ -112,12 +116,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.arch == "gpt2")
         self.rotary = cfg.arch != "gpt2"
+        # Qwen3 / LLaDA2.x / LLaDA-MoE: RMSNorm over each head of q and k, before the rotary
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, attn: AttentionContext, layer: int):
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
         k = self.wk(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         v = self.wv(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             q, k = apply_rotary(q, k, cos, sin)
         out = attn.attend(layer, q, k, v)  # [B, H, L, hd]
@@ -145,13 +154,23 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+def _moe(cfg: ModelConfig) -> MoE:
+    """The mixture-of-experts MLP of a config with n_experts (model/moe.py)."""
+    return MoE(cfg.d_model, cfg.n_experts, cfg.experts_per_token, cfg.moe_hidden,
+               router=cfg.moe_router, norm_topk_prob=cfg.moe_norm_topk,
+               expert_bias=cfg.moe_expert_bias, n_group=cfg.moe_n_group,
+               topk_group=cfg.moe_topk_group, routed_scaling_factor=cfg.moe_routed_scaling,
+               shared_hidden=cfg.shared_expert_hidden)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = _norm(cfg)
-        self.mlp = MLP(cfg)
+        # MoE families keep a dense MLP in their first `first_k_dense` layers (LLaDA2.x: 1)
+        self.mlp = _moe(cfg) if cfg.n_experts and layer >= cfg.first_k_dense else MLP(cfg)
         # adaLN: temb -> (shift, scale, gate) for attention and MLP. Zero-initialised so the
         # untrained block is a plain pre-norm block (scale 1+0, gate 1+0), which trains faster
         # on CPU budgets than DiT's gate-0 start.
@@ -176,7 +195,7 @@ class DiffusionTransformer(nn.Module):
             if cfg.arch == "gpt2" else None
         self.time_embed = TimestepEmbedder(cfg.time_embed_dim, cfg.time_freq_dim, cfg.time_scale) \
             if cfg.time_conditioning else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = _norm(cfg)
         self.final_ada = nn.Linear(cfg.time_embed_dim, 2 * cfg.d_model) \
             if cfg.time_conditioning else None
@@ -197,35 +216,62 @@ class DiffusionTransformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    def _rope(self, device) -> tuple[torch.Tensor, float]:
+        """The rotary's inv_freq [rotary_dim / 2] on `device` and its attention scaling
+        (model/rope.py: scaling type, partial rotary), computed once per device and config.
+        Not a buffer: loaders build the net on the meta device and fill parameters only."""
+        key = (str(device), self.cfg.rope_theta, self.cfg.rotary_dim, self.cfg.max_seq_len,
+               repr(self.cfg.rope_scaling))
+        cached = getattr(self, "_rope_cache", None)
+        if cached is None or cached[0] != key:
+            inv_freq, scale = rope_frequencies(self.cfg)
+            cached = (key, inv_freq.to(device), scale)
+            self._rope_cache = cached
+        return cached[1], cached[2]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 t: torch.Tensor | None = None, attn: AttentionContext | None = None,
-                logits_slice: slice | torch.Tensor | None = None) -> torch.Tensor:
+                logits_slice: slice | torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None,
+                layers: tuple[int, int] | None = None) -> torch.Tensor:
         """input_ids: [B, L]; positions: [B, L] (default 0..L-1); t: [B] or [B, L] noise level of
         each token (0 = clean; required for time-conditioned models). Returns logits [B, L, V]
         (or [B, L', V] for `logits_slice`, to skip the LM head on positions nobody reads: a slice,
-        or a long tensor [B, L'] of positions per row, as the engine's batches need)."""
+        or a long tensor [B, L'] of positions per row, as the engine's batches need; with
+        cfg.logit_shift index L, the token after the input, may be asked for too).
+
+        layers=(lo, hi) runs only layers lo..hi-1 (the engine's chunked prefill, which writes a
+        long prompt's K/V a few layers per iteration): `hidden` [B, L, d] is the input of layer
+        lo (None: the embeddings, lo = 0), and for hi < n_layers the result is the hidden state
+        [B, L, d] after layer hi-1 instead of logits."""
         B, L = input_ids.shape
         cfg = self.cfg
         if positions is None:
             positions = torch.arange(L, device=input_ids.device).expand(B, L)
         attn = attn if attn is not None else DenseAttention()
-        x = self.tok_embeddings(input_ids)  # [B, L, d]
+        x = self.tok_embeddings(input_ids) if hidden is None else hidden  # [B, L, d]
         cos = sin = None
         if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(positions)
+            if hidden is None:
+                x = x + self.pos_embeddings(positions)
         else:
-            cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=x.dtype)
+            inv_freq, attn_scale = self._rope(input_ids.device)
+            cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=x.dtype,
+                                      inv_freq=inv_freq, attention_scaling=attn_scale)
         temb = None
         if self.time_embed is not None:
             if t is None:
                 t = torch.zeros(B, device=input_ids.device)
             t = t.float()
             temb = self.time_embed(t[:, None] if t.dim() == 1 else t)  # [B, L or 1, E]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, temb, cos, sin, attn, i)
+        lo, hi = layers if layers is not None else (0, len(self.layers))
+        for i in range(lo, hi):
+            x = self.layers[i](x, temb, cos, sin, attn, i)
+        if hi < len(self.layers):
+            return x  # [B, L, d]: the input of layer hi (a chunked prefill's next group)
         if self.final_ada is not None:
             shift, scale = self.final_ada(F.silu(temb)).chunk(2, dim=-1)
             x = self.norm(x, shift, scale)
@@ -233,7 +279,12 @@ class DiffusionTransformer(nn.Module):
             x = self.norm(x)
         if cfg.logit_shift:
             # hidden state i-1 predicts token i (AR-adapted models); position 0 keeps its own.
-            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+            # Index L (one past the input) holds the last state: the next token after the input,
+            # which a logits_slice may ask for (Fast-dLLM v2's autoregressive block start).
+            n_in = x.shape[1]
+            x = torch.cat([x[:, :1], x], dim=1)
+            if logits_slice is None:
+                x = x[:, :n_in]
         if isinstance(logits_slice, torch.Tensor):
             x = x.gather(1, logits_slice[:, :, None].expand(-1, -1, x.shape[-1]))
         elif logits_slice is not None:

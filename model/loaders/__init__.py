@@ -24,6 +24,15 @@ Formats, detected from config.json (`model_type`; our own format by its field na
 | gpt2         | diffugpt   | gpt2.py    | full          | yes         |
 | bd3lm        | bd3lm      | bd3lm.py   | block-causal  | no          |
 | mdlm         | mdlm       | bd3lm.py   | full          | no          |
+| llada2_moe   | llada2     | llada2.py  | block-causal* | no          |
+| (LLaDAMoEModelLM) | llada_moe | llada_moe.py | full     | no          |
+| sdar, sdar_moe | sdar     | sdar.py    | block-causal* | no          |
+| Fast_dLLM_Qwen | fast_dllm_v2 | fast_dllm.py | block-causal* | yes      |
+| diffusion_gemma | diffusion_gemma | diffusion_gemma.py | canvas over a causal cache | no (own network) |
+
+`architectures` is read before model_type (LLaDA-MoE's config says "llada"). * blocks aligned
+to position 0 (cfg.block_align "zero"). MoE layers: model/moe.py; mask ids missing from
+config.json: special_ids.py.
 
 A `model_type: "llama"` / `"gpt2"` directory is taken to be DiffuLLaMA / DiffuGPT: an ordinary
 autoregressive Llama or GPT-2 loads too, but is not a diffusion model and will not denoise.
@@ -44,22 +53,40 @@ from pathlib import Path
 import torch
 
 from model.config import CONFIG_FILE, PRESETS, ModelConfig
-from model.loaders import bd3lm, dream, gpt2, llada, llama, native, tp
+from model.loaders import (
+    bd3lm,
+    dream,
+    fast_dllm,
+    gpt2,
+    llada,
+    llada2,
+    llada_moe,
+    llama,
+    native,
+    sdar,
+    tp,
+)
+from model.loaders import diffusion_gemma as diffusion_gemma_loader
 from model.loaders.common import (
     Format,
     FormatError,
     build_on_meta,
+    checkpoint_rope,
     read_json,
     read_shapes,
     stream_weights,
     weight_files,
 )
+from model.rope import apply_context_overrides
 from model.transformer import DiffusionTransformer
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[Format, ...] = (llada.FORMAT, dream.FORMAT, llama.FORMAT, gpt2.FORMAT, bd3lm.FORMAT)
+FORMATS: tuple[Format, ...] = (llada.FORMAT, dream.FORMAT, llama.FORMAT, gpt2.FORMAT, bd3lm.FORMAT,
+                              diffusion_gemma_loader.FORMAT, llada2.FORMAT, llada_moe.FORMAT,
+                              sdar.FORMAT, fast_dllm.FORMAT)
 _BY_MODEL_TYPE = {mt: f for f in FORMATS for mt in f.model_types}
+_BY_ARCHITECTURE = {a: f for f in FORMATS for a in getattr(f, "architectures", ())}
 
 __all__ = ["load_pretrained", "detect_format", "resolve_path", "torch_dtype", "resolve_device",
            "FormatError", "FORMATS"]
@@ -102,6 +129,10 @@ def detect_format(config: dict) -> Format | None:
     """The published format of a config.json, or None for the project's own format."""
     if native.is_native(config):
         return None
+    # architectures first: LLaDA-MoE's config says model_type "llada" like dense LLaDA
+    for arch in config.get("architectures") or ():
+        if arch in _BY_ARCHITECTURE:
+            return _BY_ARCHITECTURE[arch]
     model_type = config.get("model_type")
     if model_type in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[model_type]
@@ -113,14 +144,28 @@ def detect_format(config: dict) -> Format | None:
 
 def load_pretrained(path_or_preset: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
-                    *, progress: bool = True) -> tuple[DiffusionTransformer, object, ModelConfig]:
-    """-> (net in eval mode on `device`, tokenizer, config); see the module docstring."""
+                    *, progress: bool = True, rope_scaling: dict | None = None,
+                    max_model_len: int | None = None
+                    ) -> tuple[DiffusionTransformer, object, ModelConfig]:
+    """-> (net in eval mode on `device`, tokenizer, config); see the module docstring.
+    rope_scaling / max_model_len: deploy-time context overrides (model/rope.py
+    apply_context_overrides), e.g. {"rope_type": "linear", "factor": 4} to serve 4x the trained
+    context."""
     directory = resolve_path(path_or_preset)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
     raw_config = read_json(config_path)
     fmt = detect_format(raw_config)
+    if fmt is diffusion_gemma_loader.FORMAT:  # its own network (model/diffusion_gemma.py)
+        if rope_scaling is not None:
+            raise FormatError("rope_scaling is not supported for DiffusionGemma (its global "
+                              "layers' proportional rotary is served as published)")
+        net, tok, cfg = diffusion_gemma_loader.load_diffusion_gemma(
+            directory, device, dtype, tp_rank, tp_size, progress=progress)
+        if max_model_len is not None:  # a shorter context than the 131k trained one
+            cfg.max_seq_len = min(cfg.max_seq_len, int(max_model_len))
+        return net, tok, cfg
     files = weight_files(directory)
     if fmt is None:
         from model.tokenizer import Tokenizer
@@ -133,14 +178,22 @@ def load_pretrained(path_or_preset: str | Path, device: str | torch.device = "cp
 
         raw_tok = load_hf_tokenizer(directory, fmt.tokenizer_fallback)
         cfg = fmt.build_config(raw_config, read_shapes(files), raw_tok)
+        checkpoint_rope(cfg, raw_config)  # rope_scaling / partial rotary of config.json
         cfg.name = directory.resolve().name
         tokenizer = HFTokenizer(raw_tok, mask_id=cfg.mask_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
                                 eot_id=cfg.eot_id, name=cfg.name)
         map_tensor = fmt.map_tensor
+    if rope_scaling is not None or max_model_len is not None:
+        apply_context_overrides(cfg, rope_scaling=rope_scaling, max_model_len=max_model_len)
     if tp_size > 1:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} outside 0..{tp_size - 1}")
+        # fewer KV heads than ranks (LLaDA2.0-flash: 4 over 8 GPUs): each head is repeated so
+        # every rank holds one, as vLLM / SGLang replicate them
+        map_tensor = tp.replicate_kv_heads(cfg, tp_size, map_tensor)
         tp.check_divisible(cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden, tp_size)
+        if cfg.n_experts:
+            tp.check_experts_divisible(cfg.n_experts, cfg.shared_expert_hidden, tp_size)
     net = build_on_meta(cfg)
     stream_weights(net, files, map_tensor, device=device, dtype=dtype, tp_rank=tp_rank,
                    tp_size=tp_size, desc=f"loading {cfg.name}", progress=progress)

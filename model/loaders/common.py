@@ -46,6 +46,10 @@ class Target:
 
     name: str  # e.g. "layers.0.attn.wq.weight"
     transform: Transform | None = None
+    # One expert's slice of a fused [E, ...] parameter (MoE checkpoints store experts one by
+    # one): the stored tensor fills name[expert, rows[0]:rows[1]] (rows None: all of dim 1).
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
 
 
 # map_tensor(stored_name, cfg) -> targets; [] = known but not a parameter (rotary tables, causal
@@ -211,6 +215,7 @@ def stream_weights(net: DiffusionTransformer, files: list[Path], map_tensor: Map
         expected.pop("lm_head.weight", None)
     filled: set[str] = set()
     unknown: list[str] = []
+    experts = _ExpertParts(expected, device, dtype, tp_rank, tp_size)
     n_tensors = 0
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
@@ -232,6 +237,9 @@ def stream_weights(net: DiffusionTransformer, files: list[Path], map_tensor: Map
                         continue  # tied copy stored twice (GPT-2 wte + lm_head)
                     if name not in expected:
                         raise FormatError(f"{key} maps to {name}, which the network does not have")
+                    if tgt.expert is not None:
+                        experts.fill(sf, key, tgt)
+                        continue
                     value = _read(sf, key, tgt.transform, name, tp_rank, tp_size)
                     want = tuple(tp.shard(name, expected[name], tp_rank, tp_size).shape)
                     if tuple(value.shape) != want:
@@ -240,6 +248,9 @@ def stream_weights(net: DiffusionTransformer, files: list[Path], map_tensor: Map
                     _set_param(net, name, _to(value, device, dtype))
                     filled.add(name)
     bar.close()
+    for name, value in experts.finished():
+        _set_param(net, name, value)
+        filled.add(name)
     if unknown:
         raise FormatError(f"{len(unknown)} stored tensors have no place in the network, "
                           f"e.g. {unknown[:5]}")
@@ -248,7 +259,48 @@ def stream_weights(net: DiffusionTransformer, files: list[Path], map_tensor: Map
         raise FormatError(f"{len(missing)} parameters were not in the checkpoint, e.g. {missing[:5]}")
     if tied:
         net.lm_head.weight = net.tok_embeddings.weight
-    tp.finish_sharded_modules(net, tp_size)
+    tp.finish_sharded_modules(net, tp_size, tp_rank)
+
+
+class _ExpertParts:
+    """Fused expert parameters assembled from per-expert stored tensors (Target.expert): each
+    rank allocates only its experts [rank*E/n, (rank+1)*E/n) (expert parallel, loaders/tp.py),
+    skips the others unread, and checks that every row of every local expert was filled."""
+
+    def __init__(self, expected: dict, device, dtype, rank: int, size: int):
+        self.expected, self.device, self.dtype = expected, device, dtype
+        self.rank, self.size = rank, size
+        self.parts: dict[str, torch.Tensor] = {}
+        self.covered: dict[str, torch.Tensor] = {}
+
+    def fill(self, sf, key: str, tgt: Target) -> None:
+        full = tuple(self.expected[tgt.name].shape)  # [E, rows, cols]
+        n_local = full[0] // self.size
+        j = tgt.expert - self.rank * n_local
+        if not 0 <= j < n_local:
+            return  # another rank's expert
+        if tgt.name not in self.parts:
+            self.parts[tgt.name] = torch.empty((n_local, *full[1:]), device=self.device,
+                                               dtype=self.dtype)
+            self.covered[tgt.name] = torch.zeros(n_local, full[1], dtype=torch.bool)
+        t = sf.get_tensor(key)
+        if tgt.transform is not None:
+            t = tgt.transform(t.float())
+        lo, hi = tgt.rows if tgt.rows is not None else (0, full[1])
+        if tuple(t.shape) != (hi - lo, *full[2:]):
+            raise FormatError(f"{key} -> {tgt.name}[{tgt.expert}, {lo}:{hi}]: stored shape "
+                              f"{tuple(t.shape)}, network expects {(hi - lo, *full[2:])}")
+        self.parts[tgt.name][j, lo:hi] = t.to(self.dtype)
+        self.covered[tgt.name][j, lo:hi] = True
+
+    def finished(self):
+        for name, value in self.parts.items():
+            missing = (~self.covered[name]).any(1).nonzero().flatten().tolist()
+            if missing:
+                off = self.rank * value.shape[0]
+                raise FormatError(f"{name}: experts {[off + j for j in missing[:5]]} were not "
+                                  "(fully) in the checkpoint")
+            yield name, value
 
 
 def _read(sf, key: str, transform: Transform | None, name: str, rank: int,
@@ -285,6 +337,9 @@ class Format:
     tokenizer_fallback: str | None
     build_config: Callable[[dict, dict, object], ModelConfig]
     map_tensor: MapTensor
+    # config.json `architectures` names that select this format before model_type does
+    # (LLaDA-MoE says model_type "llada" like dense LLaDA: only its architecture tells them apart)
+    architectures: tuple[str, ...] = ()
 
 
 def token_id(raw_tok, token: str | None) -> int | None:
@@ -304,13 +359,34 @@ def special_id(raw_tok, attr: str) -> int | None:
 
 
 def rope_theta(hf: dict, default: float) -> float:
-    """rope_theta from a transformers 4.x config or the 5.x `rope_parameters` dict; only plain
-    (unscaled) rotary is reproduced."""
+    """rope_theta from a transformers 4.x config or the 5.x `rope_parameters` dict (the scaling
+    is read by checkpoint_rope)."""
+    params = hf.get("rope_parameters") or {}
+    return float(hf.get("rope_theta") or params.get("rope_theta") or default)
+
+
+def checkpoint_rope(cfg: ModelConfig, hf: dict) -> None:
+    """The rotary scaling and partial rotary of a published config.json, into cfg in place:
+    `rope_scaling` (transformers 4.x) or a non-default `rope_parameters` (5.x), normalised by
+    model/rope.py against the trained context cfg.max_seq_len; `partial_rotary_factor` at the
+    top level or inside rope_parameters. A type model/rope.py does not reproduce is a
+    FormatError (serving it with plain rotary would be silently wrong past the first tokens)."""
+    from model.rope import normalise_rope_scaling
+
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default"
                                           else None)
-    require(not scaling, f"rope scaling {scaling} is not supported (plain rotary only)")
-    return float(hf.get("rope_theta") or params.get("rope_theta") or default)
+    factor = hf.get("partial_rotary_factor", params.get("partial_rotary_factor"))
+    if cfg.arch == "gpt2":  # learned positions: nothing to scale
+        return
+    if factor is not None and float(factor) > 0:  # some configs write -1 for "all dims"
+        require(float(factor) <= 1.0, f"partial_rotary_factor {factor} > 1")
+        cfg.partial_rotary_factor = float(factor)
+    if scaling:
+        try:
+            cfg.rope_scaling = normalise_rope_scaling(scaling, cfg.max_seq_len)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
 
 
 def first(*values):

@@ -118,14 +118,15 @@ def local_api(api_tokenizer):
     @contextlib.asynccontextmanager
     async def make(attention: str = "block_causal", mock: dict | None = None,
                    fixed_load: bool = False, ladder: dict | None = None,
-                   api_keys: frozenset[str] | set[str] = frozenset(), **settings):
+                   api_keys: frozenset[str] | set[str] = frozenset(), router=None,
+                   **settings):
         engine = MockEngine(MockEngineConfig(**(mock or {})))
         await engine.start()
         args = app_args(**settings)
         backend = RecordingBackend(engine, args.limits.retry_after_s)
         info = ModelInfo(id=MODEL_ID, max_seq_len=512, block_length=32, attention=attention,
                          default_steps=8, vocab_size=api_tokenizer.vocab_size)
-        router = StepRouter(Ladder(**(ladder or LADDER)))
+        router = router or StepRouter(Ladder(**(ladder or LADDER)))
         service = OpenAIService(info, api_tokenizer, backend, args, frozenset(api_keys), router)
         fixed = None
         if fixed_load:

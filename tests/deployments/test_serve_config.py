@@ -34,7 +34,8 @@ def bound_deployments(app) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml",
+                                  "serve_config.llada2-mini.yaml"])
 def test_config_validates_and_builds(name):
     raw = load(name)
     schema = ServeDeploySchema.model_validate(raw)

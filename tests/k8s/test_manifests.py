@@ -474,3 +474,35 @@ def test_tp2_pods_hold_exactly_one_tensor_parallel_replica():
 
     llada = ModelConfig.from_name("llada-8b")
     assert llada.n_heads % tp == 0 and llada.n_kv_heads % tp == 0 and llada.mlp_hidden % tp == 0
+
+
+def test_llada2_flash_pods_hold_one_8_gpu_expert_parallel_replica():
+    """LLaDA2.0-flash over 8 GPUs: the 8-GPU worker pods fit one tp=8 replica's placement
+    group, and the model splits that way: 256 experts whole per rank (32 each), 32 query heads,
+    4 KV heads replicated (8 is a multiple of 4), the dense and shared-expert widths."""
+    import json
+
+    from deployments.app import parse_args, replica_options
+    from model.loaders.tp import check_divisible, check_experts_divisible
+
+    (doc,) = load_manifest(REPO / "k8s" / "rayservice-llada2-flash.yaml")
+    (app,) = serve_config(doc)["applications"]
+    args = parse_args(app["args"])
+    tp = args.model.tensor_parallel_size
+    assert tp == 8 and args.model.source.endswith("LLaDA2.0-flash")
+    opts = replica_options(args.server, tp)
+    bundles = opts["placement_group_bundles"]
+    assert len(bundles) == tp and opts["placement_group_strategy"] == "PACK"
+    (workers,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    params = workers["rayStartParams"]
+    assert int(params["num-gpus"]) == tp == sum(b["GPU"] for b in bundles)
+    (worker,) = workers["template"]["spec"]["containers"]
+    assert gpu_limit(worker) == tp
+    assert sum(b["CPU"] for b in bundles) <= int(worker["resources"]["limits"]["cpu"])
+    offered = json.loads(json.loads(params["resources"]))
+    assert offered["accelerator_type:H100"] >= sum(b["accelerator_type:H100"] for b in bundles)
+    # LLaDA2.0-flash: 32 heads, 4 KV heads (replicated to 8), 256 experts of width 1024, one
+    # shared expert, dense first layer of 14336 (model/loaders/tp.py)
+    check_divisible(32, 8, 14336, tp)  # KV heads as loaded: 4 repeated twice
+    check_experts_divisible(256, 1024, tp)
+    assert tp % 4 == 0  # KV replication needs a multiple of the 4 KV heads

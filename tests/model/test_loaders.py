@@ -784,8 +784,10 @@ def test_tensor_parallel_through_model_parallel_equals_unsharded(ckpts):
 
 
 def test_tensor_parallel_rejects_uneven_heads(ckpts):
+    # 3 ranks split neither the heads nor the 2 KV heads (4 ranks would replicate each KV head
+    # twice, model/loaders/tp.replicate_kv_heads, as LLaDA2.0-flash's 4 KV heads over 8 GPUs)
     with pytest.raises(ValueError, match="divisible"):
-        load_pretrained(ckpts["dream"][0], tp_rank=0, tp_size=4, progress=False)  # 2 KV heads
+        load_pretrained(ckpts["dream"][0], tp_rank=0, tp_size=3, progress=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -854,8 +856,9 @@ def test_family_defaults_build_valid_sampling_params(ckpts):
         temperature=0.0, top_p=1.0, suppress_token_ids=[], defer_token_ids=[])
     on = llada.with_options(logits_eos_inf=True, confidence_eos_eot_inf=True)
     eos, eot = ckpts["llada"][1][2]["<|endoftext|>"], ckpts["llada"][1][2]["<|eot_id|>"]
-    assert on.suppress_token_ids == (eos,) and set(on.defer_token_ids) == {eos, eot}
-    assert on.sampling_kwargs(32)["defer_token_ids"] == list(on.defer_token_ids)
+    # confidence_eos_eot_inf is LLaDA's exact rule (tests/model/test_dream_exact.py pins it)
+    assert on.suppress_token_ids == (eos,) and set(on.confidence_inf_token_ids) == {eos, eot}
+    assert on.sampling_kwargs(32)["confidence_inf_token_ids"] == list(on.confidence_inf_token_ids)
     assert seen["dream"].sampling_kwargs(100)["block_length"] == 100  # whole canvas
     assert seen["bd3lm"].sampling_kwargs(100)["block_length"] == 4
 

@@ -103,3 +103,19 @@ def test_kv_slots_a_request_holds():
     assert RowLayout(10, 80).cache_tokens(s) == 10 + 64  # the last block is never written
     assert RowLayout(10, 80, 5, False).cache_tokens(s) == 0
     assert RowLayout(10, 80, 5, False, "dual").cache_tokens(s) == 95
+
+
+def test_aligned_schedule_starts_mid_block_and_pads_to_a_boundary():
+    """Blocks aligned to position 0 (LLaDA2.x, SDAR): a 10-token prompt puts the canvas 10
+    tokens into its first block of 32; the canvas runs to 96 = 3 blocks; block 0 keeps the whole
+    block's commit schedule and is done once that covers its 22 masks."""
+    from model.schedule import aligned_schedule, request_token_steps
+
+    s = aligned_schedule(prompt_len=10, max_new_tokens=80, block_length=32, steps=8)
+    assert (s.max_new_tokens, s.offset, s.n_blocks) == (86, 10, 3)
+    assert [s.span(b) for b in range(3)] == [(0, 22), (22, 54), (54, 86)]
+    assert s.commits(0) == [4] * 8 and s.steps_in(0) == 6 and s.steps_in(1) == 8
+    on_boundary = aligned_schedule(64, 80, 32, 8)
+    assert (on_boundary.offset, on_boundary.max_new_tokens) == (0, 96)
+    # the cost counts the prompt's tail with block 0 and pads the canvas
+    assert request_token_steps(10, 80, 8, 32, block_align="zero") != request_token_steps(10, 80, 8, 32)
