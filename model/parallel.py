@@ -314,6 +314,10 @@ def _rank_main(rank: int, world_size: int, worker: Callable, args: tuple, tmp: s
         if rank == 0:
             with open(os.path.join(tmp, "result.pkl"), "wb") as f:
                 pickle.dump(result, f)
+        # Tear down together: a rank destroying its gloo group while its peer still has a
+        # collective in flight aborted the process once in CI ("terminate called without an
+        # active exception"). A rank that failed never gets here; mp.spawn then ends the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
