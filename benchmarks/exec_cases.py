@@ -1,6 +1,6 @@
 """Function-completion cases whose answer is executed: held-out functions that carry a doctest.
 
-    cases = exec_cases(held_out_files, n=60)        # mined and validated (the original passes)
+    cases = exec_cases(held_out_files, n=60)        # mined and validated (see exec_cases)
     passed = run_cases(cases, bodies)               # bodies[i]: the model's body for cases[i]
 
 A case is a documented function (top level or a method of a top-level class) in a held-out file
@@ -10,9 +10,10 @@ completed function is compiled into the imported module's namespace (a method is
 class) and its own doctest is run. A body passes when every example of the doctest does.
 
 Completions are untrusted code: each batch runs in a child interpreter (`python -m
-benchmarks.exec_cases`) with a per-case alarm, a memory limit, the network unreachable (loopback
-only here anyway) and the working directory a fresh temporary one; a case that crashes the child
-counts as failed and the child is restarted for the rest.
+benchmarks.exec_cases`) with a per-case alarm, a 2 GiB address-space limit, a minimal environment
+and a fresh temporary working directory; a case that crashes the child counts as failed and the
+child is restarted for the rest. This limits accidents, not an adversary: it is no sandbox for
+code from a model one does not trust (run `dllm eval` on a machine without secrets).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Per steps-per-block setting (1, 2, 4, 8, 16, 32 with block length 32) it measure
 - pass_rate: a held-out function whose docstring holds a doctest (benchmarks/exec_cases.py: from
   the held-out files of the whole training corpus, validated so that the original body passes
   and no trivial body does) is completed from its header, and its own doctest is run on the
-  completion in a sandboxed child interpreter.
+  completion in a child interpreter (per-case alarm, memory limit).
 FIM and parse cases come from the standard library's held-out files, as in every earlier run.
 Writes benchmarks/results/quality.json (`rows`, one per setting, plus an autoregressive baseline:
 block 1, one step) and quality.png.
