@@ -94,8 +94,11 @@ def e2e(ray_serve, tmp_path_factory) -> E2E:
     args = {
         "model": {"source": str(EMBEDDED_DIR), "id": MODEL_ID, "device": "cpu"},
         "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_queued": MAX_QUEUED},
-        "ladder": {"steps": LADDER_STEPS, "thresholds_s": [1.0, 2.0, 4.0], "up_hold_s": 1.0,
-                   "refresh_s": 0.25},
+        # The drain-time ladder, so the rung follows the load snapshot this test reads back;
+        # the default latency-target controller (which also counts requests admitted since the
+        # snapshot) is exercised under real load by tests/autoscaling/test_autoscale_integration.
+        "ladder": {"steps": LADDER_STEPS, "control": "thresholds",
+                   "thresholds_s": [1.0, 2.0, 4.0], "up_hold_s": 1.0, "refresh_s": 0.25},
         "limits": {"default_max_tokens": 32, "max_inflight": MAX_INFLIGHT, "retry_after_s": 2},
         "auth": {"api_keys_env": None, "api_keys_file": str(keys)},
         "server": {"num_cpus": 1, "routing_stats_period_s": 0.5, "max_ongoing_requests": 64,
