@@ -33,7 +33,8 @@ Diffusion extensions:
   scoring               raw | nucleus | drawn: the distribution positions are scored on
                         (model/sampling.ScoringMode); default: the family's
   latency_budget_ms     this request's own latency target: the best setting predicted to meet
-                        it (deployments/slo.py); denoising_steps still pins, quality bounds
+                        it (deployments/slo.py), admitted ahead of the replicas' queues;
+                        denoising_steps still pins, quality bounds
   max_denoising_steps   uniform-diffusion models (DiffusionGemma): the cap on denoising steps per
                         canvas (adaptive stopping may take fewer); pins like denoising_steps
   entropy_bound         the EB-sampler bound: DiffusionGemma's acceptance, or the masked models'

@@ -42,7 +42,8 @@ that mean, whose 95th percentile turns a mean prediction into a p95 one.
 
 Per request: `denoising_steps` pins (no prediction), `quality` bounds the rungs (Ladder.window),
 `latency_budget_ms` replaces the target for that request alone: it gets the best rung whose
-prediction, with everyone else at the cluster's rung, meets its budget.
+prediction, with everyone else at the cluster's rung, meets its budget; the engines admit it
+ahead of their queues (EngineConfig.priority_slots), so that prediction has no queue wait.
 
 A new rung kind (DiffusionGemma's steps cap / entropy bound) is one more field on the ladder,
 carried by StepChoice into SamplingParams (deployments/jobs.Job.apply_choice); the prediction
@@ -308,10 +309,12 @@ class Prediction:
 
 def predict(model: StepModel, shape: RequestShape, passes: float, first_passes: float,
             rows_now: float, arrival_rps: float, others: RequestShape, others_passes: float,
-            max_num_seqs: int) -> Prediction:
+            max_num_seqs: int, priority: bool = False) -> Prediction:
     """The latency of one request of `shape` taking `passes` passes on a replica that runs
     `rows_now` rows (running + queued + just admitted, per replica) and receives `arrival_rps`
-    requests/s of `others` shape at `others_passes` passes each (the module docstring)."""
+    requests/s of `others` shape at `others_passes` passes each (the module docstring).
+    priority: a request with a latency budget, which the engine admits ahead of the queue into
+    a priority slot (EngineConfig.priority_slots): no wait, one row more than a full batch."""
     m = max(1, max_num_seqs)
     k = model.row_cost(others)
     fixed = others_passes * model.a + model.c * others.cache_tokens  # S(N) = fixed + p k N
@@ -340,6 +343,8 @@ def predict(model: StepModel, shape: RequestShape, passes: float, first_passes: 
     # two closed-loop clients, whose requests only ever see each other
     rows = min(float(m), max(ahead + 1.0, n_ss, 1.0))
     wait = max(wait_now, wait_ss)
+    if priority:
+        rows, wait = min(float(m + 1), max(ahead + 1.0, n_ss, 1.0)), 0.0
     step = model.a + rows * model.row_cost(shape)
     service = passes * step + model.c * shape.cache_tokens
     first = first_passes * step + model.c * shape.prompt_tokens
@@ -536,9 +541,10 @@ class SloRouter(StepRouter):
             max(1.0, shape.first_block_passes(steps) * (ratio if self.thresholds[rung] else 1.0))
 
     def predict_rung(self, shape: RequestShape, rung: int, cluster_rung: int | None = None,
-                     load: ClusterLoad | None = None) -> Prediction:
+                     load: ClusterLoad | None = None, priority: bool = False) -> Prediction:
         """Latency (p95-scaled, calibrated) of a request of `shape` at `rung` while the other
-        requests run at `cluster_rung` (default: the same rung)."""
+        requests run at `cluster_rung` (default: the same rung); priority: a budgeted request,
+        admitted ahead of the queue (predict's `priority`)."""
         load = load or self.load
         model = StepModel.from_load(load)
         replicas = max(1, load.replicas)
@@ -549,7 +555,7 @@ class SloRouter(StepRouter):
         po, _ = self._passes(others, c)
         m = load.max_num_seqs or 16
         pr = predict(model, shape, p, p1, rows_now + shape.n - 1, self.arrival_rps() / replicas,
-                     others, po, m)
+                     others, po, m, priority)
         cal = self.calibration
         k = cal.p95_factor(self.slo.p95_over_mean)
         return Prediction(k * cal(pr.latency_s), k * cal(pr.ttft_s), pr.rows, pr.wait_s,
@@ -639,7 +645,8 @@ class SloRouter(StepRouter):
             self._update(shape)  # a burst through this ingress is seen before the snapshot
             lo, hi = self.ladder.window(quality)
             if budget_s is not None:
-                preds = [self.predict_rung(shape, r, self.rung) for r in range(len(self.qualities))]
+                preds = [self.predict_rung(shape, r, self.rung, priority=True)
+                         for r in range(len(self.qualities))]
                 target = budget_s
                 rung = self.best_rung(preds, target, 0.0, lo, hi)
                 reason = "budget"

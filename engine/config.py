@@ -53,6 +53,12 @@ class EngineConfig:
     # (the server answers 503 with Retry-After). 256: sixteen times the default batch, ~90 s
     # of tiny-coder work on the 2-core CPU; past that a client is better told to come back.
     max_queued: int | None = 256
+    # Rows beyond max_num_seqs that only requests with a latency budget may take
+    # (GenerationRequest.latency_budget_s): under a burst every slot is held and the queue is
+    # long, and an IDE's inline completion that waited for a slot would miss its budget
+    # however few steps it took. Budgeted requests are also admitted first, earliest deadline
+    # first. 2: each extra row makes everyone's step ~1/16 longer at the default batch.
+    priority_slots: int = 2
     # Graph mode (cuda_graphs): query lengths are padded up to one of these (then to a multiple
     # of the largest), so the graphs see few distinct shapes: block lengths 1..32 fall on 5.
     # Eager forwards are not padded (engine/batch.py StepRunner._lengths): static shapes are
@@ -95,7 +101,12 @@ class EngineConfig:
             return int(self.kv_pages)
         if self.kv_cache_bytes is not None:
             return int(self.kv_cache_bytes // self.page_bytes(cfg, dtype_bytes))
-        return self.max_num_seqs * math.ceil(cfg.max_seq_len / self.page_size)
+        return self.max_rows * math.ceil(cfg.max_seq_len / self.page_size)
+
+    @property
+    def max_rows(self) -> int:
+        """The most sequences a step runs: max_num_seqs plus the priority slots."""
+        return self.max_num_seqs + self.priority_slots
 
     def page_bytes(self, cfg: ModelConfig, dtype_bytes: int) -> int:
         """K and V of every layer for page_size tokens."""
@@ -108,6 +119,8 @@ class EngineConfig:
     def validate(self) -> EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.priority_slots < 0:
+            raise ValueError("priority_slots must be >= 0")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if not self.length_buckets or sorted(self.length_buckets) != list(self.length_buckets):
@@ -131,14 +144,15 @@ class EngineConfig:
 
     def graph_batch_buckets(self) -> tuple[int, ...]:
         """Row buckets of graph mode: batch_buckets when given, else 1, 2, 4, 8, 16 and then
-        every 16 up to max_num_seqs (and max_num_seqs itself). Past 16 rows a step is no longer
-        launch-bound, and a step of 16 keeps padding under 50% with ~max_num_seqs / 16 shapes
-        instead of one per batch size."""
+        every 16 up to max_num_seqs, max_num_seqs itself and max_rows (the priority slots on
+        top). Past 16 rows a step is no longer launch-bound, and a step of 16 keeps padding
+        under 50% with ~max_num_seqs / 16 shapes instead of one per batch size."""
         if self.batch_buckets:
             return self.batch_buckets
         out = [b for b in (1, 2, 4, 8, 16) if b < self.max_num_seqs]
         out += list(range(32, self.max_num_seqs, 16))
-        return tuple(out + [self.max_num_seqs])
+        out.append(self.max_num_seqs)
+        return tuple(out + ([self.max_rows] if self.max_rows > self.max_num_seqs else []))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:

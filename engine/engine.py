@@ -10,7 +10,8 @@
 
 A scheduler loop (an asyncio task) runs one iteration at a time: between iterations it drops
 cancelled sequences and admits queued ones (FIFO, while a slot and the KV pages for the whole
-request are free); then, in a worker thread so the event loop keeps serving, it runs (1) one
+request are free; requests with a latency budget first, earliest deadline first, and into
+EngineConfig.priority_slots beyond max_num_seqs when every slot is held); then, in a worker thread so the event loop keeps serving, it runs (1) one
 batched cache write for the prompts just admitted and the blocks just finished (block-causal
 models only) and (2) ONE denoising step over every running sequence together, each with its own
 steps, block length, commit rule, threshold, temperature/top_p and seed (engine/batch.py).
@@ -211,12 +212,24 @@ class Engine(EngineBase):
                     f"this replica's pool has {pages} ({pages * self.config.page_size} tokens)")
             if self.pool is None:  # a full-attention model's first request with a cache
                 self._create_pool()
+        if request.latency_budget_s is not None:
+            seq.deadline = seq.submitted_at + max(0.0, float(request.latency_budget_s))
         self._ensure_started()
         self._by_id[request.request_id] = seq
         self._queues[request.request_id] = asyncio.Queue()
-        self._waiting.append(seq)
+        self._enqueue(seq)
         self._wake.set()
         return self._stream(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """The waiting queue: requests with a deadline first, earliest first; then the rest in
+        arrival order."""
+        if seq.deadline is None:
+            self._waiting.append(seq)
+            return
+        at = next((i for i, s in enumerate(self._waiting)
+                   if s.deadline is None or s.deadline > seq.deadline), len(self._waiting))
+        self._waiting.insert(at, seq)
 
     # --- LoRA adapters --------------------------------------------------------------------
     def add_adapter(self, adapter: AdapterWeights) -> None:
@@ -442,8 +455,13 @@ class Engine(EngineBase):
             self._running = keep
             self._cancel.clear()
         prefill = 0
-        while self._waiting and len(self._running) < self.config.max_num_seqs:
+        while self._waiting:
             seq = self._waiting[0]
+            # a budgeted request may take a priority slot; the rest wait for one of max_num_seqs
+            slots = self.config.max_num_seqs + (self.config.priority_slots
+                                                if seq.deadline is not None else 0)
+            if len(self._running) >= slots:
+                break
             # a prompt prefilled in chunks costs this iteration one chunk, not its length
             cost = len(seq.prompt)
             if self.config.prefill_chunk_tokens is not None:

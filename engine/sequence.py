@@ -70,6 +70,9 @@ class Sequence:
     committed: int = 0  # tokens committed so far (for output tok/s)
     finished: Finished | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
+    # perf_counter time by which a request with a latency budget should be done (None: none):
+    # the engine's admission order (earliest first, before every unbudgeted request)
+    deadline: float | None = None
     lora_slot: int = -1  # the adapter slot this row's forwards use (model/lora.py); -1: none
 
     @property

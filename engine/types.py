@@ -89,6 +89,10 @@ class GenerationRequest:
     suffix_ids: list[int] | None = None  # FIM for full-attention models (after the canvas)
     diffusing: bool = False  # also stream whole intermediate canvases
     adapter: str | None = None  # a LoRA adapter the engine holds (Engine.add_adapter); None: base
+    # This request's own latency target (the API's latency_budget_ms), seconds from submit: the
+    # engine admits it ahead of requests without one (earliest deadline first), into one of
+    # EngineConfig.priority_slots beyond max_num_seqs when every slot is held.
+    latency_budget_s: float | None = None
 
 
 @dataclass

@@ -246,4 +246,4 @@ def layered_num_pages(econf: EngineConfig, net, dtype_bytes: int) -> int:
     if econf.kv_cache_bytes is not None:
         return int(econf.kv_cache_bytes
                    // LayeredKVPool.page_bytes(net.kv_shapes, econf.page_size, dtype_bytes))
-    return econf.max_num_seqs * -(-net.cfg.max_seq_len // econf.page_size)
+    return econf.max_rows * -(-net.cfg.max_seq_len // econf.page_size)

@@ -15,8 +15,9 @@ as Dream and Fast-dLLM v2 do (`nucleus_scores`; at T = 0 the logits themselves, 
 Rows with top_p = 1 are never truncated, as in the Triton kernel.
 
 This runs on every masked position at every step and grows with the vocabulary (126k for LLaDA):
-the torch reference materialises [N, V] probabilities several times; the Triton kernel does one
-pass with an online softmax.
+the torch reference reads [N, V] twice for what every rule needs (argmax, log-normaliser) and
+computes the margin and entropy only when a rule reads them; the Triton kernel does one pass
+with an online softmax.
 """
 
 from __future__ import annotations
@@ -74,16 +75,15 @@ def commit_candidates_reference(logits, temperature, top_p, seeds, positions, st
     lf = logits.float()
     temp = _per_row(temperature, N, lf.device)
     topp = _per_row(top_p, N, lf.device)
-    logp = lf.log_softmax(-1)
-    probs = logp.exp()
-    top2 = probs.topk(min(2, V), dim=-1).values
-    margin = top2[:, 0] - (top2[:, 1] if V > 1 else 0)
-    entropy = -(probs * logp.clamp_min(-1e30)).sum(-1)
-    tokens = lf.argmax(-1)
+    # two passes for what every rule reads (argmax, log-normaliser); margin and entropy only
+    # when a rule asks for them (CommitCandidates.derive)
+    tokens = lf.max(-1).indices  # the first maximum, as argmax
+    lse = lf.logsumexp(-1)
     sampled = temp > 0
     scored = sampled_scores.to(lf.device, torch.bool) if sampled_scores is not None \
         else torch.zeros_like(sampled)
     need = sampled | scored  # rows that need the tempered nucleus: computed once for both
+    z = rows = None
     if bool(need.any()):
         rows = need.nonzero(as_tuple=True)[0]
         z = tempered_nucleus(lf[rows], temp[rows], topp[rows])  # [n, V]
@@ -93,13 +93,23 @@ def commit_candidates_reference(logits, temperature, top_p, seeds, positions, st
             g = gumbel(uniform_noise(seeds[r], positions[r], steps[r], V))
             tokens = tokens.clone()
             tokens[r] = (z[draw] + g).argmax(-1)
-    confidence = probs.gather(-1, tokens[:, None])[:, 0]
-    if bool(scored.any()):
-        keep = scored[rows]
-        r = rows[keep]
-        c, m, e = nucleus_scores(z[keep], tokens[r])
-        confidence, margin, entropy = (x.clone().index_put_((r,), y) for x, y in
-                                       ((confidence, c), (margin, m), (entropy, e)))
+    confidence = (lf.gather(-1, tokens[:, None])[:, 0] - lse).exp()
+
+    def raw_scores() -> tuple[torch.Tensor, torch.Tensor]:
+        logp = lf - lse[:, None]
+        probs = logp.exp()
+        top2 = probs.topk(min(2, V), dim=-1).values
+        margin = top2[:, 0] - (top2[:, 1] if V > 1 else 0)
+        return margin, -(probs * logp.clamp_min(-1e30)).sum(-1)
+
+    if not bool(scored.any()):
+        return CommitCandidates(tokens, confidence, derive=raw_scores)
+    keep = scored[rows]
+    r = rows[keep]
+    c, m, e = nucleus_scores(z[keep], tokens[r])
+    margin, entropy = raw_scores()
+    confidence, margin, entropy = (x.clone().index_put_((r,), y) for x, y in
+                                   ((confidence, c), (margin, m), (entropy, e)))
     return CommitCandidates(tokens, confidence, margin, entropy)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import pickle
 import tempfile
 from collections.abc import Callable, Mapping
@@ -320,6 +321,13 @@ def _rank_main(rank: int, world_size: int, worker: Callable, args: tuple, tmp: s
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A finished rank leaves without the interpreter's teardown: rank 0 of a passing 2-rank
+    # run still aborted there twice in CI, after the barrier ("terminate called without an
+    # active exception": a C++ thread met its destructor at exit). Its result is on disk and
+    # mp.spawn reads only the exit code; a rank that raised never gets here.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def run_tp(worker: Callable, world_size: int, *args, device: str = "cpu",

@@ -193,6 +193,10 @@ def test_prediction_unloaded_loaded_and_overloaded():
     # slots full: it waits for rows to finish
     full = predict(model, SHAPE, p, 16, 40, 0.0, SHAPE, p, 32)
     assert full.wait_s > 0 and full.rows == 32
+    # ... unless it has a budget: the engine admits it ahead of the queue, into a priority slot
+    urgent = predict(model, SHAPE, p, 16, 40, 0.0, SHAPE, p, 32, priority=True)
+    assert urgent.wait_s == 0 and urgent.rows == 33
+    assert urgent.latency_s == pytest.approx(p * (COEF[0] + 33 * COEF[2] * 32) + COEF[2] * 52)
 
 
 # --- the controller ----------------------------------------------------------------------------
@@ -296,7 +300,7 @@ def test_budget_pin_and_quality_bounds():
     arrive(r, 0.5, clock)
     r.observe(snapshot(running=1))
     assert r.choose(shape=SHAPE).steps == 16  # unbudgeted: best quality
-    preds = [r.predict_rung(SHAPE, k, r.rung).latency_s for k in range(4)]
+    preds = [r.predict_rung(SHAPE, k, r.rung, priority=True).latency_s for k in range(4)]
     budget = (preds[1] + preds[2]) / 2  # rung 2 is the best one that fits
     c = r.choose(shape=SHAPE, budget_s=budget)
     assert (c.steps, c.reason, c.target_s) == (4, "budget", budget)
@@ -390,8 +394,9 @@ async def test_setting_and_prediction_come_back_in_usage_and_headers(local_api):
         assert float(r.headers["x-predicted-latency-ms"]) == pytest.approx(
             u["predicted_latency_ms"], abs=1)
         assert api.backend.requests[-1].params.confidence_threshold is None
+        assert api.backend.requests[-1].latency_budget_s is None
         # a budget only the threshold rung is predicted to meet: that request alone gets it
-        preds = [slo_router.predict_rung(slo_router.mean_shape, k, 0).latency_s
+        preds = [slo_router.predict_rung(slo_router.mean_shape, k, 0, priority=True).latency_s
                  for k in range(3)]
         budget_ms = 1000 * (preds[1] + preds[2]) / 2
         r = await api.client.post("/v1/completions",
@@ -406,9 +411,11 @@ async def test_setting_and_prediction_come_back_in_usage_and_headers(local_api):
         assert r.headers["x-denoising-setting"] == "8@0.8"
         assert api.backend.requests[-1].params.confidence_threshold == 0.8
         assert api.backend.requests[-1].params.steps == 8
+        # ... and the engines admit it ahead of their queues
+        assert api.backend.requests[-1].latency_budget_s == pytest.approx(budget_ms / 1000)
         # the request's own threshold wins over the rung's; a pin has no prediction
         # (the budget again between rungs 1 and 2: the answers so far calibrated the model)
-        preds = [slo_router.predict_rung(slo_router.mean_shape, k, 0).latency_s
+        preds = [slo_router.predict_rung(slo_router.mean_shape, k, 0, priority=True).latency_s
                  for k in range(3)]
         budget_ms = 1000 * (preds[1] + preds[2]) / 2
         r = await api.client.post("/v1/completions", json={

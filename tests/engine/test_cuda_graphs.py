@@ -98,9 +98,11 @@ async def test_batches_past_the_largest_bucket_run_eager(bc_net, tok):
 
 
 def test_config_buckets_and_validation():
-    assert EngineConfig(max_num_seqs=4).graph_batch_buckets() == (1, 2, 4)
-    assert EngineConfig(max_num_seqs=100).graph_batch_buckets() == \
+    assert EngineConfig(max_num_seqs=4, priority_slots=0).graph_batch_buckets() == (1, 2, 4)
+    assert EngineConfig(max_num_seqs=100, priority_slots=0).graph_batch_buckets() == \
         (1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100)
+    # a full batch plus the budgeted requests' priority slots is a shape of its own
+    assert EngineConfig(max_num_seqs=16).graph_batch_buckets() == (1, 2, 4, 8, 16, 18)
     assert EngineConfig(max_num_seqs=64, batch_buckets=(8, 64)).graph_batch_buckets() == (8, 64)
     for bad in (dict(graph_window=0), dict(max_graphs=-1), dict(batch_buckets=(0, 4))):
         with pytest.raises(ValueError):

@@ -269,3 +269,63 @@ async def test_an_idle_engine_takes_max_num_seqs_plus_max_queued_at_once(bc_net,
     results = await asyncio.gather(*(drain(s) for s in streams))
     assert [r[-1].finish_reason for r in results] == ["length"] * 3
     await engine.shutdown()
+
+
+def budgeted(rid: str, prompt: list[int], budget_s: float, **params):
+    r = request(rid, prompt, **params)
+    r.latency_budget_s = budget_s
+    return r
+
+
+async def test_a_budgeted_request_skips_the_queue_into_a_priority_slot(bc_net, tok):
+    """Every slot held and two requests queued: a request with a latency budget is admitted at
+    the next iteration into the priority slot (3 rows with max_num_seqs 2), finishes before
+    everything that was there first, and its tokens are the reference's."""
+    engine = make_engine(bc_net, tok, max_num_seqs=2, priority_slots=1)
+    plain = [request(f"p{i}", PROMPT[: 5 + i], max_new_tokens=32, steps=8, block_length=8)
+             for i in range(4)]
+    done: list[str] = []
+
+    async def run(r):
+        events = [e async for e in engine.submit(r)]
+        done.append(r.request_id)
+        return events
+
+    tasks = [asyncio.create_task(run(r)) for r in plain]
+    await wait_until(lambda: iterations(engine) >= 2)
+    assert (engine.stats().running, engine.stats().queued) == (2, 2)
+    urgent = budgeted("u", PROMPT[:9], 0.3, max_new_tokens=8, steps=2, block_length=8)
+    at = iterations(engine)
+    task = asyncio.create_task(run(urgent))
+    await wait_until(lambda: engine.stats().running == 3)
+    assert iterations(engine) - at <= 2 and engine.stats().queued == 2
+    results = await asyncio.gather(*tasks, task)
+    await engine.shutdown()
+    assert done[0] == "u"
+    for r, events in zip([*plain, urgent], results, strict=True):
+        assert_like_reference(bc_net, tok, r, events)
+
+
+async def test_budgeted_requests_are_admitted_earliest_deadline_first(bc_net, tok):
+    """One slot, no priority slots: the queue serves budgeted requests by deadline, then the
+    unbudgeted ones in arrival order, whatever order they came in."""
+    engine = make_engine(bc_net, tok, max_num_seqs=1, priority_slots=0)
+    kw = dict(max_new_tokens=8, steps=2, block_length=8)
+    first = request("first", PROMPT, max_new_tokens=32, steps=8, block_length=8)
+    queued = [request("plain-a", PROMPT, **kw), budgeted("late", PROMPT, 60.0, **kw),
+              request("plain-b", PROMPT, **kw), budgeted("soon", PROMPT, 1.0, **kw)]
+    done: list[str] = []
+
+    async def run(r):
+        _ = [e async for e in engine.submit(r)]
+        done.append(r.request_id)
+
+    head = asyncio.create_task(run(first))
+    await wait_until(lambda: iterations(engine) >= 1)
+    rest = []
+    for r in queued:
+        rest.append(asyncio.create_task(run(r)))
+        await asyncio.sleep(0)  # submitted in this order
+    await asyncio.gather(head, *rest)
+    await engine.shutdown()
+    assert done == ["first", "soon", "late", "plain-a", "plain-b"]
