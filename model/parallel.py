@@ -37,8 +37,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
