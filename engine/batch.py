@@ -323,7 +323,9 @@ class StepRunner:
         cached = [s.cached_len for s in seqs] + [0] * (Bp - B)
         # static: read the cache over a window of graph_window multiples (the tail masked)
         window = self._window(max(cached)) if static else None
-        ctx = self.pool.context(tables, cached, valid, append=False, window=window)
+        # one unpadded row sees every key: SDPA runs unmasked (kv_pool's `unmasked`)
+        ctx = self.pool.context(tables, cached, valid, append=False, window=window,
+                                query_lens=lens if Bp == 1 and not static else None)
         order, counts = self._select_masked(ids, in_block, B, static)
         self._lora_rows(seqs, Bp, static)
         net = self.static if static else self.net
@@ -388,8 +390,10 @@ class StepRunner:
         # eager: the rows as lengths too, so kernels/attention.py may run flash-attn varlen;
         # static shapes keep the mask alone (a graph binds only the mask buffer)
         rows = None if static else Ragged(valid_keys, max(lens), sum(lens), query_valid=valid_keys)
-        logits = net(ids, t=t, attn=DenseAttention(mask, rows=rows),
-                     logits_slice=order)  # [Bp (+G), M, V]
+        # one unpadded row: nothing to hide, unmasked SDPA (the reference's own call)
+        attn = DenseAttention(None) if ids.shape[0] == 1 and not static else \
+            DenseAttention(mask, rows=rows)
+        logits = net(ids, t=t, attn=attn, logits_slice=order)  # [Bp (+G), M, V]
         if guided:
             g = torch.tensor(guided, device=self.device)
             scale = torch.tensor([seqs[i].params.cfg_scale for i in guided], device=self.device)
