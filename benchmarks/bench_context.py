@@ -66,18 +66,9 @@ def build(cfg, device: str = "cpu", dtype=None, seed: int = 0):
     """Random weights made on the device in the target dtype (no fp32 copy of an 8B model)."""
     import torch
 
-    from model.transformer import DiffusionTransformer
+    from benchmarks.gpu_check import build_random_model
 
-    dtype = dtype or torch.float32
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = DiffusionTransformer(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return net.to(dtype).eval()
+    return build_random_model(cfg, device, dtype or torch.float32, seed)
 
 
 def prompt_ids(cfg, n: int, seed: int) -> list[int]:

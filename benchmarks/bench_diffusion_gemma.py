@@ -62,19 +62,15 @@ def model_config(tiny: bool):
 def build_random(cfg, device, dtype, seed: int = 0):
     """Random weights made on the device in the target dtype (52 GB for 26B in bf16, never a
     104 GB fp32 copy first)."""
-    import torch
-
+    from benchmarks import harness
     from model.diffusion_gemma import DiffusionGemma
 
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = DiffusionGemma(cfg)
-            net.init_weights(std=0.02)
-    finally:
-        torch.set_default_dtype(prev)
+    def make():
+        net = DiffusionGemma(cfg)
+        net.init_weights(std=0.02)
+        return net
+
+    net = harness.build_on_device(make, device, dtype, seed)
     net.reset_buffers(device)
     return net.eval()
 

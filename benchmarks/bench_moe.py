@@ -177,16 +177,9 @@ def engine_rows(net, prompt_len: int, new_tokens: int, steps: int, batches: list
 
 def build_random(cfg, device: str, dtype):
     """Random weights made on the device in the target dtype (no fp32 copy of 16B first)."""
-    from model.transformer import DiffusionTransformer
+    from benchmarks.gpu_check import build_random_model
 
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = DiffusionTransformer(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    net = build_random_model(cfg, device, dtype)
     with torch.no_grad():  # a spread of expert biases, as trained routers carry
         for m in net.modules():
             if getattr(m, "expert_bias", None) is not None:

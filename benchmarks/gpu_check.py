@@ -93,22 +93,12 @@ def engine_model_config(name: str):
 
 
 def build_random_model(cfg, device, dtype, seed: int = 0):
-    """Random weights made on the device in the target dtype: 16 GB for 8B in bf16, never a
-    32 GB fp32 copy first. With a fixed schedule (EOS ignored) the work does not depend on
-    the weights."""
-    import torch
-
+    """A DiffusionTransformer of `cfg` with random weights made on the device in `dtype`
+    (harness.build_on_device)."""
     from model.transformer import DiffusionTransformer
 
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = DiffusionTransformer(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return net.to(dtype).eval()
+    return harness.build_on_device(lambda: DiffusionTransformer(cfg), device, dtype,
+                                   seed).to(dtype).eval()
 
 
 def weight_bytes(net) -> tuple[int, int]:
@@ -373,24 +363,22 @@ def run_sections(args, out_dir: Path, tag: str) -> dict:
         if device == "cuda":
             bench_kernels.plot(report["kernels"], out_dir / f"gpu_check_kernels_{tag}.png")
     if not args.skip_engine:
-        print("== 3. the engine: eager vs cuda_graphs", flush=True)
-        try:
-            report["engine"] = run_engine_section(args.tiny, args.engine_model, args.quick)
-            plot_engine(report["engine"], out_dir / f"gpu_check_engine_{tag}.png")
-        except Exception as e:  # e.g. out of memory building the 8B model: keep the rest
-            logging.exception("engine section failed")
-            report["engine_error"] = f"{type(e).__name__}: {e}"
+        def engine_section():
+            rows = run_engine_section(args.tiny, args.engine_model, args.quick)
+            plot_engine(rows, out_dir / f"gpu_check_engine_{tag}.png")
+            return rows
+
+        report.update(run_section("engine", "3. the engine: eager vs cuda_graphs", engine_section))
     if not args.skip_context:
-        print("== 4. long context: prefill, step time, memory to 128k; the stall, chunked vs not",
-              flush=True)
         from benchmarks import bench_context
 
-        try:
-            report["context"] = bench_context.gpu_section(args.tiny, args.quick)
-            bench_context.plot(report["context"], out_dir / f"gpu_check_context_{tag}.png")
-        except Exception as e:  # keep the other sections
-            logging.exception("context section failed")
-            report["context_error"] = f"{type(e).__name__}: {e}"
+        def context_section():
+            rows = bench_context.gpu_section(args.tiny, args.quick)
+            bench_context.plot(rows, out_dir / f"gpu_check_context_{tag}.png")
+            return rows
+
+        report.update(run_section("context", "4. long context: prefill, step time, memory to "
+                                  "128k; the stall, chunked vs not", context_section))
     if not getattr(args, "skip_diffusion_gemma", False):
         report.update(run_diffusion_gemma_section(args.tiny, args.quick))
     if not getattr(args, "skip_moe", False):
@@ -401,45 +389,88 @@ def run_sections(args, out_dir: Path, tag: str) -> dict:
     return report
 
 
+def run_section(key: str, title: str, measure) -> dict:
+    """One optional section: {key: measure()}, or {key + "_error": ...} when it fails (e.g. out
+    of memory building a large shape on a smaller card), so the rest of the report survives."""
+    print(f"== {title}", flush=True)
+    try:
+        return {key: measure()}
+    except Exception as e:
+        logging.exception("%s section failed", key)
+        return {f"{key}_error": f"{type(e).__name__}: {e}"}
+
+
+def _moe(tiny: bool, quick: bool, out_dir: Path, tag: str) -> dict:
+    from benchmarks import bench_moe
+
+    report = bench_moe.gpu_section(tiny, quick)
+    bench_moe.plot(report, out_dir / f"gpu_check_moe_{tag}.png")
+    return report
+
+
 def run_diffusion_gemma_section(tiny: bool, quick: bool) -> dict:
-    """Section 5 -> {"diffusion_gemma": ...} or {"diffusion_gemma_error": ...}."""
-    print("== 5. DiffusionGemma (uniform diffusion, MoE): batch 1 and 8, 4096 in / 512 out",
-          flush=True)
     from benchmarks import bench_diffusion_gemma
 
-    try:
-        return {"diffusion_gemma": bench_diffusion_gemma.gpu_section(tiny, quick)}
-    except Exception as e:  # e.g. out of memory on a card under 60 GB: keep the rest
-        logging.exception("diffusion_gemma section failed")
-        return {"diffusion_gemma_error": f"{type(e).__name__}: {e}"}
+    return run_section("diffusion_gemma", "5. DiffusionGemma (uniform diffusion, MoE): batch 1 "
+                       "and 8, 4096 in / 512 out",
+                       lambda: bench_diffusion_gemma.gpu_section(tiny, quick))
 
 
 def run_moe_section(tiny: bool, quick: bool, out_dir: Path, tag: str) -> dict:
-    """Section 6 -> {"moe": ...} or {"moe_error": ...}."""
-    print("== 6. MoE (LLaDA2.0-mini shape): grouped-GEMM fast path vs per-expert loop; engine "
-          "batch 1 and 16", flush=True)
-    from benchmarks import bench_moe
-
-    try:
-        report = bench_moe.gpu_section(tiny, quick)
-        bench_moe.plot(report, out_dir / f"gpu_check_moe_{tag}.png")
-        return {"moe": report}
-    except Exception as e:  # e.g. out of memory building 16B on a small card: keep the rest
-        logging.exception("moe section failed")
-        return {"moe_error": f"{type(e).__name__}: {e}"}
+    return run_section("moe", "6. MoE (LLaDA2.0-mini shape): grouped-GEMM fast path vs "
+                       "per-expert loop; engine batch 1 and 16",
+                       lambda: _moe(tiny, quick, out_dir, tag))
 
 
 def run_lora_section(tiny: bool, quick: bool) -> dict:
-    """Section 7 -> {"lora": ...} or {"lora_error": ...}."""
-    print("== 7. LoRA: gathered matmul vs reference and per-adapter loop; engine mixed vs "
-          "grouped", flush=True)
     from benchmarks import bench_lora
 
-    try:
-        return {"lora": bench_lora.gpu_section(tiny, quick)}
-    except Exception as e:  # keep the rest
-        logging.exception("lora section failed")
-        return {"lora_error": f"{type(e).__name__}: {e}"}
+    return run_section("lora", "7. LoRA: gathered matmul vs reference and per-adapter loop; "
+                       "engine mixed vs grouped", lambda: bench_lora.gpu_section(tiny, quick))
+
+
+def _engine_lines(engine: dict) -> str:
+    bw = engine.get("hbm_bandwidth_measured")
+    return (f"engine {engine['model']} ({engine['layers']} layers, d {engine['d_model']}, "
+            f"{engine['dtype']} on {engine['device']}; {engine['prompt_tokens']}-token prompts, "
+            f"{engine['new_tokens']} new tokens, block {engine['block_length']}, "
+            f"{engine['weight_bytes_read_per_forward'] / 1e9:.2f} GB read per forward"
+            + (f", HBM {bw / 1e12:.2f} TB/s measured" if bw else "")
+            + (", graphs = static shapes uncaptured" if engine["device"] == "cpu" else "")
+            + ")\n" + format_engine_table(engine))
+
+
+def _context_lines(c: dict) -> str:
+    from benchmarks import bench_context
+
+    return (f"context {c['model']} ({c['layers']} layers, {c['kv_heads']} KV heads, "
+            f"{c.get('dtype', 'float32')} on {c['device']}, chunks of "
+            f"{c['prefill_chunk_tokens']})\n" + bench_context.format_table(c))
+
+
+def _diffusion_gemma_lines(g: dict) -> str:
+    from benchmarks import bench_diffusion_gemma
+
+    pub = g["published"]
+    return (f"diffusion_gemma {g['model']} ({g['parameters'] / 1e9:.1f}B parameters, "
+            f"{g['dtype']} on {g['device']}; {g['prompt_tokens']} in / {g['new_tokens']} out, "
+            f"{g['max_denoising_steps']} steps per {g['canvas_length']}-token canvas; vLLM FP8 "
+            f"batch 1: {pub['vllm_fp8_h100_batch1_tok_s']} tok/s H100, "
+            f"{pub['vllm_fp8_h200_batch1_tok_s']} H200)\n" + bench_diffusion_gemma.format_table(g))
+
+
+def _moe_lines(m: dict) -> str:
+    from benchmarks import bench_moe
+
+    return (f"moe {m['model']} ({m['parameters'] / 1e9:.1f}B parameters, {m['n_experts']} "
+            f"experts top-{m['experts_per_token']}, {m['dtype']} on {m['device']})\n"
+            + bench_moe.format_table(m))
+
+
+# the report's sections in print order: key -> its lines (None: only a failure is printed;
+# LoRA's rows are in the JSON)
+SUMMARIES = {"engine": _engine_lines, "context": _context_lines,
+             "diffusion_gemma": _diffusion_gemma_lines, "moe": _moe_lines, "lora": None}
 
 
 def print_summary(report: dict, path: Path) -> None:
@@ -453,49 +484,11 @@ def print_summary(report: dict, path: Path) -> None:
         print(f"tests: {report['tests']['summary']}")
     if report.get("kernels"):
         print(bench_kernels.format_table(report["kernels"]))
-    engine = report.get("engine")
-    if engine:
-        bw = engine.get("hbm_bandwidth_measured")
-        print(f"engine {engine['model']} ({engine['layers']} layers, d {engine['d_model']}, "
-              f"{engine['dtype']} on {engine['device']}; {engine['prompt_tokens']}-token prompts, "
-              f"{engine['new_tokens']} new tokens, block {engine['block_length']}, "
-              f"{engine['weight_bytes_read_per_forward'] / 1e9:.2f} GB read per forward"
-              + (f", HBM {bw / 1e12:.2f} TB/s measured" if bw else "")
-              + (", graphs = static shapes uncaptured" if engine["device"] == "cpu" else "") + ")")
-        print(format_engine_table(engine))
-    if "engine_error" in report:
-        print("engine ERROR:", report["engine_error"])
-    if report.get("context"):
-        from benchmarks import bench_context
-
-        c = report["context"]
-        print(f"context {c['model']} ({c['layers']} layers, {c['kv_heads']} KV heads, "
-              f"{c.get('dtype', 'float32')} on {c['device']}, chunks of "
-              f"{c['prefill_chunk_tokens']})")
-        print(bench_context.format_table(c))
-    if "context_error" in report:
-        print("context ERROR:", report["context_error"])
-    if report.get("diffusion_gemma"):
-        from benchmarks import bench_diffusion_gemma
-
-        g = report["diffusion_gemma"]
-        print(f"diffusion_gemma {g['model']} ({g['parameters'] / 1e9:.1f}B parameters, "
-              f"{g['dtype']} on {g['device']}; {g['prompt_tokens']} in / {g['new_tokens']} out, "
-              f"{g['max_denoising_steps']} steps per {g['canvas_length']}-token canvas; vLLM FP8 "
-              f"batch 1: {g['published']['vllm_fp8_h100_batch1_tok_s']} tok/s H100, "
-              f"{g['published']['vllm_fp8_h200_batch1_tok_s']} H200)")
-        print(bench_diffusion_gemma.format_table(g))
-    if "diffusion_gemma_error" in report:
-        print("diffusion_gemma ERROR:", report["diffusion_gemma_error"])
-    if report.get("moe"):
-        from benchmarks import bench_moe
-
-        m = report["moe"]
-        print(f"moe {m['model']} ({m['parameters'] / 1e9:.1f}B parameters, {m['n_experts']} "
-              f"experts top-{m['experts_per_token']}, {m['dtype']} on {m['device']})")
-        print(bench_moe.format_table(m))
-    if "moe_error" in report:
-        print("moe ERROR:", report["moe_error"])
+    for key, lines in SUMMARIES.items():
+        if report.get(key) and lines is not None:
+            print(lines(report[key]))
+        if f"{key}_error" in report:
+            print(f"{key} ERROR:", report[f"{key}_error"])
     print("goals:", json.dumps(report["goals"]))
 
 

@@ -315,6 +315,22 @@ def deploy_app(app, base_url: str, name: str, route_prefix: str = "/",
 
 # --- the real engine and the reference sampler ---------------------------------------------------
 
+def build_on_device(make: Callable[[], Any], device, dtype, seed: int = 0):
+    """make() under torch.manual_seed(seed) with `device` and `dtype` as the defaults: random
+    weights made where they run, in their dtype (16 GB for an 8B model in bf16, never a 32 GB
+    fp32 copy first). With a fixed schedule (EOS ignored) the work does not depend on them."""
+    import torch
+
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
     """Token agreement of two runs over the same requests (id -> token ids): positions equal
     over the longer of each pair of outputs; a request missing from `b` agrees nowhere."""

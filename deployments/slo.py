@@ -445,6 +445,12 @@ class SloRouter(StepRouter):
         # percentile (the p95 request is a long one), the others' load their mean
         self._pass_samples = [collections.deque(maxlen=100) for _ in self.thresholds]
         self.calibration = LatencyCalibration(clock=clock)  # measured vs the step model's
+        # (overhead, ratio, p95 factor) of the calibration when the cluster was last quiet: the
+        # default target's "unloaded" latency. Under a burst the measured latency outgrows the
+        # step model (queueing, co-tenants), and the same calibration applied to the idle
+        # replica raised the default target 12x within the burst (0.55 s -> 6.8 s,
+        # benchmarks/results/burst.json), which let the controller climb back to slow rungs
+        self._quiet_calibration: tuple[float, float, float] | None = None
         self._better_since: float | None = None
         self.last_prediction: list[float] = [0.0] * n
 
@@ -561,16 +567,27 @@ class SloRouter(StepRouter):
         return Prediction(k * cal(pr.latency_s), k * cal(pr.ttft_s), pr.rows, pr.wait_s,
                           pr.latency_s, p)
 
+    def quiet(self, load: ClusterLoad | None = None) -> bool:
+        """Nothing queued and at most two rows per replica: lone users, no burst."""
+        load = load or self.load
+        return load.queued == 0 and self.rows_ahead(load) <= 2 * max(1, load.replicas)
+
     def unloaded_s(self, shape: RequestShape) -> float:
-        """The latency of `shape` at the best rung on an idle replica (calibrated, p95)."""
+        """The latency of `shape` at the best rung on an idle replica (calibrated, p95), under
+        the calibration of the last quiet moment. While quiet that is the calibration the
+        predictions use: one or two requests per replica then always meet 2x (S(2) < 2 S(1)
+        whatever the fit), which two calibrations (one of requests that ran alone) did not
+        guarantee; under load it stays what an idle replica really takes."""
         model = StepModel.from_load(self.load)
         p, p1 = self._passes(shape, 0, tail=True)
         pr = predict(model, shape, p, p1, shape.n - 1, 0.0, shape, p, self.load.max_num_seqs or 16)
-        # the same calibration as the predictions it is compared with: with it, one or two
-        # requests per replica always meet 2x (S(2) < 2 S(1) whatever the fit), which two
-        # calibrations (one of requests that ran alone) did not guarantee
         cal = self.calibration
-        return cal.p95_factor(self.slo.p95_over_mean) * cal(pr.latency_s)
+        now = (cal.overhead_s, cal.ratio, cal.p95_factor(self.slo.p95_over_mean))
+        if self._quiet_calibration is None or self.quiet():
+            self._quiet_calibration = now
+        overhead, ratio, k = self._quiet_calibration
+        return k * (overhead + ratio * pr.latency_s) if math.isfinite(pr.latency_s) \
+            else pr.latency_s
 
     def target_s(self, shape: RequestShape) -> float:
         if self.slo.latency_p95_s is not None:

@@ -6,7 +6,8 @@
         ...   # TextDelta per finished block, CanvasUpdate per step if diffusing, then Finished
 
 Modules: types.py (the contract with the server), config.py (EngineConfig), engine.py (the
-scheduler loop, admission, cancellation, stats), batch.py (the batched forwards of one
+scheduler loop, admission, cancellation, stats), adapters.py (LoRA adapters by name and their
+slots), batch.py (the batched forwards of one
 iteration), kv_pool.py (the paged KV pool and its attention context), sequence.py (one request's
 block state, stop checks and events), detok.py (UTF-8- and stop-string-safe text deltas),
 uniform_batch.py / uniform_sequence.py (uniform diffusion, DiffusionGemma: its batched step,

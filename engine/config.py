@@ -59,6 +59,11 @@ class EngineConfig:
     # however few steps it took. Budgeted requests are also admitted first, earliest deadline
     # first. 2: each extra row makes everyone's step ~1/16 longer at the default batch.
     priority_slots: int = 2
+    # A row with a deadline that would miss it sharing the full step (steps left x the recent
+    # iteration time past the deadline) gets iterations of its own: the rows with deadlines
+    # step alone, a small fast forward, at most this many iterations in a row before everyone
+    # steps once (so the others slow down, never stop). 0: deadlines only order admission.
+    urgent_run: int = 4
     # Graph mode (cuda_graphs): query lengths are padded up to one of these (then to a multiple
     # of the largest), so the graphs see few distinct shapes: block lengths 1..32 fall on 5.
     # Eager forwards are not padded (engine/batch.py StepRunner._lengths): static shapes are
@@ -119,8 +124,8 @@ class EngineConfig:
     def validate(self) -> EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
-        if self.priority_slots < 0:
-            raise ValueError("priority_slots must be >= 0")
+        if self.priority_slots < 0 or self.urgent_run < 0:
+            raise ValueError("priority_slots and urgent_run must be >= 0")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if not self.length_buckets or sorted(self.length_buckets) != list(self.length_buckets):

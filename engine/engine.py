@@ -11,7 +11,9 @@
 A scheduler loop (an asyncio task) runs one iteration at a time: between iterations it drops
 cancelled sequences and admits queued ones (FIFO, while a slot and the KV pages for the whole
 request are free; requests with a latency budget first, earliest deadline first, and into
-EngineConfig.priority_slots beyond max_num_seqs when every slot is held); then, in a worker thread so the event loop keeps serving, it runs (1) one
+EngineConfig.priority_slots beyond max_num_seqs when every slot is held, and a row whose
+deadline the full step's pace would miss steps alone for up to EngineConfig.urgent_run
+iterations in a row); then, in a worker thread so the event loop keeps serving, it runs (1) one
 batched cache write for the prompts just admitted and the blocks just finished (block-causal
 models only) and (2) ONE denoising step over every running sequence together, each with its own
 steps, block length, commit rule, threshold, temperature/top_p and seed (engine/batch.py).
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.adapters import EngineAdapters, UnknownAdapterError
 from engine.batch import StepRunner
 from engine.config import EngineConfig
 from engine.cost_model import StepCostModel
@@ -77,7 +80,7 @@ from engine.uniform_sequence import UniformSequence
 from model.config import ModelConfig
 from model.families import family_defaults
 from model.loaders.lora import AdapterWeights
-from model.lora import LoRABank, apply_lora, find_bank
+from model.lora import LoRABank
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +96,6 @@ class QueueFullError(RuntimeError):
 
 class EngineClosedError(RuntimeError):
     """submit() after shutdown() began."""
-
-
-class UnknownAdapterError(ValueError):
-    """submit() naming a LoRA adapter the engine does not hold (the server answers 404)."""
 
 
 @dataclass
@@ -127,20 +126,8 @@ class Engine(EngineBase):
         if self.cfg.attention == "block_causal":
             self._create_pool()
         # LoRA: slots hooked onto the network's Linears (model/lora.py) before the runner looks
-        # for them; adapters by name, read once (Engine.add_adapter), resident up to max_loras
-        self.lora: LoRABank | None = find_bank(net)
-        if self.lora is None and self.config.max_loras:
-            S, R = self.config.max_loras, self.config.max_lora_rank
-            if _is_tp_leader(net):  # slots on rank 0's shard; every load repeated on the others
-                self.lora = apply_lora(net.net, S, R)
-                self.lora.on_load.append(lambda slot, a: net.lora_load(slot, a, S, R))
-            else:
-                self.lora = apply_lora(net, S, R)
-        self.adapters: dict[str, AdapterWeights] = {}
-        # (name, directory) -> AdapterWeights for load_adapter: model/loaders/lora.read_adapter
-        # against the base checkpoint's format, set by whoever loaded the model
-        self.adapter_reader = None
-        self._retired: set[str] = set()  # removed while running rows held them
+        # for them; adapters by name, read once (add_adapter), resident up to max_loras
+        self.loras = EngineAdapters(net, self.config)
         self.runner = UniformStepRunner(net, self.pool, self.config) if self.uniform \
             else StepRunner(net, self.pool, self.config)
         self.prefill = ChunkedPrefill(net, self.config)
@@ -152,6 +139,8 @@ class Engine(EngineBase):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._urgent_streak = 0  # iterations in a row that ran only rows with deadlines
+        self._full_step_s: float | None = None  # EWMA of iterations of every running row
         # One dedicated thread runs every forward: torch's grad mode and thread settings are
         # per-thread, and steps must not overlap anyway.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dllm-engine")
@@ -195,10 +184,7 @@ class Engine(EngineBase):
         if self.config.max_queued is not None and \
                 len(self._waiting) >= self.config.max_queued + free:
             raise QueueFullError(f"{len(self._waiting)} requests are already queued")
-        if request.adapter is not None and request.adapter not in self.adapters:
-            raise UnknownAdapterError(f"this engine holds no adapter {request.adapter!r}"
-                                      + ("" if self.lora is not None else
-                                         " (it serves no adapters: EngineConfig.max_loras = 0)"))
+        self.loras.check_request(request.adapter)
         seq = (UniformSequence if self.uniform else Sequence).create(
             request, self.cfg, self.tokenizer, self.device)
         limit = self.config.max_uncached_full_attention_tokens
@@ -235,77 +221,49 @@ class Engine(EngineBase):
                    if s.deadline is None or s.deadline > seq.deadline), len(self._waiting))
         self._waiting.insert(at, seq)
 
-    # --- LoRA adapters --------------------------------------------------------------------
+    # --- LoRA adapters (engine/adapters.py) ------------------------------------------------
+    @property
+    def lora(self) -> LoRABank | None:
+        return self.loras.bank
+
+    @property
+    def adapter_reader(self):
+        """(name, directory) -> AdapterWeights, for load_adapter (set by the model's loader)."""
+        return self.loras.reader
+
+    @adapter_reader.setter
+    def adapter_reader(self, read) -> None:
+        self.loras.reader = read
+
     def add_adapter(self, adapter: AdapterWeights) -> None:
         """Hold `adapter` under adapter.name (read by model/loaders/lora.read_adapter); it is
-        put in a slot when a request first names it. Raises AdapterError if it cannot fit the
-        slots (rank, modules), ValueError if the engine serves no adapters or the name is still
-        held by running requests after a removal."""
-        if self.lora is None:
-            raise ValueError("this engine serves no adapters (EngineConfig.max_loras = 0)")
-        self.lora.check(adapter)
-        if adapter.name in self._retired or (adapter.name in self.adapters
-                                             and not self.lora.evict(adapter.name)):
-            raise ValueError(f"adapter {adapter.name!r} is in use by running requests")
-        self.lora.evict(adapter.name)  # a new version of a name: the old slot is stale
-        self.adapters[adapter.name] = adapter
+        put in a slot when a request first names it (EngineAdapters.add says what it raises)."""
+        self.loras.add(adapter)
 
     def load_adapter(self, name: str, path: str) -> AdapterWeights:
         """Read the PEFT adapter in directory `path` (through `adapter_reader`) and hold it
         as `name`. Blocking file reads: call it off the event loop."""
-        adapter = self._read_adapter(name, path)
-        self.add_adapter(adapter)
+        adapter = self.loras.read(name, path)
+        self.loras.add(adapter)
         return adapter
 
     async def load_adapter_async(self, name: str, path: str) -> AdapterWeights:
         """load_adapter from the event loop: the files are read in a thread, the adapter is
         added on the loop (where admission changes the slots), never beside it."""
-        adapter = await asyncio.to_thread(self._read_adapter, name, path)
-        self.add_adapter(adapter)
+        adapter = await asyncio.to_thread(self.loras.read, name, path)
+        self.loras.add(adapter)
         return adapter
-
-    def _read_adapter(self, name: str, path: str) -> AdapterWeights:
-        if self.adapter_reader is None:
-            raise ValueError("this engine cannot read adapters (no adapter_reader)")
-        if self.lora is None:
-            raise ValueError("this engine serves no adapters (EngineConfig.max_loras = 0)")
-        return self.adapter_reader(name, path)
 
     def remove_adapter(self, name: str) -> bool:
         """Forget adapter `name` (requests already admitted finish with it). -> whether it
         was held."""
-        if self.adapters.pop(name, None) is None:
-            return False
-        if self.lora is not None and not self.lora.evict(name):
-            self._retired.add(name)  # evicted when its last row releases it
-        return True
+        return self.loras.remove(name)
 
     def adapter_names(self) -> list[str]:
-        return sorted(self.adapters)
+        return self.loras.names()
 
     def resident_adapters(self) -> list[str]:
-        return self.lora.resident() if self.lora is not None else []
-
-    def _acquire_adapter(self, seq: Sequence) -> bool:
-        """Pin a slot holding seq's adapter. False: every slot is held by running rows."""
-        if seq.adapter is None:
-            return True
-        adapter = self.adapters.get(seq.adapter)
-        if adapter is None:
-            raise UnknownAdapterError(f"adapter {seq.adapter!r} was removed")
-        slot = self.lora.acquire(adapter)
-        if slot is None:
-            return False
-        seq.lora_slot = slot
-        return True
-
-    def _release_adapter(self, seq: Sequence) -> None:
-        if seq.lora_slot < 0:
-            return
-        self.lora.release(seq.lora_slot)
-        seq.lora_slot = -1
-        if seq.adapter in self._retired and self.lora.evict(seq.adapter):
-            self._retired.discard(seq.adapter)
+        return self.loras.resident()
 
     def _num_pages(self) -> int:
         if self.uniform:
@@ -376,9 +334,7 @@ class Engine(EngineBase):
                    "cache_write_s": self._cache_write_s, "worker_s": self._worker_s,
                    "max_num_seqs": self.config.max_num_seqs, "page_size": self.config.page_size,
                    **({"cuda_graphs": self.runner.static.stats()} if self.runner.static else {}),
-                   **({"lora": {"adapters": len(self.adapters), "resident": self.lora.resident(),
-                                "loads": self.lora.loads, "evictions": self.lora.evictions}}
-                      if self.lora is not None else {})},
+                   **({"lora": self.loras.stats()} if self.lora is not None else {})},
         )
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -439,7 +395,7 @@ class Engine(EngineBase):
         self._by_id.pop(request_id, None)
 
     def _release(self, seq: Sequence) -> None:
-        self._release_adapter(seq)
+        self.loras.release(seq)
         if self.pool is not None and seq.pages:
             self.pool.free(seq.pages)
             seq.pages = []
@@ -473,7 +429,7 @@ class Engine(EngineBase):
             if prefill and prefill + cost > self.config.max_prefill_tokens:
                 break
             try:
-                if not self._acquire_adapter(seq):
+                if not self.loras.acquire(seq):
                     break  # every adapter slot is held: the head waits, as for pages
             except UnknownAdapterError as e:  # removed while it waited
                 self._waiting.popleft()
@@ -484,7 +440,7 @@ class Engine(EngineBase):
             if seq.cache_tokens_needed():
                 got = self.pool.allocate(self.pool.pages_for(seq.cache_tokens_needed()))
                 if got is None:
-                    self._release_adapter(seq)
+                    self.loras.release(seq)
                     break  # FIFO: the head waits for pages; later requests do not overtake it
                 pages = got
             self._waiting.popleft()
@@ -502,10 +458,12 @@ class Engine(EngineBase):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = list(self._running)
+            batch = self._step_batch()
+            subset = len(batch) < len(self._running)
             t0 = time.perf_counter()
             try:
-                runs = await loop.run_in_executor(self._executor, self._iterate_until_news, batch)
+                runs = await loop.run_in_executor(self._executor, self._iterate_until_news, batch,
+                                                  subset)
             except Exception as e:  # a bug outside the per-row isolation: fail this batch only
                 log.exception("engine iteration failed")
                 runs = [(t0, time.perf_counter(), _Iteration(
@@ -513,6 +471,10 @@ class Engine(EngineBase):
                             for s in batch if s.state != DONE]))]
             for t_start, t_end, it in runs:
                 self._record(t_start, t_end, it)
+                if not subset:  # the pace a row with a deadline would share
+                    dt = t_end - t_start
+                    self._full_step_s = dt if self._full_step_s is None else \
+                        0.7 * self._full_step_s + 0.3 * dt
                 for seq, event in it.events:
                     self._deliver(seq, event)
             finished = [s for s in batch if s.state == DONE]
@@ -520,6 +482,22 @@ class Engine(EngineBase):
                 for seq in finished:
                     self._release(seq)
                 self._running = [s for s in self._running if s.state != DONE]
+
+    def _step_batch(self) -> list[Sequence]:
+        """The rows of the next iteration: every running row, or only those with a deadline
+        when one of them would miss it at the pace of the full step (at most
+        config.urgent_run such iterations in a row)."""
+        urgent = [s for s in self._running if s.deadline is not None]
+        if not urgent or len(urgent) == len(self._running) or self._full_step_s is None \
+                or self._urgent_streak >= self.config.urgent_run:
+            self._urgent_streak = 0
+            return list(self._running)
+        now = time.perf_counter()
+        if not any(now + s.steps_left() * self._full_step_s > s.deadline for s in urgent):
+            self._urgent_streak = 0
+            return list(self._running)
+        self._urgent_streak += 1
+        return urgent
 
     def _record(self, t0: float, t1: float, it: _Iteration) -> None:
         dt = t1 - t0
@@ -542,10 +520,11 @@ class Engine(EngineBase):
             self._committed_log.popleft()
 
     # --- iterations, in the worker thread -------------------------------------------------
-    def _iterate_until_news(self, batch: list[Sequence]) -> list[tuple[float, float, _Iteration]]:
+    def _iterate_until_news(self, batch: list[Sequence], once: bool = False
+                            ) -> list[tuple[float, float, _Iteration]]:
         """Iterations of `batch` back to back while the loop has nothing to do between them:
         no event to deliver, no row finished, nothing queued or cancelled, not closing, and
-        for at most ITERATE_FOR_S. Handing each iteration back to the event loop and out again
+        for at most ITERATE_FOR_S (once: a single iteration, a subset of the rows). Handing each iteration back to the event loop and out again
         cost 3-4% of a batch-1 iteration on the CPU (a block-causal answer emits text once per
         block, every `steps` iterations). -> (start, end, iteration) of each; the first
         iteration's exception propagates, a later one's ends the run (the next one meets it)."""
@@ -563,7 +542,7 @@ class Engine(EngineBase):
             runs.append((t0, t1, it))
             # reads of containers the loop mutates: atomic under the GIL, and a stale answer
             # only means one more iteration before the loop's turn
-            if it.events or self._waiting or self._cancel or self._closing \
+            if once or it.events or self._waiting or self._cancel or self._closing \
                     or t1 - t_first >= ITERATE_FOR_S or any(s.state == DONE for s in batch):
                 return runs
 
@@ -673,9 +652,3 @@ def _attn_pairs(seq: Sequence) -> int:
         return pairs + n * n
     q0, q1 = seq.cached_span()
     return pairs + (q1 - q0) * n
-
-
-def _is_tp_leader(net: torch.nn.Module) -> bool:
-    from engine.tensor_parallel import TPLeader
-
-    return isinstance(net, TPLeader)

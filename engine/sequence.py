@@ -158,6 +158,13 @@ class Sequence:
         """KV slots reserved at admission (model/schedule.RowLayout.cache_tokens)."""
         return self.layout.cache_tokens(self.schedule)
 
+    def steps_left(self) -> int:
+        """Denoising steps (iterations) left if no block stops early: what the scheduler weighs
+        a deadline against."""
+        s = self.schedule
+        return max(0, s.steps_in(self.block) - self.step) + sum(
+            s.steps_in(b) for b in range(self.block + 1, s.n_blocks))
+
     def backlog(self) -> int:
         """Token-steps left, an upper bound (see Engine.stats): model/schedule.token_steps_left
         from the active block and step, with what is in the KV pool."""

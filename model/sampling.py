@@ -646,14 +646,19 @@ def generate(net: torch.nn.Module, prompt_ids: list[int], params: SamplingParams
         if b < sched.n_blocks - 1:
             row.commit_block(lo, hi)
     tokens = row.canvas[0, :end].tolist()
-    text = None
-    if tokenizer is not None:
-        text = tokenizer.decode([t for t in tokens if t not in stop_ids])
-        text, hit = truncate_at_stop(text, params.stop)
-        if hit:
-            finish = "stop"
+    text, finish = answer_text(tokens, stop_ids, tokenizer, params.stop, finish)
     return GenerationResult(tokens=tokens, finish_reason=finish, steps=total_steps,
                             blocks=blocks, text=text)
+
+
+def answer_text(tokens: list[int], stop_ids, tokenizer, stops: list[str],
+                finish: str) -> tuple[str | None, str]:
+    """The answer's text (stop ids left out, cut before the first stop string; None without a
+    tokenizer) and the finish reason ("stop" when a stop string cut it, else `finish`)."""
+    if tokenizer is None:
+        return None, finish
+    text, hit = truncate_at_stop(tokenizer.decode([t for t in tokens if t not in stop_ids]), stops)
+    return text, "stop" if hit else finish
 
 
 def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -197,7 +197,7 @@ def generate_uniform(net, prompt_ids: list[int], params: UniformParams, *, token
     (in it), steps (in all), accepted. -> model.sampling.GenerationResult."""
     from model.diffusion_gemma import GemmaCache
     from model.rules import stop_token_ids
-    from model.sampling import GenerationResult, truncate_at_stop
+    from model.sampling import GenerationResult, answer_text
 
     params.validate()
     cfg: ModelConfig = net.cfg
@@ -257,11 +257,6 @@ def generate_uniform(net, prompt_ids: list[int], params: UniformParams, *, token
             net.encode(argmax, pos, cache.context(causal=True))
     if finish == "length":
         tokens = tokens[:params.max_new_tokens]
-    text = None
-    if tokenizer is not None:
-        text = tokenizer.decode([t for t in tokens if t not in stop_ids])
-        text, hit = truncate_at_stop(text, params.stop)
-        if hit:
-            finish = "stop"
+    text, finish = answer_text(tokens, stop_ids, tokenizer, params.stop, finish)
     return GenerationResult(tokens=tokens, finish_reason=finish, steps=steps,
                             blocks=min(c + 1, n_canvas), text=text)

@@ -59,6 +59,7 @@ from model.loaders.common import (
     token_id,
 )
 from model.loaders.experts import expert_targets
+from model.loaders.llama import LLAMA_NORMS, swiglu_names
 from model.loaders.special_ids import architecture_id
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,12 @@ _names = NameMap(
     top={"word_embeddings.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
          "lm_head.weight": "lm_head.weight"},
     layer={
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "mlp_norm.weight",
+        **LLAMA_NORMS, **swiglu_names(),
         "attention.query_layernorm.weight": "attn.q_norm.weight",
         "attention.key_layernorm.weight": "attn.k_norm.weight",
         "attention.dense.weight": "attn.wo.weight",
-        "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
-        "mlp.down_proj.weight": "mlp.w2.weight",
         "mlp.gate.weight": "mlp.gate.weight", "mlp.gate.expert_bias": "mlp.expert_bias",
-        "mlp.shared_experts.gate_proj.weight": "mlp.shared.w1.weight",
-        "mlp.shared_experts.up_proj.weight": "mlp.shared.w3.weight",
-        "mlp.shared_experts.down_proj.weight": "mlp.shared.w2.weight",
+        **swiglu_names("mlp.shared_experts", "mlp.shared"),
     },
 )
 

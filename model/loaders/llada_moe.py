@@ -42,6 +42,7 @@ from model.loaders.common import (
     token_id,
 )
 from model.loaders.experts import expert_targets
+from model.loaders.llama import LLAMA_TOP, llama_layer_names, swiglu_names
 from model.loaders.special_ids import architecture_id
 
 ARCHITECTURE = "LLaDAMoEModelLM"
@@ -49,22 +50,10 @@ PREFIXES = ("model.",)
 
 _names = NameMap(
     prefixes=PREFIXES,
-    top={"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
-         "lm_head.weight": "lm_head.weight"},
-    layer={
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "mlp_norm.weight",
-        **{f"self_attn.{p}_proj.{kind}": f"attn.w{p}.{kind}" for p in "qkvo"
-           for kind in ("weight", "bias")},
-        "self_attn.q_norm.weight": "attn.q_norm.weight",
-        "self_attn.k_norm.weight": "attn.k_norm.weight",
-        "mlp.gate.weight": "mlp.gate.weight", "mlp.expert_bias": "mlp.expert_bias",
-        "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
-        "mlp.down_proj.weight": "mlp.w2.weight",
-        "shared_expert.gate_proj.weight": "mlp.shared.w1.weight",
-        "shared_expert.up_proj.weight": "mlp.shared.w3.weight",
-        "shared_expert.down_proj.weight": "mlp.shared.w2.weight",
-    },
+    top=LLAMA_TOP,
+    layer={**llama_layer_names(qk_norm=True, o_bias=True),
+           "mlp.gate.weight": "mlp.gate.weight", "mlp.expert_bias": "mlp.expert_bias",
+           **swiglu_names("shared_expert", "mlp.shared")},
     dropped_in_layer=("self_attn.rotary_emb.inv_freq",),
 )
 

@@ -30,21 +30,41 @@ log = logging.getLogger(__name__)
 
 DIFFULLAMA_MASK_ID = 811  # LLaMA-Factory/src/llamafactory/model/loader.py
 
-# Llama / Qwen2 tensor names (transformers) -> ours.
+# Llama / Qwen2 / Qwen3 tensor names (transformers) -> ours, shared by every format stored in
+# them (Dream, Fast-dLLM v2, SDAR, LLaDA-MoE; LLaDA2's norms and MLP).
+LLAMA_TOP = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+LLAMA_NORMS = {"input_layernorm.weight": "attn_norm.weight",
+               "post_attention_layernorm.weight": "mlp_norm.weight"}
+
+
+def swiglu_names(stored: str = "mlp", ours: str = "mlp") -> dict[str, str]:
+    """{stored}.{gate,up,down}_proj.weight -> {ours}.{w1,w3,w2}.weight (a dense MLP, or a
+    MoE's shared experts: swiglu_names("mlp.shared_experts", "mlp.shared"))."""
+    return {f"{stored}.{p}_proj.weight": f"{ours}.{w}.weight"
+            for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}
+
+
+def llama_layer_names(*, qk_norm: bool = False, o_bias: bool = False) -> dict[str, str]:
+    """Names under "layers.{i}.": norms, q/k/v (weights and biases; NameMap's
+    bias_needs_qkv_bias drops the biases a config does not have), o, the SwiGLU MLP; qk_norm:
+    Qwen3's per-head q_norm / k_norm; o_bias: an o_proj bias too (LLaDA-MoE)."""
+    names = {**LLAMA_NORMS, **swiglu_names(),
+             **{f"self_attn.{p}_proj.{kind}": f"attn.w{p}.{kind}"
+                for p in "qkv" for kind in ("weight", "bias")},
+             "self_attn.o_proj.weight": "attn.wo.weight"}
+    if o_bias:
+        names["self_attn.o_proj.bias"] = "attn.wo.bias"
+    if qk_norm:
+        names.update({"self_attn.q_norm.weight": "attn.q_norm.weight",
+                      "self_attn.k_norm.weight": "attn.k_norm.weight"})
+    return names
+
+
 map_hf_llama = NameMap(
     prefixes=("model.", "denoise_model."),
-    top={"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
-         "lm_head.weight": "lm_head.weight"},
-    layer={
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "mlp_norm.weight",
-        "mlp.gate_proj.weight": "mlp.w1.weight",
-        "mlp.up_proj.weight": "mlp.w3.weight",
-        "mlp.down_proj.weight": "mlp.w2.weight",
-        "self_attn.o_proj.weight": "attn.wo.weight",
-        **{f"self_attn.{p}_proj.{kind}": f"attn.w{p}.{kind}"
-           for p in "qkv" for kind in ("weight", "bias")},
-    },
+    top=LLAMA_TOP,
+    layer=llama_layer_names(),
     dropped_in_layer=("self_attn.rotary_emb.inv_freq",),
     bias_needs_qkv_bias=True,  # Qwen2 (Dream) has q/k/v biases, LLaMA-2 none
 )

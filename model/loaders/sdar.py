@@ -40,26 +40,15 @@ from model.loaders.common import (
     token_id,
 )
 from model.loaders.experts import expert_targets
+from model.loaders.llama import LLAMA_TOP, llama_layer_names
 from model.loaders.special_ids import architecture_id
 
 PREFIXES = ("model.",)
 
 _names = NameMap(
     prefixes=PREFIXES,
-    top={"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
-         "lm_head.weight": "lm_head.weight"},
-    layer={
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "mlp_norm.weight",
-        **{f"self_attn.{p}_proj.{kind}": f"attn.w{p}.{kind}" for p in "qkv"
-           for kind in ("weight", "bias")},
-        "self_attn.o_proj.weight": "attn.wo.weight",
-        "self_attn.q_norm.weight": "attn.q_norm.weight",
-        "self_attn.k_norm.weight": "attn.k_norm.weight",
-        "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
-        "mlp.down_proj.weight": "mlp.w2.weight",
-        "mlp.gate.weight": "mlp.gate.weight",
-    },
+    top=LLAMA_TOP,
+    layer={**llama_layer_names(qk_norm=True), "mlp.gate.weight": "mlp.gate.weight"},
     dropped_in_layer=("self_attn.rotary_emb.inv_freq",),
     bias_needs_qkv_bias=True,
 )

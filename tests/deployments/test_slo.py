@@ -511,3 +511,28 @@ def test_rows_ahead_counts_each_request_once():
     assert r.rows_ahead(fresh) == 1 + 2
     r.done(a)
     assert r.rows_ahead(ClusterLoad(replicas=1, running=0, at=0.0)) == 2  # no snapshot yet
+
+
+def test_the_default_target_is_what_an_idle_replica_takes_not_what_a_burst_does():
+    """Under a burst, answers take far longer than the step model says (queueing, shared
+    cores) and the calibration learns it; the default target, 2x the unloaded latency, keeps
+    the calibration of the last quiet moment instead of growing with the burst. Quiet again,
+    it follows the calibration the predictions use (lone users stay at the best rung)."""
+    clock = Clock()
+    r = router(clock)
+    r.mean_shape = SHAPE
+    for x in (0.5, 1.0, 2.0) * 10:  # quiet: answers take 0.05 s + the model
+        r.calibration.add(x, 0.05 + x)
+    quiet_target = r.target_s(SHAPE)
+    r.observe(snapshot(running=32, queued=40))  # a burst; answers now take 3x the model
+    for x in (0.5, 1.0, 2.0) * 10:
+        clock.t += 1.0
+        r.calibration.add(x, 3 * x)
+    assert r.calibration.ratio == pytest.approx(3.0, rel=0.2)  # the predictions know it ...
+    assert r.target_s(SHAPE) == pytest.approx(quiet_target)  # ... the target does not move
+    r.observe(snapshot(running=1))  # quiet again: the target under today's calibration
+    assert r.target_s(SHAPE) > 2 * quiet_target
+    for _ in range(3):  # back to the best rung after the hold: a lone user is not degraded
+        clock.t += 1.0
+        r.observe(snapshot(running=1))
+    assert r.choose(shape=SHAPE).steps == 16

@@ -329,3 +329,30 @@ async def test_budgeted_requests_are_admitted_earliest_deadline_first(bc_net, to
     await asyncio.gather(head, *rest)
     await engine.shutdown()
     assert done == ["first", "soon", "late", "plain-a", "plain-b"]
+
+
+@pytest.mark.parametrize("urgent_run", [4, 0])
+async def test_a_row_that_would_miss_its_deadline_steps_alone(bc_net, tok, urgent_run):
+    """A budgeted row that the full step's pace would make late runs iterations of its own
+    (the other rows wait, at most urgent_run iterations in a row); urgent_run 0: it shares every
+    step. The tokens of everyone are the reference's either way."""
+    engine = make_engine(bc_net, tok, max_num_seqs=4, urgent_run=urgent_run)
+    plain = [request(f"p{i}", PROMPT[: 6 + i], max_new_tokens=32, steps=8, block_length=8)
+             for i in range(3)]
+    tasks = [asyncio.create_task(collect(engine, r)) for r in plain]
+    await wait_until(lambda: iterations(engine) >= 3)
+    urgent = budgeted("u", PROMPT[:9], 1e-3, max_new_tokens=8, steps=4, block_length=8)
+    before = {r.request_id: engine._by_id[r.request_id].total_steps for r in plain}
+    at = iterations(engine)
+    urgent_events = await collect(engine, urgent)
+    ran = iterations(engine) - at
+    stepped = [engine._by_id[r.request_id].total_steps - before[r.request_id] for r in plain]
+    results = await asyncio.gather(*tasks)
+    await engine.shutdown()
+    assert ran >= 4  # its 4 steps
+    if urgent_run:
+        assert max(stepped) <= 1  # at most the iteration already under way when it came
+    else:
+        assert min(stepped) >= 4
+    for r, events in zip([*plain, urgent], [*results, urgent_events], strict=True):
+        assert_like_reference(bc_net, tok, r, events)

@@ -53,6 +53,24 @@ def ref_swiglu(h, gate, up, down):
     return (F.silu(h @ gate.T) * (h @ up.T)) @ down.T
 
 
+def ref_swiglu_at(W, prefix: str, h):
+    """ref_swiglu with the {gate,up,down}_proj weights stored under `prefix`."""
+    return ref_swiglu(h, W[prefix + "gate_proj.weight"], W[prefix + "up_proj.weight"],
+                      W[prefix + "down_proj.weight"])
+
+
+def ref_expert_fn(W, experts: str):
+    """expert(e, t) for ref_experts: the SwiGLU stored under f"{experts}{e}."."""
+    return lambda e, t: ref_swiglu_at(W, f"{experts}{e}.", t)
+
+
+def swiglu_weights(g, prefix: str, hidden: int, d: int, std: float = 0.2) -> dict:
+    """Random {gate,up,down}_proj weights under `prefix` (drawn in that order)."""
+    return {prefix + "gate_proj.weight": randn(g, hidden, d, std=std),
+            prefix + "up_proj.weight": randn(g, hidden, d, std=std),
+            prefix + "down_proj.weight": randn(g, d, hidden, std=std)}
+
+
 def ref_llada2_gate(h, w, bias, k, n_group, topk_group, scale):
     """LLaDA2MoeGate for one token h [d] -> [(expert, weight)]."""
     s = torch.sigmoid(w @ h)
@@ -126,18 +144,13 @@ def make_llada2(d: Path, seed: int = 10, shards: int = 1, **over):
         W[p + "attention.key_layernorm.weight"] = norm_weight(g, hd)
         W[p + "attention.dense.weight"] = randn(g, D, H * hd)
         if i < c["first_k_dense_replace"]:
-            for n, shape in (("gate_proj", (M, D)), ("up_proj", (M, D)), ("down_proj", (D, M))):
-                W[p + f"mlp.{n}.weight"] = randn(g, *shape)
+            W.update(swiglu_weights(g, p + "mlp.", M, D))
             continue
         W[p + "mlp.gate.weight"] = randn(g, E, D, std=0.5)
         W[p + "mlp.gate.expert_bias"] = randn(g, E, std=0.3)
         for j in range(E):
-            for n, shape in (("gate_proj", (inter, D)), ("up_proj", (inter, D)),
-                             ("down_proj", (D, inter))):
-                W[p + f"mlp.experts.{j}.{n}.weight"] = randn(g, *shape, std=0.3)
-        S = inter * c["num_shared_experts"]
-        for n, shape in (("gate_proj", (S, D)), ("up_proj", (S, D)), ("down_proj", (D, S))):
-            W[p + f"mlp.shared_experts.{n}.weight"] = randn(g, *shape)
+            W.update(swiglu_weights(g, p + f"mlp.experts.{j}.", inter, D, std=0.3))
+        W.update(swiglu_weights(g, p + "mlp.shared_experts.", inter * c["num_shared_experts"], D))
     write_checkpoint(d, c, W, shards=shards)
     return W, c, ids
 
@@ -162,8 +175,7 @@ def ref_llada2(W, c, ids, allowed=None):
         x = x + merge(a) @ W[p + "attention.dense.weight"].T
         h = ref_rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         if i < c["first_k_dense_replace"]:
-            x = x + ref_swiglu(h, W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"],
-                               W[p + "mlp.down_proj.weight"])
+            x = x + ref_swiglu_at(W, p + "mlp.", h)
             continue
 
         def route(t, p=p):
@@ -171,14 +183,8 @@ def ref_llada2(W, c, ids, allowed=None):
                                    c["num_experts_per_tok"], c["n_group"], c["topk_group"],
                                    c["routed_scaling_factor"])
 
-        def expert(e, t, p=p):
-            q = f"{p}mlp.experts.{e}."
-            return ref_swiglu(t, W[q + "gate_proj.weight"], W[q + "up_proj.weight"],
-                              W[q + "down_proj.weight"])
-
-        s = f"{p}mlp.shared_experts."
-        x = x + ref_experts(h, route, expert) + ref_swiglu(
-            h, W[s + "gate_proj.weight"], W[s + "up_proj.weight"], W[s + "down_proj.weight"])
+        x = x + ref_experts(h, route, ref_expert_fn(W, p + "mlp.experts.")) + \
+            ref_swiglu_at(W, p + "mlp.shared_experts.", h)
     x = ref_rmsnorm(x, W["model.norm.weight"], eps)
     return x @ W["lm_head.weight"].T
 
@@ -215,17 +221,13 @@ def make_llada_moe(d: Path, seed: int = 11, vocab: int | None = None, mask_in_co
         W[p + "self_attn.q_norm.weight"] = norm_weight(g, hd)
         W[p + "self_attn.k_norm.weight"] = norm_weight(g, hd)
         if c["moe_layer_freq"][i] == 0:
-            for n, shape in (("gate_proj", (M, D)), ("up_proj", (M, D)), ("down_proj", (D, M))):
-                W[p + f"mlp.{n}.weight"] = randn(g, *shape)
+            W.update(swiglu_weights(g, p + "mlp.", M, D))
             continue
         W[p + "mlp.gate.weight"] = randn(g, E, D, std=0.5)
         W[p + "mlp.expert_bias"] = randn(g, E, std=0.1)
         for j in range(E):
-            for n, shape in (("gate_proj", (inter, D)), ("up_proj", (inter, D)),
-                             ("down_proj", (D, inter))):
-                W[p + f"mlp.experts.{j}.{n}.weight"] = randn(g, *shape, std=0.3)
-        for n, shape in (("gate_proj", (S, D)), ("up_proj", (S, D)), ("down_proj", (D, S))):
-            W[p + f"shared_expert.{n}.weight"] = randn(g, *shape)
+            W.update(swiglu_weights(g, p + f"mlp.experts.{j}.", inter, D, std=0.3))
+        W.update(swiglu_weights(g, p + "shared_expert.", S, D))
     write_checkpoint(d, c, W)
     return W, c, ids
 
@@ -249,22 +251,15 @@ def ref_llada_moe(W, c, ids):
         x = x + merge(ref_attention(q, k, v)) @ W[p + "self_attn.o_proj.weight"].T
         h = ref_rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         if c["moe_layer_freq"][i] == 0:
-            x = x + ref_swiglu(h, W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"],
-                               W[p + "mlp.down_proj.weight"])
+            x = x + ref_swiglu_at(W, p + "mlp.", h)
             continue
 
         def route(t, p=p):
             return ref_softmax_gate(t, W[p + "mlp.gate.weight"], W[p + "mlp.expert_bias"],
                                     c["num_experts_per_tok"], norm=False)
 
-        def expert(e, t, p=p):
-            q = f"{p}mlp.experts.{e}."
-            return ref_swiglu(t, W[q + "gate_proj.weight"], W[q + "up_proj.weight"],
-                              W[q + "down_proj.weight"])
-
-        s = f"{p}shared_expert."
-        x = x + ref_experts(h, route, expert) + ref_swiglu(
-            h, W[s + "gate_proj.weight"], W[s + "up_proj.weight"], W[s + "down_proj.weight"])
+        x = x + ref_experts(h, route, ref_expert_fn(W, p + "mlp.experts.")) + \
+            ref_swiglu_at(W, p + "shared_expert.", h)
     return ref_rmsnorm(x, W["model.norm.weight"], eps) @ W["lm_head.weight"].T
 
 
@@ -301,13 +296,11 @@ def make_sdar(d: Path, seed: int = 12, moe: bool = False, block_size: int = 4, s
         W[p + "self_attn.q_norm.weight"] = norm_weight(g, hd)
         W[p + "self_attn.k_norm.weight"] = norm_weight(g, hd)
         if not moe:
-            for n, shape in (("gate_proj", (48, D)), ("up_proj", (48, D)), ("down_proj", (D, 48))):
-                W[p + f"mlp.{n}.weight"] = randn(g, *shape)
+            W.update(swiglu_weights(g, p + "mlp.", 48, D))
             continue
         W[p + "mlp.gate.weight"] = randn(g, 8, D, std=0.5)
         for j in range(8):
-            for n, shape in (("gate_proj", (16, D)), ("up_proj", (16, D)), ("down_proj", (D, 16))):
-                W[p + f"mlp.experts.{j}.{n}.weight"] = randn(g, *shape, std=0.3)
+            W.update(swiglu_weights(g, p + f"mlp.experts.{j}.", 16, D, std=0.3))
     write_checkpoint(d, c, W, shards=shards)
     return W, c, ids
 
@@ -330,20 +323,14 @@ def ref_sdar(W, c, ids, allowed=None):
         x = x + merge(ref_attention(q, k, v, allowed)) @ W[p + "self_attn.o_proj.weight"].T
         h = ref_rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         if "num_experts" not in c:
-            x = x + ref_swiglu(h, W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"],
-                               W[p + "mlp.down_proj.weight"])
+            x = x + ref_swiglu_at(W, p + "mlp.", h)
             continue
 
         def route(t, p=p):
             return ref_softmax_gate(t, W[p + "mlp.gate.weight"], None, c["num_experts_per_tok"],
                                     norm=c["norm_topk_prob"])
 
-        def expert(e, t, p=p):
-            q = f"{p}mlp.experts.{e}."
-            return ref_swiglu(t, W[q + "gate_proj.weight"], W[q + "up_proj.weight"],
-                              W[q + "down_proj.weight"])
-
-        x = x + ref_experts(h, route, expert)
+        x = x + ref_experts(h, route, ref_expert_fn(W, p + "mlp.experts."))
     return ref_rmsnorm(x, W["model.norm.weight"], eps) @ W["lm_head.weight"].T
 
 
