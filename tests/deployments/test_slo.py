@@ -536,3 +536,28 @@ def test_the_default_target_is_what_an_idle_replica_takes_not_what_a_burst_does(
         clock.t += 1.0
         r.observe(snapshot(running=1))
     assert r.choose(shape=SHAPE).steps == 16
+
+
+def test_a_burst_shows_in_the_arrival_rate_within_a_second():
+    """2 req/s for 5 s, then 12 requests in half a second: the rate is the last second's
+    (13/s), not the 5 s window's 4.4/s; a lull must last the whole window."""
+    clock = Clock()
+    r = router(clock)
+    for _ in range(10):
+        clock.t += 0.5
+        r.admitted(1000.0, 1, SHAPE)
+    assert r.arrival_rps() == pytest.approx(2.0)
+    for _ in range(12):
+        clock.t += 0.5 / 12
+        r.admitted(1000.0, 1, SHAPE)
+    assert r.arrival_rps() == pytest.approx(13 / 1.0)  # and the steady one 0.5 s before
+    clock.t += 2.0  # the burst left the short window, not the long one
+    assert r.arrival_rps() == pytest.approx(len(r._admits) / 5.0)
+
+
+def test_past_capacity_at_every_rung_the_fastest_rung():
+    r = router(Clock(), latency_p95_s=1.0)
+    arrive(r, 1000.0, Clock())  # far past what any rung sustains
+    preds = [r.predict_rung(SHAPE, k) for k in range(4)]
+    assert all(math.isinf(p.latency_s) for p in preds)
+    assert r.best_rung(preds, 1.0) == 3
