@@ -492,16 +492,20 @@ class SloRouter(StepRouter):
         burst shows in the short window at once; over the long one alone the first second of
         a 4x burst looked like 1.6x and was served at a slow rung (benchmarks/results/
         burst.json); a lull has to last the whole window."""
-        now = self.clock()
         window = self.slo.rate_window_s
-        while self._admits and self._admits[0] <= now - window:
+        return max(self._rate(window), self._rate(window / 5))
+
+    def _rate(self, window: float) -> float:
+        """Requests/s admitted over the last `window` seconds (<= rate_window_s), cluster-wide."""
+        now = self.clock()
+        while self._admits and self._admits[0] <= now - self.slo.rate_window_s:
             self._admits.popleft()
-        recent = 0
+        n = 0
         for t in reversed(self._admits):
-            if t <= now - window / 5:
+            if t <= now - window:
                 break
-            recent += 1
-        return max(len(self._admits) / window, recent / (window / 5)) * self.ingress_replicas
+            n += 1
+        return n / window * self.ingress_replicas
 
     def ledger_rows(self) -> int:
         """Rows this ingress admitted within the ledger horizon and not finished: the
@@ -577,13 +581,15 @@ class SloRouter(StepRouter):
                           pr.latency_s, p)
 
     def quiet(self, service_s: float, load: ClusterLoad | None = None) -> bool:
-        """Lone users, no burst: nothing queued, at most two rows per replica now and in the
-        steady state of the arrival rate (rate x `service_s`, the step model's time of a request
-        on an idle replica; a momentary lull in a burst's snapshot is not quiet)."""
+        """Lone users, no burst: nothing queued, at most two rows per replica now, and at most
+        three in the steady state of the sustained arrival rate (the whole rate window's, x
+        `service_s`, the step model's time of a request on an idle replica: a lull in a burst's
+        snapshot is not quiet; two closed-loop clients, at most 2 x their model time over
+        their real latency, always are)."""
         load = load or self.load
         per = max(1, load.replicas)
         return load.queued == 0 and self.rows_ahead(load) <= 2 * per \
-            and self.arrival_rps() * service_s <= 2 * per
+            and self._rate(self.slo.rate_window_s) * service_s <= 3 * per
 
     def unloaded_s(self, shape: RequestShape) -> float:
         """The latency of `shape` at the best rung on an idle replica (calibrated, p95), under
