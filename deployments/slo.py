@@ -445,12 +445,13 @@ class SloRouter(StepRouter):
         # percentile (the p95 request is a long one), the others' load their mean
         self._pass_samples = [collections.deque(maxlen=100) for _ in self.thresholds]
         self.calibration = LatencyCalibration(clock=clock)  # measured vs the step model's
-        # (overhead, ratio, p95 factor) of the calibration when the cluster was last quiet: the
-        # default target's "unloaded" latency. Under a burst the measured latency outgrows the
-        # step model (queueing, co-tenants), and the same calibration applied to the idle
-        # replica raised the default target 12x within the burst (0.55 s -> 6.8 s,
+        # The step model and the calibration (overhead, ratio, p95 factor) of the last quiet
+        # moment: what the default target's "unloaded" latency is computed with. Under a burst
+        # the measured latency outgrows the step model (queueing) and the steps themselves slow
+        # down (the ingress and a starting replica share the cores); computed with today's
+        # model and calibration the default target grew 12x within a burst (0.55 s -> 6.8 s,
         # benchmarks/results/burst.json), which let the controller climb back to slow rungs
-        self._quiet_calibration: tuple[float, float, float] | None = None
+        self._quiet_reference: tuple[StepModel, float, float, float] | None = None
         self._better_since: float | None = None
         self.last_prediction: list[float] = [0.0] * n
 
@@ -596,17 +597,22 @@ class SloRouter(StepRouter):
         the calibration of the last quiet moment. While quiet that is the calibration the
         predictions use: one or two requests per replica then always meet 2x (S(2) < 2 S(1)
         whatever the fit), which two calibrations (one of requests that ran alone) did not
-        guarantee; under load it stays what an idle replica really takes."""
-        model = StepModel.from_load(self.load)
+        guarantee; under load it stays what an idle replica took at the last quiet moment (the
+        step model of then, too)."""
         p, p1 = self._passes(shape, 0, tail=True)
-        pr = predict(model, shape, p, p1, shape.n - 1, 0.0, shape, p, self.load.max_num_seqs or 16)
-        cal = self.calibration
-        now = (cal.overhead_s, cal.ratio, cal.p95_factor(self.slo.p95_over_mean))
-        if self._quiet_calibration is None or self.quiet(pr.latency_s):
-            self._quiet_calibration = now
-        overhead, ratio, k = self._quiet_calibration
-        return k * (overhead + ratio * pr.latency_s) if math.isfinite(pr.latency_s) \
-            else pr.latency_s
+        m = self.load.max_num_seqs or 16
+
+        def idle(model: StepModel) -> float:
+            return predict(model, shape, p, p1, shape.n - 1, 0.0, shape, p, m).latency_s
+
+        model = StepModel.from_load(self.load)
+        if self._quiet_reference is None or self.quiet(idle(model)):
+            cal = self.calibration
+            self._quiet_reference = (model, cal.overhead_s, cal.ratio,
+                                     cal.p95_factor(self.slo.p95_over_mean))
+        model, overhead, ratio, k = self._quiet_reference
+        s = idle(model)
+        return k * (overhead + ratio * s) if math.isfinite(s) else s
 
     def target_s(self, shape: RequestShape) -> float:
         if self.slo.latency_p95_s is not None:

@@ -514,9 +514,10 @@ def test_rows_ahead_counts_each_request_once():
 
 
 def test_the_default_target_is_what_an_idle_replica_takes_not_what_a_burst_does():
-    """Under a burst, answers take far longer than the step model says (queueing, shared
-    cores) and the calibration learns it; the default target, 2x the unloaded latency, keeps
-    the calibration of the last quiet moment instead of growing with the burst. Quiet again,
+    """Under a burst the steps slow down and answers take far longer than the step model says
+    (queueing, shared cores); the calibration learns it. The default target, 2x the unloaded
+    latency, keeps the step model and calibration of the last quiet moment instead of growing
+    with the burst. Quiet again,
     it follows the calibration the predictions use (lone users stay at the best rung)."""
     clock = Clock()
     r = router(clock)
@@ -524,7 +525,8 @@ def test_the_default_target_is_what_an_idle_replica_takes_not_what_a_burst_does(
     for x in (0.5, 1.0, 2.0) * 10:  # quiet: answers take 0.05 s + the model
         r.calibration.add(x, 0.05 + x)
     quiet_target = r.target_s(SHAPE)
-    r.observe(snapshot(running=32, queued=40))  # a burst; answers now take 3x the model
+    # a burst: the steps slow down (shared cores) and answers take 3x even that model
+    r.observe(snapshot(running=32, queued=40, coef=[2 * c for c in COEF]))
     for x in (0.5, 1.0, 2.0) * 10:
         clock.t += 1.0
         r.calibration.add(x, 3 * x)
