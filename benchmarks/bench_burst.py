@@ -142,7 +142,7 @@ def quality_of(setting: str | None, rows: list[dict]) -> float | None:
     controller values rungs (deployments/slo.rung_qualities)."""
     if not setting:
         return None
-    from deployments.slo import rung_qualities
+    from deployments.quality_table import rung_qualities
     from deployments.step_router import Ladder
 
     steps, _, thr = setting.partition("@")
@@ -151,7 +151,7 @@ def quality_of(setting: str | None, rows: list[dict]) -> float | None:
 
 
 def quality_rows() -> list[dict]:
-    from deployments.slo import load_quality_table, quality_table_path
+    from deployments.quality_table import load_quality_table, quality_table_path
 
     return load_quality_table(quality_table_path("tiny-coder"))
 

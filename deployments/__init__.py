@@ -6,8 +6,10 @@ A request's path, file by file:
   diffusion extensions, errors.py the OpenAI error envelope
 - openai_service.py: checks, admission and the answer (JSON or SSE) of one request;
   jobs.py turns it into engine requests (tokenize, FIM, token healing, context limits)
-- step_router.py: the denoising steps per block from the cluster's load (with hysteresis and
-  a burst ledger); load_board.py, the LoadBoard deployment the replicas report their load to
+- step_router.py: the threshold ladder of denoising steps per block (with hysteresis and a
+  burst ledger); slo.py, the latency-target step controller that replaces it by default, valuing
+  rungs with quality_table.py (the model's `dllm eval` table); load_board.py, the LoadBoard
+  deployment the replicas report their load to
 - backends.py: where engine requests go, an engine in this process or the replicas through
   DeploymentHandles; streams.py fans in the events of several choices
 - replica_router.py: `LeastBacklogRouter`, which picks the replica with the least token backlog

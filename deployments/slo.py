@@ -53,16 +53,15 @@ only needs its passes (learnt by `finished`) and its quality.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoscaling.load import FALLBACK_CAPACITY, ClusterLoad
+from deployments.quality_table import load_quality_table, quality_table_path, rung_qualities
 from deployments.step_router import Ladder, StepChoice, StepRouter
 from model.schedule import BlockSchedule
 
@@ -72,7 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUALITY_FILE = "quality.json"  # `dllm eval`'s output, beside a checkpoint's config.json
 
 
 @dataclass
@@ -114,97 +112,6 @@ class SloConfig:
             raise ValueError("slo.up_hold_s must be >= 0 and slo.rate_window_s > 0")
         if self.p95_over_mean < 1.0:
             raise ValueError("slo.p95_over_mean must be >= 1")
-
-
-# --- quality per rung ------------------------------------------------------------------------
-def load_quality_table(path: str | Path | None) -> list[dict]:
-    """The rows of a `dllm eval` result (benchmarks/quality.py), [] when there is none."""
-    if path is None:
-        return []
-    p = Path(path)
-    if not p.is_file():
-        return []
-    try:
-        rows = json.loads(p.read_text()).get("rows", [])
-    except (OSError, ValueError, AttributeError) as e:
-        log.warning("quality table %s unreadable (%s): monotone default", p, e)
-        return []
-    return [r for r in rows if isinstance(r, dict) and "steps_per_block" in r]
-
-
-def quality_table_path(source: str, configured: str | None = None) -> Path | None:
-    """Where the model's quality table is: the configured path, else quality.json in the
-    checkpoint directory (the embedded tiny-coder's for the preset)."""
-    if configured:
-        return Path(configured)
-    if source == "tiny-coder":
-        from model.checkpoint import EMBEDDED_DIR
-
-        return EMBEDDED_DIR / QUALITY_FILE
-    p = Path(source)
-    return p / QUALITY_FILE if p.is_dir() else None
-
-
-def isotonic(xs: list[float]) -> list[float]:
-    """Pool-adjacent-violators: the non-decreasing sequence closest to xs (least squares).
-    The table's metric is a mean over ~50 cases (+-0.05), so a dip between two step counts is
-    read as noise, not as fewer steps being better."""
-    blocks: list[list[float]] = []  # [sum, count]
-    for x in xs:
-        blocks.append([x, 1.0])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            s, n = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += n
-    out: list[float] = []
-    for s, n in blocks:
-        out += [s / n] * int(n)
-    return out
-
-
-def rung_qualities(ladder: Ladder, rows: list[dict], metric: str = "parse_rate",
-                   block_length: int | None = None,
-                   threshold_passes: float = 0.5) -> list[float]:
-    """Quality of every rung, best first. From the table: its `metric` over steps per block
-    (rows of the model's block length when it has such rows), made monotone in steps, and
-    interpolated in log2(steps) between measured counts; a threshold rung without a measured
-    row is valued at the steps its passes amount to (`threshold_passes` of the cap). Without a
-    table (or the metric): 1.0 for the best rung down to 1 / rungs for the last (monotone)."""
-    if ladder.quality is not None:
-        return list(ladder.quality)
-    thr = ladder.thresholds_of()
-    n = len(ladder.steps)
-    usable = [r for r in rows if isinstance(r.get(metric), (int, float))]
-    if block_length is not None and any(r.get("block_length") == block_length for r in usable):
-        usable = [r for r in usable if r.get("block_length") == block_length]
-    plain = sorted((r for r in usable if r.get("confidence_threshold") is None),
-                   key=lambda r: r["steps_per_block"])
-    if not plain:
-        return [1.0 - i / n for i in range(n)]
-    steps = [float(r["steps_per_block"]) for r in plain]
-    values = isotonic([float(r[metric]) for r in plain])
-
-    def at(s: float) -> float:
-        if s <= steps[0]:
-            return values[0]
-        if s >= steps[-1]:
-            return values[-1]
-        pts = list(zip(steps, values, strict=True))
-        for (s0, v0), (s1, v1) in zip(pts, pts[1:], strict=False):
-            if s0 <= s <= s1:
-                w = (math.log2(s) - math.log2(s0)) / max(math.log2(s1) - math.log2(s0), 1e-9)
-                return v0 + w * (v1 - v0)
-        return values[-1]
-
-    out = []
-    for s, t in zip(ladder.steps, thr, strict=True):
-        if t is None:
-            out.append(at(s))
-            continue
-        measured = [r for r in usable if r.get("confidence_threshold") == t
-                    and r["steps_per_block"] == s]
-        out.append(float(measured[0][metric]) if measured else at(max(1.0, s * threshold_passes)))
-    return out
 
 
 # --- the prediction --------------------------------------------------------------------------
@@ -756,5 +663,4 @@ def make_router(args: AppArgs, info: ModelInfo | None = None, metrics=None,
 
 
 __all__ = ["LatencyCalibration", "Prediction", "RequestShape", "SloConfig", "SloRouter", "StepModel",
-           "isotonic", "load_quality_table", "make_router", "predict", "quality_table_path",
-           "rung_qualities"]
+           "make_router", "predict"]

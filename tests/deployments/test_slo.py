@@ -15,18 +15,20 @@ from autoscaling.load import ClusterLoad, ReplicaLoad, cluster_load, mean_step_c
 from benchmarks.mock_engine import MockEngine, MockEngineConfig
 from deployments.config import parse_args
 from deployments.protocol import CompletionRequest
+from deployments.quality_table import (
+    isotonic,
+    load_quality_table,
+    quality_table_path,
+    rung_qualities,
+)
 from deployments.slo import (
     LatencyCalibration,
     RequestShape,
     SloConfig,
     SloRouter,
     StepModel,
-    isotonic,
-    load_quality_table,
     make_router,
     predict,
-    quality_table_path,
-    rung_qualities,
 )
 from deployments.step_router import Ladder, StepRouter
 from engine.cost_model import StepCost, StepCostModel
