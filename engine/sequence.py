@@ -71,7 +71,8 @@ class Sequence:
     finished: Finished | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     # perf_counter time by which a request with a latency budget should be done (None: none):
-    # the engine's admission order (earliest first, before every unbudgeted request)
+    # the engine admits the earliest first, before every unbudgeted request, and lets the row
+    # step alone when the full step's pace would make it late
     deadline: float | None = None
     lora_slot: int = -1  # the adapter slot this row's forwards use (model/lora.py); -1: none
 
