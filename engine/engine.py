@@ -552,12 +552,19 @@ class Engine(EngineBase):
         failed: dict[str, str] = {}
         with torch.no_grad():
             writes = [s for s in batch if s.pending_append is not None]
-            # attended pairs of this iteration, from the sequences' own counters (no tensors)
-            it.attn_kpairs = sum(_attn_pairs(s) for s in batch) / 1000.0
             # long writes go in chunks (engine/prefill.py): one chunk per iteration, the oldest
             # admitted first, beside everyone else's step
-            chunked = [s for s in writes if self.prefill.applies(s)][:1]
+            in_chunks = [s for s in writes if self.prefill.applies(s)]
+            chunked = in_chunks[:1]
             writes = [s for s in writes if not self.prefill.applies(s)]
+            # attended pairs of this iteration, from the sequences' own counters (no tensors):
+            # a row mid-way through a chunked prefill does not step, and writes one chunk (about
+            # prefill_chunk_tokens of its write's tokens' work) or, behind another, nothing
+            pending = {id(s) for s in in_chunks}
+            it.attn_kpairs = (sum(_attn_pairs(s) for s in batch if id(s) not in pending) + sum(
+                _attn_pairs(s, step=False) * min(1.0, self.config.prefill_chunk_tokens
+                                                 / max(_write_len(s), 1))
+                for s in chunked)) / 1000.0
             # a write past the largest length bucket goes alone: batched, every other row would
             # be padded to it, and a lone unpadded row attends unmasked (kv_pool's `unmasked`)
             top = self.config.length_buckets[-1]
@@ -634,14 +641,17 @@ def _write_len(seq: Sequence) -> int:
     return end - start
 
 
-def _attn_pairs(seq: Sequence) -> int:
+def _attn_pairs(seq: Sequence, step: bool = True) -> int:
     """(query, key) pairs this iteration's forwards attend for one sequence: its pending cache
-    write over what is cached before it, then its denoising step (block-causal: the active block
-    over the cache and itself; full attention: the whole row, or the cached span over the row)."""
+    write over what is cached before it, then (step) its denoising step (block-causal: the
+    active block over the cache and itself; full attention: the whole row, or the cached span
+    over the row)."""
     pairs = 0
     if seq.pending_append is not None:
         lo, hi = seq.pending_append
         pairs += (hi - lo) * hi
+    if not step:
+        return pairs
     lo, hi = seq.block_span()
     if seq.layout.block_causal:
         head = seq.block_head  # blocks aligned to 0: the prompt's tail runs with block 0

@@ -242,3 +242,26 @@ def test_32k_prompt_through_the_engine_within_its_budget_while_another_streams(t
     assert (fin.finish_reason, fin.prompt_tokens, fin.completion_tokens) == ("length", P, 32)
     assert results[0][-1].completion_tokens == 128
     assert sum(isinstance(e, TextDelta) for e in results[0]) >= 2  # it streamed, block by block
+
+
+def test_the_step_cost_features_count_a_chunk_not_a_whole_prefill_and_step(deep_net, tok):
+    """The iteration-time model (engine/cost_model.py) is fed what each iteration really ran:
+    while a 600-token prompt is prefilled in 64-token chunks beside a running stream, each
+    iteration counts one row and the chunk's share of the write's attended pairs (~64/600),
+    not the whole write plus a denoising step of the prompt's row."""
+    V = tok.vocab_size
+    first = request("first", _prompt(8, 5, V), max_new_tokens=96, block_length=8, steps=4)
+    long = request("long", _prompt(600, 6, V), max_new_tokens=16, block_length=16, steps=2)
+    engine = Engine(deep_net, tok, deep_net.cfg, EngineConfig(prefill_chunk_tokens=64))
+    fed: list[tuple[int, float]] = []
+    add = engine._cost.add
+    engine._cost.add = lambda rows, tokens, kpairs, s: (fed.append((rows, kpairs)),
+                                                        add(rows, tokens, kpairs, s))
+    trace, _ = asyncio.run(_trace(engine, first, long))
+    pending = [i for i, (_, p, _) in enumerate(trace) if p]
+    assert len(pending) == N_LAYERS - 1
+    write_kpairs = 600 * 600 / 1000
+    # the first stream's own step attends at most its 104 tokens x 8 queries
+    for rows, kpairs in (fed[i] for i in pending):
+        assert rows == 1
+        assert write_kpairs * 64 / 600 <= kpairs <= write_kpairs * 64 / 600 + 104 * 8 / 1000
