@@ -22,7 +22,8 @@ It behaves like the real engine where a server can notice it:
   `eos_after` (finish "stop" after that many tokens; `stop_token_ids=[]` ignores it, as it
   ignores EOS in the real engine) are honoured;
 - admission: at most `max_num_seqs` run; the rest wait in a FIFO queue (QueueFullError beyond
-  `max_queued`, EngineClosedError after shutdown, as engine.Engine raises them);
+  `max_queued`, EngineClosedError after shutdown, as engine.Engine raises them); requests with
+  a latency budget go first, by deadline, into `priority_slots` more rows;
 - a step costs `step_delay_s + token_cost_s * token-steps`, the tokens the real engine's
   forwards would process (model/schedule.py, a block-causal row: each step runs the active
   block, the prompt and each finished block but the last are written to the cache once), so a
@@ -79,6 +80,10 @@ class MockEngineConfig:
     max_num_seqs: int = 64  # running slots; more requests queue
     max_queued: int | None = None  # waiting requests beyond which submit raises QueueFullError
     eos_after: int | None = None  # finish with "stop" after this many tokens (None: never)
+    # Rows beyond max_num_seqs for requests with a latency budget, admitted first by deadline
+    # (engine.EngineConfig.priority_slots); the real engine's own steps for late rows are not
+    # mocked.
+    priority_slots: int = 2
     # Capacity reported before anything ran (token-steps/s); 0 means "not measured yet".
     initial_capacity: float = 0.0
 
@@ -97,6 +102,7 @@ class _Seq:
     committed: list[str] = field(default_factory=list)
     emitted_text: str = ""
     done: bool = False
+    deadline: float | None = None  # monotonic time, for requests with a latency budget
 
     @classmethod
     def create(cls, request: GenerationRequest, words: list[str]) -> _Seq:
@@ -189,7 +195,13 @@ class MockEngine(EngineBase):
         words = self.expected_words(request.prompt_ids, p.max_new_tokens, p.temperature, p.seed)
         seq = _Seq.create(request, words)
         self._by_id[request.request_id] = seq
-        self._queue.append(seq)
+        if request.latency_budget_s is None:
+            self._queue.append(seq)
+        else:  # before every unbudgeted request, earliest deadline first (as engine.Engine)
+            seq.deadline = time.monotonic() + request.latency_budget_s
+            at = next((i for i, s in enumerate(self._queue)
+                       if s.deadline is None or s.deadline > seq.deadline), len(self._queue))
+            self._queue.insert(at, seq)
         self._wakeup.set()
         return self._events(seq)
 
@@ -252,7 +264,8 @@ class MockEngine(EngineBase):
     async def _run(self) -> None:
         cfg = self.config
         while True:
-            while len(self._running) < cfg.max_num_seqs and self._queue:
+            while self._queue and len(self._running) < cfg.max_num_seqs + (
+                    cfg.priority_slots if self._queue[0].deadline is not None else 0):
                 seq = self._queue.popleft()
                 self._running[seq.request.request_id] = seq
             if not self._running:

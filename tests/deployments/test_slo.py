@@ -4,6 +4,7 @@ and headers. Pure logic and the local app (mock engine): no Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import math
@@ -565,3 +566,27 @@ def test_past_capacity_at_every_rung_the_fastest_rung():
     preds = [r.predict_rung(SHAPE, k) for k in range(4)]
     assert all(math.isinf(p.latency_s) for p in preds)
     assert r.best_rung(preds, 1.0) == 3
+
+
+async def test_the_mock_engine_admits_budgeted_requests_first_into_priority_slots():
+    """benchmarks/mock_engine.py admits as engine.Engine does: one slot held and two plain
+    requests queued, a budgeted request runs next to it at once and finishes first."""
+    eng = MockEngine(MockEngineConfig(step_delay_s=0.002, max_num_seqs=1, priority_slots=1))
+    await eng.start()
+    params = SamplingParams(max_new_tokens=16, block_length=8, steps=4, stop_token_ids=[])
+    done: list[str] = []
+
+    async def run(r):
+        async for _ in eng.submit(r):
+            pass
+        done.append(r.request_id)
+
+    try:
+        plain = [asyncio.create_task(run(GenerationRequest(f"p{i}", [5, 6, 7], params)))
+                 for i in range(3)]
+        await asyncio.sleep(0.01)
+        urgent = GenerationRequest("u", [5, 6, 7], params, latency_budget_s=0.1)
+        await asyncio.gather(run(urgent), *plain)
+    finally:
+        await eng.shutdown()
+    assert done.index("u") < done.index("p1") < done.index("p2")  # FIFO: u would be last
