@@ -64,6 +64,19 @@ def ref_expert_fn(W, experts: str):
     return lambda e, t: ref_swiglu_at(W, f"{experts}{e}.", t)
 
 
+def ref_qwen3_attention(W, p: str, h, H: int, Hkv: int, hd: int, theta: float, eps: float,
+                        allowed=None):
+    """Qwen3-style attention of the layer under prefix p: per-head RMSNorm of q and k before
+    the (full) NeoX rotary, then o_proj. h: the normed input [B, T, D]."""
+    q = ref_rmsnorm(heads(h @ W[p + "self_attn.q_proj.weight"].T, H),
+                    W[p + "self_attn.q_norm.weight"], eps)
+    k = ref_rmsnorm(heads(h @ W[p + "self_attn.k_proj.weight"].T, Hkv),
+                    W[p + "self_attn.k_norm.weight"], eps)
+    v = heads(h @ W[p + "self_attn.v_proj.weight"].T, Hkv)
+    q, k = ref_rope(q, theta, hd), ref_rope(k, theta, hd)
+    return merge(ref_attention(q, k, v, allowed)) @ W[p + "self_attn.o_proj.weight"].T
+
+
 def swiglu_weights(g, prefix: str, hidden: int, d: int, std: float = 0.2) -> dict:
     """Random {gate,up,down}_proj weights under `prefix` (drawn in that order)."""
     return {prefix + "gate_proj.weight": randn(g, hidden, d, std=std),
@@ -242,13 +255,7 @@ def ref_llada_moe(W, c, ids):
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = ref_rmsnorm(x, W[p + "input_layernorm.weight"], eps)
-        q = ref_rmsnorm(heads(h @ W[p + "self_attn.q_proj.weight"].T, H),
-                        W[p + "self_attn.q_norm.weight"], eps)
-        k = ref_rmsnorm(heads(h @ W[p + "self_attn.k_proj.weight"].T, H),
-                        W[p + "self_attn.k_norm.weight"], eps)
-        v = heads(h @ W[p + "self_attn.v_proj.weight"].T, H)
-        q, k = ref_rope(q, c["rope_theta"], hd), ref_rope(k, c["rope_theta"], hd)
-        x = x + merge(ref_attention(q, k, v)) @ W[p + "self_attn.o_proj.weight"].T
+        x = x + ref_qwen3_attention(W, p, h, H, H, hd, c["rope_theta"], eps)
         h = ref_rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         if c["moe_layer_freq"][i] == 0:
             x = x + ref_swiglu_at(W, p + "mlp.", h)
@@ -314,13 +321,7 @@ def ref_sdar(W, c, ids, allowed=None):
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = ref_rmsnorm(x, W[p + "input_layernorm.weight"], eps)
-        q = ref_rmsnorm(heads(h @ W[p + "self_attn.q_proj.weight"].T, H),
-                        W[p + "self_attn.q_norm.weight"], eps)
-        k = ref_rmsnorm(heads(h @ W[p + "self_attn.k_proj.weight"].T, Hkv),
-                        W[p + "self_attn.k_norm.weight"], eps)
-        v = heads(h @ W[p + "self_attn.v_proj.weight"].T, Hkv)
-        q, k = ref_rope(q, c["rope_theta"], hd), ref_rope(k, c["rope_theta"], hd)
-        x = x + merge(ref_attention(q, k, v, allowed)) @ W[p + "self_attn.o_proj.weight"].T
+        x = x + ref_qwen3_attention(W, p, h, H, Hkv, hd, c["rope_theta"], eps, allowed)
         h = ref_rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         if "num_experts" not in c:
             x = x + ref_swiglu_at(W, p + "mlp.", h)
