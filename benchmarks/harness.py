@@ -16,7 +16,8 @@
 - Serve start-up: Ray + Serve on 127.0.0.1 at a free port, an app deployed and waited for until
   its /health answers 200, everything shut down on exit;
 - the real engine under a closed loop (`run_engine`), `generate` one request after another
-  (`run_generate`), and token agreement between two runs (`agreement`).
+  (`run_generate`), token agreement between two runs (`agreement`), and random weights made
+  on the device in their dtype (`build_on_device`).
 
 Nothing here imports Ray, httpx, matplotlib or the engine at module level: gpu_check.py runs on
 a machine with torch and triton only.

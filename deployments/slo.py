@@ -72,7 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class SloConfig:
     """`slo:` in serve_config.yaml."""
