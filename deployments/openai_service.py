@@ -218,18 +218,16 @@ class OpenAIService:
                                  rung=None, reason="pinned")
         job = await asyncio.get_running_loop().run_in_executor(self.workers, build, req,
                                                                provisional)
+        budget_s = req.latency_budget_ms / 1000.0 if req.latency_budget_ms else None
         if isinstance(self.router, SloRouter):
             choice = self.router.choose(req.denoising_steps, req.quality, record=False,
-                                        shape=job.shape(self.info),
-                                        budget_s=req.latency_budget_ms / 1000.0
-                                        if req.latency_budget_ms else None)
+                                        shape=job.shape(self.info), budget_s=budget_s)
         else:
             choice = self.router.choose(req.denoising_steps, req.quality, record=False)
         try:
             job.apply_choice(choice)
         except ValueError as e:  # a rung's setting the request's own parameters refuse
             raise APIError(400, str(e)) from None
-        budget_s = req.latency_budget_ms / 1000.0 if req.latency_budget_ms else None
         for r in job.requests:  # every choice through the adapter the request named
             r.adapter = adapter
             r.latency_budget_s = budget_s  # the engines admit it first (priority slots)
