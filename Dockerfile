@@ -20,8 +20,11 @@ ARG TORCH_VERSION=2.13.0
 # Extra pip extras to install, e.g. "[gpu]" for flash-attn (needs a CUDA toolchain to build).
 ARG EXTRAS=""
 
+# OMP_WAIT_POLICY: CPU replicas step on a worker thread beside the event loop; spinning
+# OpenMP workers would stall each step (dllm_cli.quiet_openmp_workers).
 ENV PIP_NO_CACHE_DIR=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    OMP_WAIT_POLICY=PASSIVE
 WORKDIR /home/ray/dllm-serve
 
 # Heavy dependencies first, in their own layers, so a code change does not reinstall them.

@@ -106,6 +106,8 @@ def machine_record(note: str | None = None, command: str | None = None) -> dict:
         pass
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": _version("torch"),
             "triton": _version("triton"), "torch_threads": threads, "gpu": gpu,
+            # spinning or sleeping OpenMP workers change CPU figures (dllm_cli.py)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command or _RUN["command"] or shlex.join(sys.argv),
             "note": note if note is not None else _RUN["note"]}
