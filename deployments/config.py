@@ -145,6 +145,10 @@ class ServerArgs(_Args):
     report_period_s: float = Field(default=0.25, gt=0, le=1.0)
     # window of the below-best-quality fraction the autoscaling policy reads (quality debt)
     quality_window_s: float = Field(default=30.0, gt=0)
+    # requests a replica serves itself, side by side, before it reports ready (0: none): a
+    # fresh replica's first passes (allocator growth, oneDNN primitives, Triton compiles) cost
+    # many warm ones, and least-backlog routing hands an empty new replica the next requests
+    warmup_requests: int = Field(default=2, ge=0, le=64)
 
 
 class IngressArgs(_Args):

@@ -102,6 +102,44 @@ async def start_engine(args: AppArgs, engine_factory: EngineFactory | None = Non
     return engine, tokenizer, group.cfg, group
 
 
+WARMUP_PROMPT_TOKENS = 16
+WARMUP_TIMEOUT_S = 300.0  # a first Triton compile of every kernel on a GPU takes tens of seconds
+
+
+async def warm_up(engine: EngineBase, cfg, n: int) -> None:
+    """Serve `n` requests of one block side by side (a prompt of ordinary token ids, the
+    model's own block length and steps), so that the first client's request does not pay for
+    the first passes. A failure is logged, not raised: a cold replica still serves."""
+    if n <= 0:
+        return
+    from model.sampling import SamplingParams
+
+    block = getattr(cfg, "block_length", None) or 32
+    params = SamplingParams(max_new_tokens=block, block_length=block,
+                            steps=getattr(cfg, "default_steps_per_block", None) or 8,
+                            stop_token_ids=[])
+    first = min(16, max(cfg.vocab_size - WARMUP_PROMPT_TOKENS - 1, 0))
+    prompt = list(range(first, first + WARMUP_PROMPT_TOKENS))
+
+    async def one(i: int) -> str | None:
+        async for ev in engine.submit(GenerationRequest(f"warmup-{i}", prompt, params)):
+            if isinstance(ev, Finished):
+                return ev.error
+        return None
+
+    t0 = time.monotonic()
+    try:
+        errors = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))),
+                                        WARMUP_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - warming is best effort
+        log.warning("warm-up failed after %.1f s: %r", time.monotonic() - t0, e)
+        return
+    if any(errors):
+        log.warning("warm-up request failed: %s", next(e for e in errors if e))
+    else:
+        log.info("warmed up with %d requests in %.2f s", n, time.monotonic() - t0)
+
+
 # Every option (resources, queue limits, health checks) comes from args.server through
 # deployments.app.replica_options, so no default is written here.
 @serve.deployment(name="ModelServer")
@@ -114,6 +152,8 @@ class ModelServer:
         self.info = ModelInfo.from_config(self.cfg, self.args.model.id,
                                           self.args.model.family_options)
         await self.engine.start()
+        if engine_factory is None:  # a model-free double has nothing to warm
+            await warm_up(self.engine, self.cfg, self.args.server.warmup_requests)
         self.board = board
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id

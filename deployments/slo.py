@@ -247,10 +247,9 @@ def predict(model: StepModel, shape: RequestShape, passes: float, first_passes: 
     # the rows it runs with: those ahead of it now plus itself, or the steady state's rows
     # (which count it among the arrivals); counting it on top of the steady state degraded
     # two closed-loop clients, whose requests only ever see each other
-    rows = min(float(m), max(ahead + 1.0, n_ss, 1.0))
-    wait = max(wait_now, wait_ss)
-    if priority:
-        rows, wait = min(float(m + 1), max(ahead + 1.0, n_ss, 1.0)), 0.0
+    # a priority row waits for nothing and may be one row past a full batch
+    rows = min(float(m + priority), max(ahead + 1.0, n_ss, 1.0))
+    wait = 0.0 if priority else max(wait_now, wait_ss)
     step = model.a + rows * model.row_cost(shape)
     service = passes * step + model.c * shape.cache_tokens
     first = first_passes * step + model.c * shape.prompt_tokens
