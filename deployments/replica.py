@@ -118,8 +118,9 @@ async def warm_up(engine: EngineBase, cfg, n: int) -> None:
     params = SamplingParams(max_new_tokens=block, block_length=block,
                             steps=getattr(cfg, "default_steps_per_block", None) or 8,
                             stop_token_ids=[])
-    first = min(16, max(cfg.vocab_size - WARMUP_PROMPT_TOKENS - 1, 0))
-    prompt = list(range(first, first + WARMUP_PROMPT_TOKENS))
+    # ordinary ids: never the mask (a prompt position the engine would read as noise), EOS, pad
+    special = {getattr(cfg, k, None) for k in ("mask_id", "eos_id", "pad_id", "eot_id")}
+    prompt = [i for i in range(16, cfg.vocab_size) if i not in special][:WARMUP_PROMPT_TOKENS]
 
     async def one(i: int) -> str | None:
         async for ev in engine.submit(GenerationRequest(f"warmup-{i}", prompt, params)):
