@@ -135,6 +135,8 @@ async def warm_up(engine: EngineBase, cfg, n: int) -> None:
     except Exception as e:  # noqa: BLE001 - warming is best effort
         log.warning("warm-up failed after %.1f s: %r", time.monotonic() - t0, e)
         return
+    finally:
+        engine.forget_measurements()  # cold passes are not the replica's speed
     if any(errors):
         log.warning("warm-up request failed: %s", next(e for e in errors if e))
     else:

@@ -299,6 +299,15 @@ class Engine(EngineBase):
         """False once the scheduler loop has ended (crashed or shut down)."""
         return self._task is None or not self._task.done()
 
+    def forget_measurements(self) -> None:
+        """Speed measured so far dropped (EngineBase.forget_measurements); the totals
+        (iterations, busy time) stay. Call while the engine is idle."""
+        self._full_step_s = None
+        self._step_times.clear()
+        self._committed_log.clear()
+        self._capacity = 0.0
+        self._cost = StepCostModel()
+
     def stats(self) -> EngineStats:
         """Load of this replica.
 

@@ -168,6 +168,12 @@ class EngineBase(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def forget_measurements(self) -> None:  # noqa: B027 - optional hook
+        """Drop what the engine measured of its own speed (step times, capacity, the fitted step
+        cost). Called after a replica's warm-up: its cold first passes would tell the step
+        controller the replica is slower than it is, and the first real requests would be
+        served below best quality for it."""
+
     # LoRA adapters (engine/engine.py holds them; an engine without adapter support has none)
     def adapter_names(self) -> list[str]:
         return []

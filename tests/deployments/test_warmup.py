@@ -41,18 +41,28 @@ def test_warm_up_runs_passes_and_leaves_the_engine_as_it_was(tok):
     # three one-block requests side by side: at least the block's 4 denoising steps
     assert warm_stats.iterations >= 4
     assert warm_stats.running == warm_stats.queued == 0 and warm_stats.kv_pages_used == 0
+    # the cold passes' timings are dropped: the step controller starts from no measurement
+    assert warm_stats.step_cost == cold_stats.step_cost
+    assert warm_stats.capacity_token_steps_per_s == 0 and warm_stats.step_latency_ms == 0
+    assert after.step_cost != cold_stats.step_cost and after.capacity_token_steps_per_s > 0
     assert isinstance(warm[-1], Finished) and warm[-1].error is None
     assert tokens(warm) == tokens(cold) and len(tokens(warm)) == 32
     assert after.kv_pages_used == 0
 
 
 class BrokenEngine:
+    forgotten = False
+
     def submit(self, req):
         raise RuntimeError("no model")
+
+    def forget_measurements(self):
+        self.forgotten = True
 
 
 def test_a_failed_warm_up_is_logged_not_raised(tok, caplog):
     cfg = tiny_config(tok)
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
-        asyncio.run(warm_up(BrokenEngine(), cfg, 2))
+        asyncio.run(warm_up(engine := BrokenEngine(), cfg, 2))
     assert "warm-up failed" in caplog.text and "no model" in caplog.text
+    assert engine.forgotten
