@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -120,7 +121,8 @@ async def warm_up(engine: EngineBase, cfg, n: int) -> None:
                             stop_token_ids=[])
     # ordinary ids: never the mask (a prompt position the engine would read as noise), EOS, pad
     special = {getattr(cfg, k, None) for k in ("mask_id", "eos_id", "pad_id", "eot_id")}
-    prompt = [i for i in range(16, cfg.vocab_size) if i not in special][:WARMUP_PROMPT_TOKENS]
+    prompt = list(itertools.islice((i for i in range(16, cfg.vocab_size) if i not in special),
+                                   WARMUP_PROMPT_TOKENS))
 
     async def one(i: int) -> str | None:
         async for ev in engine.submit(GenerationRequest(f"warmup-{i}", prompt, params)):
