@@ -46,7 +46,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
     cfg = ModelConfig.load(directory)
     tokenizer = Tokenizer.load(directory)
     with torch.device("meta"):
-        net = DiffusionTransformer(cfg)
+        net = DiffusionTransformer(cfg, init_weights=False)
     state = load_file(str(directory / WEIGHTS_FILE))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_embeddings.weight"]

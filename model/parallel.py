@@ -264,7 +264,7 @@ def load_sharded_state(cfg: ModelConfig, state: Mapping[str, Any], rank: int, wo
     the meta device, each parameter's slice taken, converted and assigned, so no rank ever holds
     the full model. A tied LM head may be absent from `state`."""
     with torch.device("meta"):
-        net = DiffusionTransformer(cfg)
+        net = DiffusionTransformer(cfg, init_weights=False)
     apply_tp(net, rank, world_size, group, vocab_parallel=vocab_parallel)
     tied = cfg.tie_embeddings
     out = {}

@@ -20,7 +20,9 @@ training (block-diffusion mask over noisy+clean copies), reference sampling and 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -186,9 +188,33 @@ class Block(nn.Module):
         return x + (1 + g2) * self.mlp(self.mlp_norm(x, sh2, sc2))
 
 
+@contextlib.contextmanager
+def skip_parameter_init() -> Iterator[None]:
+    """Layers built inside leave their parameters uninitialised (torch.nn.init's fills become
+    no-ops): for modules built on the meta device whose parameters a loader assigns. On meta,
+    nn.Embedding's normal_ goes through torch's reference decompositions and imports
+    torch._dynamo: 2.5 s of a replica's start on the CPU, for values nobody keeps."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_",
+             "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 class DiffusionTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
+        """init_weights=False: parameters left as allocated (skip_parameter_init), for
+        loaders that build on the meta device and assign every parameter."""
         super().__init__()
+        with contextlib.nullcontext() if init_weights else skip_parameter_init():
+            self._build(cfg, init_weights)
+
+    def _build(self, cfg: ModelConfig, init_weights: bool) -> None:
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) \
@@ -200,11 +226,12 @@ class DiffusionTransformer(nn.Module):
         self.final_ada = nn.Linear(cfg.time_embed_dim, 2 * cfg.d_model) \
             if cfg.time_conditioning else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
-        self.apply(self._init_weights)
-        for m in [blk.ada for blk in self.layers] + [self.final_ada]:
-            if m is not None:  # adaLN starts as the identity modulation (see Block)
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
+        if init_weights:
+            self.apply(self._init_weights)
+            for m in [blk.ada for blk in self.layers] + [self.final_ada]:
+                if m is not None:  # adaLN starts as the identity modulation (see Block)
+                    nn.init.zeros_(m.weight)
+                    nn.init.zeros_(m.bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
 

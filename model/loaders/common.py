@@ -192,7 +192,7 @@ def require(cond: bool, msg: str) -> None:
 def build_on_meta(cfg: ModelConfig) -> DiffusionTransformer:
     """The network with every parameter on the meta device: shapes only, nothing initialised."""
     with torch.device("meta"):
-        return DiffusionTransformer(cfg)
+        return DiffusionTransformer(cfg, init_weights=False)
 
 
 def _set_param(net: nn.Module, name: str, value: torch.Tensor) -> None:

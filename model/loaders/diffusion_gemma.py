@@ -34,6 +34,7 @@ import torch
 
 from model.config import ModelConfig
 from model.diffusion_gemma import GLOBAL, SLIDING, DiffusionGemma, GemmaShape, gemma_config
+from model.transformer import skip_parameter_init
 from model.loaders.common import (
     Format,
     FormatError,
@@ -236,7 +237,7 @@ def build_net(cfg: ModelConfig, directory: Path, device, dtype: torch.dtype, tp_
     """The network on `device` with this rank's slice of the weights in `directory`."""
     if tp_size > 1:
         check_tp(cfg, tp_size)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_parameter_init():
         net = DiffusionGemma(cfg)  # full shapes: stream_weights cuts each rank's slice
     stream_weights(net, weight_files(directory), map_tensor, device=device, dtype=dtype,
                    tp_rank=tp_rank, tp_size=tp_size, desc=f"loading {cfg.name}",

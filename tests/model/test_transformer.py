@@ -103,3 +103,28 @@ def test_logit_shift_moves_predictions_one_position():
     shifted.load_state_dict(net.state_dict())
     ids = torch.randint(10, 300, (1, 10))
     torch.testing.assert_close(shifted(ids)[:, 1:], net(ids)[:, :-1])
+
+
+def test_meta_build_skips_init_and_leaves_torch_init_working():
+    """Building on meta without initialisers (what every loader does) must not leak: a net
+    built afterwards, and one built after an error inside the context, is initialised as
+    before (std 0.02 embeddings, zero adaLN), and the meta net has every parameter's shape."""
+    from torch import nn
+
+    from model.transformer import DiffusionTransformer, skip_parameter_init
+
+    cfg = tiny_config()
+    with torch.device("meta"):
+        meta = DiffusionTransformer(cfg, init_weights=False)
+    with pytest.raises(RuntimeError), skip_parameter_init():
+        raise RuntimeError("a loader failed half-way")
+    torch.manual_seed(0)
+    real = DiffusionTransformer(cfg)
+    assert {n: p.shape for n, p in meta.named_parameters()} == \
+        {n: p.shape for n, p in real.named_parameters()}
+    assert all(p.is_meta for p in meta.parameters())
+    std = real.tok_embeddings.weight.std().item()
+    assert 0.015 < std < 0.025
+    w = torch.empty(64, 64)
+    nn.init.ones_(w)
+    assert w.eq(1).all()
