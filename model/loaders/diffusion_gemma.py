@@ -34,7 +34,6 @@ import torch
 
 from model.config import ModelConfig
 from model.diffusion_gemma import GLOBAL, SLIDING, DiffusionGemma, GemmaShape, gemma_config
-from model.transformer import skip_parameter_init
 from model.loaders.common import (
     Format,
     FormatError,
@@ -47,6 +46,7 @@ from model.loaders.common import (
     stream_weights,
     weight_files,
 )
+from model.transformer import skip_parameter_init
 
 log = logging.getLogger(__name__)
 
