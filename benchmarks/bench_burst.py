@@ -7,9 +7,9 @@
 
 Variants (each deployed in turn on one local Ray instance, HTTP on 127.0.0.1; the same replica
 bounds, delays and metric intervals, the same open-loop arrival schedule):
-- adaptive: the latency-target controller (deployments/slo.py; ladder [16, 8, 4, 2], the
-  default target: 2x the unloaded best-quality latency) + autoscaling/policy.py (token backlog
-  against capacity, plus quality debt);
+- adaptive: the latency-target controller (deployments/slo.py; ladder [16, 8, 4, 2] or
+  `--ladder`, the default target: 2x the unloaded best-quality latency) +
+  autoscaling/policy.py (token backlog against capacity, plus quality debt);
 - ladder: today's drain-time threshold ladder (ladder.control "thresholds", serve_config's
   [2, 3, 4] s) + the same token-backlog autoscaler;
 - fixed: best-quality steps only (ladder [16]) + Serve's default request-count policy;
@@ -172,9 +172,11 @@ def engine_factory(engine: str):
 
 
 def variant_args(
-    name: str, engine: str, max_replicas: int, upscale_delay_s: float, downscale_delay_s: float
+    name: str, engine: str, max_replicas: int, upscale_delay_s: float, downscale_delay_s: float,
+    ladder_steps: list[int] | None = None,
 ) -> dict:
-    """deployments.app args for a variant (the same engine, bounds and delays for all)."""
+    """deployments.app args for a variant (the same engine, bounds and delays for all);
+    ladder_steps: the adaptive variant's rungs (default serve_config.yaml's)."""
     model = {"source": "tiny-coder"}
     if engine != "mock":
         model.update(device="cpu", torch_threads=1)
@@ -192,7 +194,7 @@ def variant_args(
         "policy_kwargs": {"target_backlog_s": 1.0, "quality_debt_s": 5.0},
     }
     if name == "adaptive":
-        ladder = {"steps": LADDER_STEPS, "control": "slo"}
+        ladder = {"steps": list(ladder_steps or LADDER_STEPS), "control": "slo"}
         autoscaling["policy"] = backlog_policy
     elif name == "ladder":
         # serve_config.yaml's threshold ladder as it was before the SLO controller
@@ -524,7 +526,8 @@ def deployed_variants(args) -> tuple[list[VariantResult], dict, Schedule]:
         log.warning("probe: %s; schedule %s", measured, schedule)
         for name in args.variants:
             app_args = variant_args(
-                name, args.engine, args.max_replicas, args.upscale_delay_s, args.downscale_delay_s
+                name, args.engine, args.max_replicas, args.upscale_delay_s, args.downscale_delay_s,
+                args.ladder,
             )
             app_name = f"burst-{name}"
             app = build_application(app_args, engine_factory=engine_factory(args.engine))
@@ -736,6 +739,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="adaptive, ladder, fixed, fixed-<steps>")
     p.add_argument("--url", help="measure an app already running here (no deploy, no Ray)")
     p.add_argument("--engine", choices=["mock", "real"], default="real")
+    p.add_argument("--ladder", type=int, nargs="+", default=LADDER_STEPS,
+                   help="the adaptive variant's steps per block, best first (default "
+                        "serve_config.yaml's; a faster last rung gives the controller room "
+                        "when even the fastest one is past capacity)")
     for flag, kind, default, help_ in NUMERIC_FLAGS:
         p.add_argument(flag, type=kind, default=default, help=help_)
     p.add_argument("--out", default=None,
@@ -744,7 +751,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_replicas is None:
         args.max_replicas = 4 if args.engine == "mock" else 2
     for v in args.variants:
-        variant_args(v, args.engine, 1, 1.0, 1.0)  # unknown names fail before Ray starts
+        variant_args(v, args.engine, 1, 1.0, 1.0, args.ladder)  # bad names fail before Ray
     logging.basicConfig(level=logging.WARNING)
     result = run_variants(args)
     name = "burst" if args.engine == "real" or args.url else "burst_mock"

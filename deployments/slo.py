@@ -86,8 +86,13 @@ class SloConfig:
     hysteresis: float = 0.2
     # ... for this long without a break (snapshots come 4 times a second).
     up_hold_s: float = 2.0
-    # The sustained arrival rate is the requests admitted over this window.
+    # The sustained arrival rate is the requests admitted over this window ...
     rate_window_s: float = 5.0
+    # ... or over its last fifth when that is higher and counts at least this many arrivals:
+    # a burst shows within a second, a Poisson clump does not (3 arrivals in one second of a
+    # 0.8 req/s load, about 2 seconds in 40, read as 3 req/s and took lone users off the best
+    # rung after a burst, benchmarks/results/burst_warmup.json)
+    burst_min_arrivals: int = 5
     # Predictions aim at the p95, the step model at the mean: p95 = this x the mean until 20
     # requests have been measured, then the measured 95th percentile of latency / predicted
     # mean (LatencyCalibration.p95_factor; queueing under load widens it).
@@ -109,6 +114,8 @@ class SloConfig:
             raise ValueError("slo.hysteresis must be in [0, 1)")
         if self.up_hold_s < 0 or self.rate_window_s <= 0:
             raise ValueError("slo.up_hold_s must be >= 0 and slo.rate_window_s > 0")
+        if self.burst_min_arrivals < 1:
+            raise ValueError("slo.burst_min_arrivals must be >= 1")
         if self.p95_over_mean < 1.0:
             raise ValueError("slo.p95_over_mean must be >= 1")
 
@@ -394,15 +401,24 @@ class SloRouter(StepRouter):
 
     def arrival_rps(self) -> float:
         """Requests/s admitted, cluster-wide (every ingress replica is assumed to see its
-        share): the rate over the rate window, or over its last fifth when that is higher. A
-        burst shows in the short window at once; over the long one alone the first second of
-        a 4x burst looked like 1.6x and was served at a slow rung (benchmarks/results/
-        burst.json); a lull has to last the whole window."""
+        share): the rate over the rate window, or over its last fifth when that is higher and
+        holds at least `burst_min_arrivals` of them. A burst shows in the short window at
+        once; over the long one alone the first second of a 4x burst looked like 1.6x and was
+        served at a slow rung (benchmarks/results/burst.json); a lull has to last the whole
+        window."""
         window = self.slo.rate_window_s
-        return max(self._rate(window), self._rate(window / 5))
+        short = self._count(window / 5)
+        rate = self._count(window) / window
+        if short >= self.slo.burst_min_arrivals:
+            rate = max(rate, short / (window / 5))
+        return rate * self.ingress_replicas
 
     def _rate(self, window: float) -> float:
         """Requests/s admitted over the last `window` seconds (<= rate_window_s), cluster-wide."""
+        return self._count(window) / window * self.ingress_replicas
+
+    def _count(self, window: float) -> int:
+        """Requests this ingress admitted over the last `window` seconds (<= rate_window_s)."""
         now = self.clock()
         while self._admits and self._admits[0] <= now - self.slo.rate_window_s:
             self._admits.popleft()
@@ -411,7 +427,7 @@ class SloRouter(StepRouter):
             if t <= now - window:
                 break
             n += 1
-        return n / window * self.ingress_replicas
+        return n
 
     def ledger_rows(self) -> int:
         """Rows this ingress admitted within the ledger horizon and not finished: the

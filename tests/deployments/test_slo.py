@@ -560,6 +560,27 @@ def test_a_burst_shows_in_the_arrival_rate_within_a_second():
     assert r.arrival_rps() == pytest.approx(len(r._admits) / 5.0)
 
 
+def test_a_poisson_clump_is_not_a_burst():
+    """0.8 req/s, then three requests within one second (a clump a Poisson load shows about
+    twice a minute): the rate stays the 5 s window's, not 3/s; a fourth and fifth in that
+    second make it a burst."""
+    clock = Clock()
+    r = router(clock)
+    for _ in range(4):
+        clock.t += 1.25
+        r.admitted(1000.0, 1, SHAPE)
+    clock.t += 1.25
+    for _ in range(3):
+        clock.t += 0.2
+        r.admitted(1000.0, 1, SHAPE)
+    assert r.arrival_rps() == pytest.approx(len(r._admits) / 5.0)
+    assert r.arrival_rps() < 1.5
+    for _ in range(2):
+        clock.t += 0.1
+        r.admitted(1000.0, 1, SHAPE)
+    assert r.arrival_rps() == pytest.approx(5 / 1.0)
+
+
 def test_past_capacity_at_every_rung_the_fastest_rung():
     r = router(Clock(), latency_p95_s=1.0)
     arrive(r, 1000.0, Clock())  # far past what any rung sustains
