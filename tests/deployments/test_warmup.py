@@ -8,8 +8,13 @@ import logging
 
 from deployments.replica import warm_up
 from engine.types import Finished
-from tests.engine.conftest import make_engine, request, tiny_config, tiny_net
-from tests.engine.conftest import tok  # noqa: F401 - the fixture
+from tests.engine.conftest import (
+    make_engine,
+    request,
+    tiny_config,
+    tiny_net,
+    tok,  # noqa: F401 - the fixture
+)
 
 
 def tokens(events) -> list[int]:
