@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
+
 from deployments.replica import warm_up
 from engine.types import Finished
-from tests.engine.conftest import (
-    make_engine,
-    request,
-    tiny_config,
-    tiny_net,
-    tok,  # noqa: F401 - the fixture
-)
+from tests.engine.conftest import make_engine, request, small_tokenizer, tiny_config, tiny_net
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return small_tokenizer()
 
 
 def tokens(events) -> list[int]:

@@ -17,11 +17,15 @@ from model.tokenizer import Tokenizer
 from model.transformer import DiffusionTransformer
 
 
-@pytest.fixture(scope="session")
-def tok() -> Tokenizer:
+def small_tokenizer() -> Tokenizer:
     """A byte-level BPE trained on the stdlib's json package (seconds; 400 tokens keeps the
     vocabulary work of every step small)."""
     return Tokenizer.train(python_corpus(stdlib_dir() / "json").values(), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+    return small_tokenizer()
 
 
 def tiny_config(tok: Tokenizer, **overrides) -> ModelConfig:
