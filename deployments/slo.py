@@ -269,13 +269,22 @@ class LatencyCalibration:
     cost per request (HTTP, tokenizing, Ray hand-overs: ~0.1 s through Serve on the CPU, which
     a ratio alone would overcharge long answers and undercharge short ones for) and partly a
     factor (a co-tenant slowing every step). Weighted by recency (half-life `half_life_s`),
-    clamped to [0, 2] s and [0.2, 5]; the identity until requests have been measured at two
-    different predicted latencies."""
+    clamped to [0, 2] s and [0.2, 5].
+
+    The ratio is shrunk towards 1 (the step model's own scaling) as if `prior_weight` requests
+    had been measured at +-`prior_spread` of the mean prediction on the identity. Without it,
+    requests all at one setting (lone users: predictions 0.45 or 0.49 s as one or two rows run)
+    fitted a ratio of 0.2 and a 0.4 s overhead: rows that overlap for part of an answer make
+    the measured latency vary less than the rows at admission say, and every faster rung then
+    looked almost as slow as the best one (0.74 vs 0.89 s predicted for 2 vs 16 steps)."""
 
     def __init__(self, half_life_s: float = 10.0, window_s: float = 15.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, prior_weight: float = 2.0,
+                 prior_spread: float = 0.5):
         self.half_life_s = half_life_s
         self.window_s = window_s
+        self.prior_weight = prior_weight
+        self.prior_spread = prior_spread
         self.clock = clock
         self.overhead_s, self.ratio = 0.0, 1.0
         self._w = self._x = self._y = self._xx = self._xy = 0.0
@@ -313,11 +322,12 @@ class LatencyCalibration:
         self._xx = g * self._xx + model_s * model_s
         self._xy = g * self._xy + model_s * measured_s
         mx, my = self._x / self._w, self._y / self._w
-        var = self._xx / self._w - mx * mx
-        if var > 1e-4 * max(mx * mx, 1e-6):
-            ratio = (self._xy / self._w - mx * my) / var
-        else:  # one predicted latency so far: a factor cannot be told from an offset
-            ratio = 1.0
+        sxx = max(0.0, self._xx - self._w * mx * mx)
+        sxy = self._xy - self._w * mx * my
+        # one predicted latency so far (sxx = 0): a factor cannot be told from an offset, the
+        # prior's 1 stands
+        prior = self.prior_weight * (self.prior_spread * mx) ** 2
+        ratio = (sxy + prior) / (sxx + prior) if sxx + prior > 0 else 1.0
         self.ratio = min(5.0, max(0.2, ratio))
         self.overhead_s = min(2.0, max(0.0, my - self.ratio * mx))
         self._spread.append((self.clock(), measured_s / max(self(model_s), 1e-6)))
