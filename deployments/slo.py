@@ -86,6 +86,11 @@ class SloConfig:
     hysteresis: float = 0.2
     # ... for this long without a break (snapshots come 4 times a second).
     up_hold_s: float = 2.0
+    # The default target's "unloaded" latency is taken at quiet moments that this much more
+    # quiet followed: the first second of a burst still looks quiet to the snapshot, and its
+    # calibration (the first answers overtaken by the burst) put the target at 2.86 s for the
+    # whole burst instead of 1.2 (benchmarks/results/burst_rung1.json, before)
+    quiet_confirm_s: float = 5.0
     # The sustained arrival rate is the requests admitted over this window ...
     rate_window_s: float = 5.0
     # ... or over its last fifth when that is higher and counts at least this many arrivals:
@@ -112,6 +117,8 @@ class SloConfig:
             raise ValueError("slo.default_slowdown must be >= 1")
         if not 0.0 <= self.hysteresis < 1.0:
             raise ValueError("slo.hysteresis must be in [0, 1)")
+        if self.quiet_confirm_s < 0:
+            raise ValueError("slo.quiet_confirm_s must be >= 0")
         if self.up_hold_s < 0 or self.rate_window_s <= 0:
             raise ValueError("slo.up_hold_s must be >= 0 and slo.rate_window_s > 0")
         if self.burst_min_arrivals < 1:
@@ -374,6 +381,10 @@ class SloRouter(StepRouter):
         # model and calibration the default target grew 12x within a burst (0.55 s -> 6.8 s,
         # benchmarks/results/burst.json), which let the controller climb back to slow rungs
         self._quiet_reference: tuple[StepModel, float, float, float] | None = None
+        # (time, candidate reference) of the quiet moments not yet confirmed by
+        # slo.quiet_confirm_s more of quiet; cleared by any moment that is not quiet
+        self._quiet_candidates: collections.deque[
+            tuple[float, tuple[StepModel, float, float, float]]] = collections.deque()
         self._better_since: float | None = None
         self.last_prediction: list[float] = [0.0] * n
 
@@ -525,11 +536,11 @@ class SloRouter(StepRouter):
 
     def unloaded_s(self, shape: RequestShape) -> float:
         """The latency of `shape` at the best rung on an idle replica (calibrated, p95), under
-        the calibration of the last quiet moment. While quiet that is the calibration the
-        predictions use: one or two requests per replica then always meet 2x (S(2) < 2 S(1)
-        whatever the fit), which two calibrations (one of requests that ran alone) did not
-        guarantee; under load it stays what an idle replica took at the last quiet moment (the
-        step model of then, too)."""
+        the step model and calibration of the last quiet moment that `quiet_confirm_s` more
+        of quiet followed. While quiet that is (a few seconds late) the calibration the
+        predictions use: one or two requests per replica then meet 2x (S(2) < 2 S(1) whatever
+        the fit), which two calibrations (one of requests that ran alone) did not guarantee;
+        under load it stays what an idle replica took before the load came."""
         p, p1 = self._passes(shape, 0, tail=True)
         m = self.load.max_num_seqs or 16
 
@@ -537,10 +548,19 @@ class SloRouter(StepRouter):
             return predict(model, shape, p, p1, shape.n - 1, 0.0, shape, p, m).latency_s
 
         model = StepModel.from_load(self.load)
-        if self._quiet_reference is None or self.quiet(idle(model)):
-            cal = self.calibration
-            self._quiet_reference = (model, cal.overhead_s, cal.ratio,
-                                     cal.p95_factor(self.slo.p95_over_mean))
+        cal = self.calibration
+        now_ref = (model, cal.overhead_s, cal.ratio, cal.p95_factor(self.slo.p95_over_mean))
+        now = self.clock()
+        if self._quiet_reference is None:
+            self._quiet_reference = now_ref
+        if self.quiet(idle(model)):
+            if not self._quiet_candidates or self._quiet_candidates[-1][0] <= now - 0.1:
+                self._quiet_candidates.append((now, now_ref))  # at most 10 a second
+            while self._quiet_candidates and \
+                    self._quiet_candidates[0][0] <= now - self.slo.quiet_confirm_s:
+                self._quiet_reference = self._quiet_candidates.popleft()[1]
+        else:
+            self._quiet_candidates.clear()
         model, overhead, ratio, k = self._quiet_reference
         s = idle(model)
         return k * (overhead + ratio * s) if math.isfinite(s) else s

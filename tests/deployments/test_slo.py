@@ -528,23 +528,39 @@ def test_rows_ahead_counts_each_request_once():
 def test_the_default_target_is_what_an_idle_replica_takes_not_what_a_burst_does():
     """Under a burst the steps slow down and answers take far longer than the step model says
     (queueing, shared cores); the calibration learns it. The default target, 2x the unloaded
-    latency, keeps the step model and calibration of the last quiet moment instead of growing
-    with the burst. Quiet again,
-    it follows the calibration the predictions use (lone users stay at the best rung)."""
+    latency, keeps the step model and calibration of the last quiet moment that five more
+    seconds of quiet confirmed, instead of growing with the burst: not the burst's first
+    second, which the snapshot still shows as quiet. Quiet again for those five seconds, it
+    follows the calibration the predictions use (lone users stay at the best rung)."""
     clock = Clock()
     r = router(clock)
     r.mean_shape = SHAPE
     for x in (0.5, 1.0, 2.0) * 10:  # quiet: answers take 0.05 s + the model
         r.calibration.add(x, 0.05 + x)
+    for _ in range(6):
+        clock.t += 1.0
+        r.observe(snapshot(running=1))
     quiet_target = r.target_s(SHAPE)
-    # a burst: the steps slow down (shared cores) and answers take 3x even that model
+    # the burst's first second: the first answers overtaken by it (3x the model) while the
+    # snapshot still shows one row
+    for x in (0.5, 1.0, 2.0) * 3:
+        clock.t += 0.1
+        r.calibration.add(x, 3 * x)
+        r.observe(snapshot(running=1))
+    assert r.calibration.ratio > 1.5
+    # then the burst: the steps slow down (shared cores) and answers take 3x even that model
     r.observe(snapshot(running=32, queued=40, coef=[2 * c for c in COEF]))
     for x in (0.5, 1.0, 2.0) * 10:
         clock.t += 1.0
         r.calibration.add(x, 3 * x)
+        r.observe(snapshot(running=32, queued=40, coef=[2 * c for c in COEF]))
     assert r.calibration.ratio == pytest.approx(3.0, rel=0.2)  # the predictions know it ...
     assert r.target_s(SHAPE) == pytest.approx(quiet_target)  # ... the target does not move
-    r.observe(snapshot(running=1))  # quiet again: the target under today's calibration
+    r.observe(snapshot(running=1))  # quiet again: confirmed after 5 s, today's calibration
+    assert r.target_s(SHAPE) == pytest.approx(quiet_target)
+    for _ in range(6):
+        clock.t += 1.0
+        r.observe(snapshot(running=1))
     assert r.target_s(SHAPE) > 2 * quiet_target
     for _ in range(3):  # back to the best rung after the hold: a lone user is not degraded
         clock.t += 1.0
