@@ -124,6 +124,8 @@ class Outcome:
     status: int = 0  # HTTP status, 0 for a transport error / timeout
     steps: int | None = None
     setting: str | None = None
+    predicted_ms: float | None = None  # the router's prediction for it (usage)
+    target_ms: float | None = None  # ... and the target it was held to
 
 
 @dataclass
@@ -249,6 +251,8 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, out: Outcome,
             out.steps = usage.get("denoising_steps_per_block")
             out.setting = usage.get("denoising_setting") or (
                 str(out.steps) if out.steps is not None else None)
+            out.predicted_ms = usage.get("predicted_latency_ms")
+            out.target_ms = usage.get("latency_target_ms")
     except (httpx.HTTPError, asyncio.CancelledError):
         out.status = 0
     finally:
@@ -463,7 +467,8 @@ async def probe(url: str, max_tokens: int, samples: int, sat_clients: int, sat_s
             "saturation_clients": sat_clients}
 
 
-async def lone_clients(url: str, max_tokens: int, seconds: float, rows: list[dict]) -> dict:
+async def lone_clients(url: str, max_tokens: int, seconds: float, rows: list[dict],
+                       app_name: str | None = None) -> dict:
     """1, then 2 closed-loop clients for `seconds` each, quality auto and no budget: the share
     of their answers at the best quality (no lone user may degrade themselves)."""
     best = quality_of(str(BEST_STEPS), rows)
@@ -486,7 +491,12 @@ async def lone_clients(url: str, max_tokens: int, seconds: float, rows: list[dic
                 "best_quality_share": (sum(1 for x in q if x is not None and best is not None
                                            and x >= best - 1e-9) / len(q)) if q else None,
                 "settings": sorted({o.setting for o in ok if o.setting}),
-                "p95_latency_s": harness.percentile([o.done_at - o.sent_at for o in ok], 0.95)}
+                "p95_latency_s": harness.percentile([o.done_at - o.sent_at for o in ok], 0.95),
+                "replicas_after": await asyncio.to_thread(replica_counts, app_name),
+                # per answer: sent (s from the first), latency, setting, predicted, target
+                "answers_log": [(round(o.sent_at - ok[0].sent_at, 2),
+                                 round(o.done_at - o.sent_at, 3), o.setting, o.predicted_ms,
+                                 o.target_ms) for o in ok]}
     return out
 
 
@@ -533,7 +543,7 @@ def deployed_variants(args) -> tuple[list[VariantResult], dict, Schedule]:
             app = build_application(app_args, engine_factory=engine_factory(args.engine))
             url = harness.deploy_app(app, base, app_name, route_prefix=f"/{app_name}")
             time.sleep(args.settle_s)  # load stats and capacity measured before the load
-            lone = asyncio.run(lone_clients(url, args.max_tokens, args.lone_s, rows)) \
+            lone = asyncio.run(lone_clients(url, args.max_tokens, args.lone_s, rows, app_name)) \
                 if name == "adaptive" and args.lone_s > 0 else None
             if lone:
                 time.sleep(args.settle_s)

@@ -22,7 +22,8 @@ threshold) the controller predicts the latency of the next request from
 - the sustained arrival rate (requests admitted over the last `rate_window_s`): with all of
   them at rung r each replica runs N = lambda S_r(N) rows in steady state (Little's law over a
   step-level batch, solved in closed form), unbounded once the rung's work outruns the
-  replicas' capacity.
+  replicas' capacity; unless the arrivals follow answers (closed-loop clients: IDEs, agents),
+  then their population is the steady state, as they only slow down at a slower rung.
 
   S_r(N) = passes_r * (a + N (b + c tok_row + d kpairs_row)) + c * cache_tokens   (service)
   latency_r = wait for a slot + S_r(max(rows now + 1, N_ss)) , times the calibration ratio
@@ -91,6 +92,14 @@ class SloConfig:
     # calibration (the first answers overtaken by the burst) put the target at 2.86 s for the
     # whole burst instead of 1.2 (benchmarks/results/burst_rung1.json, before)
     quiet_confirm_s: float = 5.0
+    # Closed-loop clients (each sends its next request when its answer arrives: IDEs, agents,
+    # benchmarks): an arrival within this long after an answer finished follows it. When at
+    # least `closed_loop_share` of the arrivals do, beyond chance, the steady state is the
+    # clients' own population, not an open-loop rate's: at a fast rung two such clients send
+    # twice as often, which as an open-loop rate is past the best rung's capacity and held
+    # them at 8 steps for good (benchmarks/results/burst_rung1.json, 2 clients)
+    closed_loop_gap_s: float = 0.05
+    closed_loop_share: float = 0.8
     # The sustained arrival rate is the requests admitted over this window ...
     rate_window_s: float = 5.0
     # ... or over its last fifth when that is higher and counts at least this many arrivals:
@@ -117,6 +126,9 @@ class SloConfig:
             raise ValueError("slo.default_slowdown must be >= 1")
         if not 0.0 <= self.hysteresis < 1.0:
             raise ValueError("slo.hysteresis must be in [0, 1)")
+        if self.closed_loop_gap_s < 0 or not 0.0 < self.closed_loop_share <= 1.0:
+            raise ValueError("slo.closed_loop_gap_s must be >= 0 and slo.closed_loop_share "
+                             "in (0, 1]")
         if self.quiet_confirm_s < 0:
             raise ValueError("slo.quiet_confirm_s must be >= 0")
         if self.up_hold_s < 0 or self.rate_window_s <= 0:
@@ -229,12 +241,15 @@ class Prediction:
 
 def predict(model: StepModel, shape: RequestShape, passes: float, first_passes: float,
             rows_now: float, arrival_rps: float, others: RequestShape, others_passes: float,
-            max_num_seqs: int, priority: bool = False) -> Prediction:
+            max_num_seqs: int, priority: bool = False,
+            population: float | None = None) -> Prediction:
     """The latency of one request of `shape` taking `passes` passes on a replica that runs
     `rows_now` rows (running + queued + just admitted, per replica) and receives `arrival_rps`
     requests/s of `others` shape at `others_passes` passes each (the module docstring).
     priority: a request with a latency budget, which the engine admits ahead of the queue into
-    a priority slot (EngineConfig.priority_slots): no wait, one row more than a full batch."""
+    a priority slot (EngineConfig.priority_slots): no wait, one row more than a full batch.
+    population: the arrivals come from this many closed-loop clients per replica (each waits
+    for its answer): the steady state is that many rows, whatever the rate."""
     m = max(1, max_num_seqs)
     k = model.row_cost(others)
     fixed = others_passes * model.a + model.c * others.cache_tokens  # S(N) = fixed + p k N
@@ -243,6 +258,8 @@ def predict(model: StepModel, shape: RequestShape, passes: float, first_passes: 
     wait_ss = 0.0
     if arrival_rps <= 0:
         n_ss = 0.0
+    elif population is not None:
+        n_ss = min(float(m), population)
     elif lam_pk >= 1.0:
         return Prediction(math.inf, math.inf, float(m), math.inf)
     else:
@@ -365,6 +382,9 @@ class SloRouter(StepRouter):
         self.thresholds = ladder.thresholds_of()
         self.ingress_replicas = max(1, ingress_replicas)
         self._admits: collections.deque[float] = collections.deque()  # admission times
+        # answers' finish times and, per admission, whether it followed one (closed loop)
+        self._answers: collections.deque[float] = collections.deque()
+        self._follows: collections.deque[tuple[float, bool]] = collections.deque()
         self._admitted_rows: dict[int, int] = {}  # ledger key -> rows (choices) it added
         self.mean_shape: RequestShape | None = None
         # learnt per rung: passes really taken / scheduled (EOS, thresholds); 0.5 as a prior
@@ -396,12 +416,16 @@ class SloRouter(StepRouter):
         self._admitted_at[key] = self.wall()
         now = self.clock()
         self._admits.append(now)
+        # did it follow an answer (a closed-loop client's next request)?
+        gap = self.slo.closed_loop_gap_s
+        self._follows.append((now, bool(self._answers) and self._answers[-1] >= now - gap))
         if shape is not None:
             self._learn_shape(shape)
         return key
 
     def done(self, key: int) -> None:
         super().done(key)
+        self._answers.append(self.clock())
         rows = self._admitted_rows.pop(key, None)
         at = self._admitted_at.pop(key, None)
         if rows is not None and at is not None:
@@ -449,6 +473,30 @@ class SloRouter(StepRouter):
                 break
             n += 1
         return n
+
+    def closed_loop_population(self, min_arrivals: int = 10) -> float | None:
+        """Cluster-wide rows of closed-loop clients, when the arrivals of the rate window are
+        theirs: the share of arrivals that followed an answer within `closed_loop_gap_s`,
+        over what chance gives at the answers' rate (1 - exp(-rate x gap)), at least
+        `closed_loop_share`. Their population is then rate x mean latency (Little's law;
+        they wait for nothing else). None: an open-loop load (or too few arrivals)."""
+        now, window = self.clock(), self.slo.rate_window_s
+        while self._answers and self._answers[0] <= now - window:
+            self._answers.popleft()
+        while self._follows and self._follows[0][0] <= now - window:
+            self._follows.popleft()
+        n = len(self._follows)
+        if n < min_arrivals:
+            return None
+        followed = sum(1 for _, f in self._follows if f) / n
+        chance = 1.0 - math.exp(-len(self._answers) / window * self.slo.closed_loop_gap_s)
+        if chance >= 1.0 or (followed - chance) / (1.0 - chance) < self.slo.closed_loop_share:
+            return None
+        wall = self.wall()
+        lat = [done - at for done, at, _ in self._finished if done > wall - window]
+        if not lat:
+            return None
+        return n / window * (sum(lat) / len(lat)) * self.ingress_replicas
 
     def ledger_rows(self) -> int:
         """Rows this ingress admitted within the ledger horizon and not finished: the
@@ -516,8 +564,10 @@ class SloRouter(StepRouter):
         p, p1 = self._passes(shape, rung, tail=True)
         po, _ = self._passes(others, c)
         m = load.max_num_seqs or 16
+        pop = self.closed_loop_population()
         pr = predict(model, shape, p, p1, rows_now + shape.n - 1, self.arrival_rps() / replicas,
-                     others, po, m, priority)
+                     others, po, m, priority,
+                     population=None if pop is None else max(1.0, pop / replicas))
         cal = self.calibration
         k = cal.p95_factor(self.slo.p95_over_mean)
         return Prediction(k * cal(pr.latency_s), k * cal(pr.ttft_s), pr.rows, pr.wait_s,

@@ -638,21 +638,16 @@ async def test_the_mock_engine_admits_budgeted_requests_first_into_priority_slot
     assert done.index("u") < done.index("p1") < done.index("p2")  # FIFO: u would be last
 
 
-def test_two_closed_loop_clients_on_a_fast_replica_keep_the_best_rung():
-    """Two clients sending back to back to a replica 5x faster than COEF's (answers of ~0.3 s:
-    5-7 arrivals in a second, by chance more in one second than the last five's mean). The
-    snapshot lags a quarter second; each answer takes the step model's time for the rows it
-    shares with, give or take 20%. Every answer is at the best rung."""
-    rng = random.Random(3)
-    clock = Clock()
-    fast = [c / 5 for c in COEF]
-    r = SloRouter(LADDER, SloConfig(), QUALITY, clock=clock, wall=clock)
-    model = StepModel(*fast)
-    p = SHAPE.passes(16)
+def closed_loop(r: SloRouter, clock: Clock, model: StepModel, clients: int, until: float,
+                coef: list[float], seed: int = 3) -> list[int]:
+    """`clients` clients sending back to back (the next request as the answer arrives): each
+    answer takes the step model's time at its steps for the rows it shares with, give or
+    take 20%; the snapshot lags a quarter second. -> the steps of every answer."""
+    rng = random.Random(seed)
     running: dict[int, float] = {}  # ledger key -> finish time
-    nxt = [clock.t, clock.t + 0.13]
+    nxt = [clock.t + 0.13 * i for i in range(clients)]
     steps = []
-    while clock.t < 160.0:
+    while clock.t < until:
         clock.t = min(min(nxt), min(running.values(), default=math.inf))
         for key, end in list(running.items()):
             if end <= clock.t:
@@ -662,15 +657,27 @@ def test_two_closed_loop_clients_on_a_fast_replica_keep_the_best_rung():
             if at > clock.t:
                 continue
             r.observe(ClusterLoad(replicas=1, running=len(running), max_num_seqs=32,
-                                  step_cost={"coef": fast, "samples": 100.0},
+                                  step_cost={"coef": coef, "samples": 100.0},
                                   at=clock.t - 0.25))
             c = r.choose(shape=SHAPE)
             steps.append(c.steps)
             key = r.admitted(1000.0, 1, SHAPE)
+            p = SHAPE.passes(c.steps)
             latency = model.service_s(SHAPE, p, len(running) + 1) * rng.uniform(0.8, 1.2)
             r.finished(c, p, p, latency)
             running[key] = clock.t + latency
             nxt[i] = clock.t + latency
+    return steps
+
+
+def test_two_closed_loop_clients_on_a_fast_replica_keep_the_best_rung():
+    """Two clients sending back to back to a replica 5x faster than COEF's (answers of ~0.3 s:
+    5-7 arrivals in a second, by chance more in one second than the last five's mean).
+    Every answer is at the best rung."""
+    clock = Clock()
+    fast = [c / 5 for c in COEF]
+    r = SloRouter(LADDER, SloConfig(), QUALITY, clock=clock, wall=clock)
+    steps = closed_loop(r, clock, StepModel(*fast), 2, 160.0, fast)
     assert len(steps) > 300
     assert steps.count(16) == len(steps)
     # ... and the calibration learnt from them still prices the faster rungs as faster (the
@@ -678,3 +685,37 @@ def test_two_closed_loop_clients_on_a_fast_replica_keep_the_best_rung():
     # ratio went to 0.2 and 2 steps looked 0.83x as slow as 16)
     preds = [r.predict_rung(SHAPE, k).latency_s for k in range(4)]
     assert preds[3] < 0.4 * preds[0]
+
+
+def test_two_closed_loop_clients_at_a_fast_rung_climb_back_to_the_best():
+    """Left at a faster rung (a burst just ended), two closed-loop clients send twice as often
+    as they would at the best rung: as an open-loop rate that is past the best rung's
+    capacity, but these clients wait for their answers, so the best rung only slows them
+    down. Seeing that the arrivals follow the answers, the controller predicts the best rung
+    with the clients' rows, climbs back after the hold and stays."""
+    clock = Clock()
+    fast = [c / 5 for c in COEF]
+    r = SloRouter(LADDER, SloConfig(), QUALITY, clock=clock, wall=clock)
+    closed_loop(r, clock, StepModel(*fast), 1, 110.0, fast)  # one client: the target settles
+    r.rung = 1
+    steps = closed_loop(r, clock, StepModel(*fast), 2, 140.0, fast, seed=4)
+    assert steps[:5] == [8] * 5
+    first_best = steps.index(16)
+    assert steps[first_best:] == [16] * (len(steps) - first_best)
+    assert first_best < len(steps) / 4
+
+
+def test_open_loop_arrivals_are_not_taken_for_closed_loop_clients():
+    """Poisson arrivals at 12 req/s, answers finishing at the same rate: some arrivals land
+    just after an answer by chance; the estimate subtracts that and finds no population."""
+    clock = Clock()
+    r = SloRouter(LADDER, SloConfig(), QUALITY, clock=clock, wall=clock)
+    rng = random.Random(5)
+    keys: list[tuple[float, int]] = []
+    while clock.t < 120.0:
+        clock.t += rng.expovariate(12.0)
+        while keys and keys[0][0] <= clock.t:
+            r.done(keys.pop(0)[1])
+        keys.append((clock.t + 0.4, r.admitted(1000.0, 1, SHAPE)))
+        if clock.t > 106.0:
+            assert r.closed_loop_population() is None
