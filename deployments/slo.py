@@ -405,6 +405,11 @@ class SloRouter(StepRouter):
         # slo.quiet_confirm_s more of quiet; cleared by any moment that is not quiet
         self._quiet_candidates: collections.deque[
             tuple[float, tuple[StepModel, float, float, float]]] = collections.deque()
+        # the last confirmed ones (3 s of them): the reference is their median, so one moment
+        # of a step model fitted on a handful of steps (a third of the real step time, seen
+        # once in benchmarks/results/burst_rung1.json) does not set the target for good
+        self._quiet_confirmed: collections.deque[tuple[StepModel, float, float, float]] = \
+            collections.deque(maxlen=12)
         self._better_since: float | None = None
         self.last_prediction: list[float] = [0.0] * n
 
@@ -597,23 +602,30 @@ class SloRouter(StepRouter):
         def idle(model: StepModel) -> float:
             return predict(model, shape, p, p1, shape.n - 1, 0.0, shape, p, m).latency_s
 
+        def latency(ref: tuple[StepModel, float, float, float]) -> float:
+            model, overhead, ratio, k = ref
+            s = idle(model)
+            return k * (overhead + ratio * s) if math.isfinite(s) else s
+
         model = StepModel.from_load(self.load)
         cal = self.calibration
         now_ref = (model, cal.overhead_s, cal.ratio, cal.p95_factor(self.slo.p95_over_mean))
         now = self.clock()
-        if self._quiet_reference is None:
-            self._quiet_reference = now_ref
         if self.quiet(idle(model)):
-            if not self._quiet_candidates or self._quiet_candidates[-1][0] <= now - 0.1:
-                self._quiet_candidates.append((now, now_ref))  # at most 10 a second
+            if not self._quiet_candidates or self._quiet_candidates[-1][0] <= now - 0.25:
+                self._quiet_candidates.append((now, now_ref))  # at most 4 a second
             while self._quiet_candidates and \
                     self._quiet_candidates[0][0] <= now - self.slo.quiet_confirm_s:
-                self._quiet_reference = self._quiet_candidates.popleft()[1]
+                self._quiet_confirmed.append(self._quiet_candidates.popleft()[1])
         else:
             self._quiet_candidates.clear()
-        model, overhead, ratio, k = self._quiet_reference
-        s = idle(model)
-        return k * (overhead + ratio * s) if math.isfinite(s) else s
+        # nothing confirmed yet (the first seconds): the quiet moments so far, else now
+        pool = list(self._quiet_confirmed) or [c for _, c in self._quiet_candidates] or \
+            [self._quiet_reference or now_ref]
+        values = sorted((latency(ref), i) for i, ref in enumerate(pool))
+        value, i = values[(len(values) - 1) // 2]
+        self._quiet_reference = pool[i]
+        return value
 
     def target_s(self, shape: RequestShape) -> float:
         if self.slo.latency_p95_s is not None:

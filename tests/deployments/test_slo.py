@@ -719,3 +719,20 @@ def test_open_loop_arrivals_are_not_taken_for_closed_loop_clients():
         keys.append((clock.t + 0.4, r.admitted(1000.0, 1, SHAPE)))
         if clock.t > 106.0:
             assert r.closed_loop_population() is None
+
+
+def test_one_odd_step_model_does_not_set_the_default_target():
+    """Quiet throughout; for one snapshot the replicas' fit says steps are 3x faster (a fit on
+    a handful of steps). The target, the median of the confirmed quiet moments, never follows
+    it, neither then nor when that moment is confirmed five seconds later."""
+    clock = Clock()
+    r = router(clock)
+    r.mean_shape = SHAPE
+    targets = []
+    for i in range(60):
+        clock.t += 0.25
+        coef = [c / 3 for c in COEF] if i == 30 else COEF
+        r.observe(snapshot(running=1, coef=coef))
+        targets.append(r.target_s(SHAPE))
+    settled = targets[25]
+    assert all(t == pytest.approx(settled, rel=0.05) for t in targets[25:])
