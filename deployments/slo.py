@@ -589,6 +589,28 @@ class SloRouter(StepRouter):
         return load.queued == 0 and self.rows_ahead(load) <= 2 * per \
             and self._rate(self.slo.rate_window_s) * service_s <= 3 * per
 
+    def lone_users(self, shape: RequestShape) -> bool:
+        """At most two users per replica and the default target: the best rung, whatever the
+        predictions say. Two rows take less than twice one row's time, so the default target
+        (2x one row) always allows them; but the predictions carry today's spread of latency
+        over the mean and the target that of the last confirmed quiet moment (one client's:
+        tight), which put two clients at 8 steps. Users: the closed-loop population when the
+        arrivals follow answers, else the arrival rate (with the short window's bursts) x
+        an idle answer's time; nothing queued and at most two rows per replica running."""
+        if self.slo.latency_p95_s is not None or self.slo.ttft_p95_s is not None:
+            return False
+        load = self.load
+        per = max(1, load.replicas)
+        if load.queued > 0 or self.rows_ahead(load) > 2 * per:
+            return False
+        pop = self.closed_loop_population()
+        if pop is not None:  # rate x mean latency: within half a user of the count
+            return pop <= 2 * per + 0.5
+        p, p1 = self._passes(shape, 0)
+        m = load.max_num_seqs or 16
+        service = predict(StepModel.from_load(load), shape, p, p1, 0, 0.0, shape, p, m).latency_s
+        return self.arrival_rps() * service <= 2 * per
+
     def unloaded_s(self, shape: RequestShape) -> float:
         """The latency of `shape` at the best rung on an idle replica (calibrated, p95), under
         the step model and calibration of the last quiet moment that `quiet_confirm_s` more
@@ -660,6 +682,12 @@ class SloRouter(StepRouter):
         target = self.target_s(shape)
         preds = [self.predict_rung(shape, r) for r in range(len(self.ladder.steps))]
         self.last_prediction = [p.latency_s for p in preds]
+        if self.lone_users(shape):
+            if self.rung != 0:
+                log.info("slo: %s -> %s (lone users)", self._label(self.rung), self._label(0))
+                self.rung = 0
+            self._better_since = None
+            return
         want = self.best_rung(preds, target)
         if self.qualities[want] < self.qualities[self.rung] or \
                 not self.meets(preds[self.rung], target):

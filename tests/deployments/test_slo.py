@@ -639,7 +639,7 @@ async def test_the_mock_engine_admits_budgeted_requests_first_into_priority_slot
 
 
 def closed_loop(r: SloRouter, clock: Clock, model: StepModel, clients: int, until: float,
-                coef: list[float], seed: int = 3) -> list[int]:
+                coef: list[float], seed: int = 3, jitter=(0.8, 1.2)) -> list[int]:
     """`clients` clients sending back to back (the next request as the answer arrives): each
     answer takes the step model's time at its steps for the rows it shares with, give or
     take 20%; the snapshot lags a quarter second. -> the steps of every answer."""
@@ -663,7 +663,7 @@ def closed_loop(r: SloRouter, clock: Clock, model: StepModel, clients: int, unti
             steps.append(c.steps)
             key = r.admitted(1000.0, 1, SHAPE)
             p = SHAPE.passes(c.steps)
-            latency = model.service_s(SHAPE, p, len(running) + 1) * rng.uniform(0.8, 1.2)
+            latency = model.service_s(SHAPE, p, len(running) + 1) * rng.uniform(*jitter)
             r.finished(c, p, p, latency)
             running[key] = clock.t + latency
             nxt[i] = clock.t + latency
@@ -687,15 +687,16 @@ def test_two_closed_loop_clients_on_a_fast_replica_keep_the_best_rung():
     assert preds[3] < 0.4 * preds[0]
 
 
-def test_two_closed_loop_clients_at_a_fast_rung_climb_back_to_the_best():
+def test_closed_loop_clients_at_a_fast_rung_climb_back_to_the_best():
     """Left at a faster rung (a burst just ended), two closed-loop clients send twice as often
     as they would at the best rung: as an open-loop rate that is past the best rung's
     capacity, but these clients wait for their answers, so the best rung only slows them
     down. Seeing that the arrivals follow the answers, the controller predicts the best rung
-    with the clients' rows, climbs back after the hold and stays."""
+    with the clients' rows, climbs back after the hold and stays (a set target of 0.7 s: the
+    default one lets lone users straight back, below)."""
     clock = Clock()
     fast = [c / 5 for c in COEF]
-    r = SloRouter(LADDER, SloConfig(), QUALITY, clock=clock, wall=clock)
+    r = SloRouter(LADDER, SloConfig(latency_p95_s=0.7), QUALITY, clock=clock, wall=clock)
     closed_loop(r, clock, StepModel(*fast), 1, 110.0, fast)  # one client: the target settles
     r.rung = 1
     steps = closed_loop(r, clock, StepModel(*fast), 2, 140.0, fast, seed=4)
@@ -736,3 +737,15 @@ def test_one_odd_step_model_does_not_set_the_default_target():
         targets.append(r.target_s(SHAPE))
     settled = targets[25]
     assert all(t == pytest.approx(settled, rel=0.05) for t in targets[25:])
+
+
+def test_two_clients_whose_answers_vary_keep_the_best_rung_under_the_default_target():
+    """One client alone (answers as the model says: a tight p95), then two whose answers vary
+    by 1.0-1.8x: the predictions carry that spread, the target the lone client's. Lone
+    users are served at the best rung all the same."""
+    clock = Clock()
+    fast = [c / 5 for c in COEF]
+    r = SloRouter(LADDER, SloConfig(), QUALITY, clock=clock, wall=clock)
+    assert set(closed_loop(r, clock, StepModel(*fast), 1, 110.0, fast, jitter=(1.0, 1.0))) == {16}
+    steps = closed_loop(r, clock, StepModel(*fast), 2, 140.0, fast, seed=4, jitter=(1.0, 1.8))
+    assert set(steps) == {16}
