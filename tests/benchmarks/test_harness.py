@@ -13,7 +13,7 @@ import pytest
 from benchmarks import harness
 
 RECORD_KEYS = {"cpu", "cores", "torch", "triton", "torch_threads", "gpu", "date", "command",
-               "note", "omp_wait_policy"}
+               "note", "omp_wait_policy", "cpu_isa"}
 
 
 @pytest.fixture()
