@@ -90,14 +90,14 @@ class SloConfig:
     # The default target's "unloaded" latency is taken at quiet moments that this much more
     # quiet followed: the first second of a burst still looks quiet to the snapshot, and its
     # calibration (the first answers overtaken by the burst) put the target at 2.86 s for the
-    # whole burst instead of 1.2 (benchmarks/results/burst_rung1.json, before)
+    # whole burst instead of 1.2 (a `dllm bench burst` run on the 2-core CPU)
     quiet_confirm_s: float = 5.0
     # Closed-loop clients (each sends its next request when its answer arrives: IDEs, agents,
     # benchmarks): an arrival within this long after an answer finished follows it. When at
     # least `closed_loop_share` of the arrivals do, beyond chance, the steady state is the
     # clients' own population, not an open-loop rate's: at a fast rung two such clients send
     # twice as often, which as an open-loop rate is past the best rung's capacity and held
-    # them at 8 steps for good (benchmarks/results/burst_rung1.json, 2 clients)
+    # them at 8 steps for good (`dllm bench burst`'s two lone clients, on the 2-core CPU)
     closed_loop_gap_s: float = 0.05
     closed_loop_share: float = 0.8
     # The sustained arrival rate is the requests admitted over this window ...
@@ -407,7 +407,7 @@ class SloRouter(StepRouter):
             tuple[float, tuple[StepModel, float, float, float]]] = collections.deque()
         # the last confirmed ones (3 s of them): the reference is their median, so one moment
         # of a step model fitted on a handful of steps (a third of the real step time, seen
-        # once in benchmarks/results/burst_rung1.json) does not set the target for good
+        # once in a `dllm bench burst` run) does not set the target for good
         self._quiet_confirmed: collections.deque[tuple[StepModel, float, float, float]] = \
             collections.deque(maxlen=12)
         self._better_since: float | None = None
