@@ -221,9 +221,10 @@ def variant_args(
     }
 
 
-def describe(name: str) -> str:
+def describe(name: str, ladder_steps: list[int] | None = None) -> str:
     if name == "adaptive":
-        return "SLO controller [16,8,4,2] + token-backlog autoscaling"
+        steps = ",".join(str(x) for x in (ladder_steps or LADDER_STEPS))
+        return f"SLO controller [{steps}] + token-backlog autoscaling"
     if name == "ladder":
         return "threshold ladder [16,8,4,2] @ [2,3,4] s + token-backlog autoscaling"
     if name == "fixed":
@@ -552,7 +553,7 @@ def deployed_variants(args) -> tuple[list[VariantResult], dict, Schedule]:
             summary = summarize(secs, outs, schedule, rows, measured.get("unloaded_p95_s"))
             if lone:
                 summary["lone_clients"] = lone
-            results.append(VariantResult(name, describe(name), secs, app_args, summary,
+            results.append(VariantResult(name, describe(name, args.ladder), secs, app_args, summary,
                                          [asdict(o) for o in outs]))
             serve.delete(app_name)
     return results, measured, schedule
