@@ -385,6 +385,7 @@ class SloRouter(StepRouter):
         # answers' finish times and, per admission, whether it followed one (closed loop)
         self._answers: collections.deque[float] = collections.deque()
         self._follows: collections.deque[tuple[float, bool]] = collections.deque()
+        self._population_at: tuple[float, float | None] | None = None  # (when, estimate)
         self._admitted_rows: dict[int, int] = {}  # ledger key -> rows (choices) it added
         self.mean_shape: RequestShape | None = None
         # learnt per rung: passes really taken / scheduled (EOS, thresholds); 0.5 as a prior
@@ -484,8 +485,17 @@ class SloRouter(StepRouter):
         theirs: the share of arrivals that followed an answer within `closed_loop_gap_s`,
         over what chance gives at the answers' rate (1 - exp(-rate x gap)), at least
         `closed_loop_share`. Their population is then rate x mean latency (Little's law;
-        they wait for nothing else). None: an open-loop load (or too few arrivals)."""
+        they wait for nothing else). None: an open-loop load (or too few arrivals).
+        Computed at most every 50 ms: every request's choice asks for it once per rung."""
         now, window = self.clock(), self.slo.rate_window_s
+        if self._population_at is not None and now - self._population_at[0] < 0.05:
+            return self._population_at[1]
+        pop = self._closed_loop_population(now, window, min_arrivals)
+        self._population_at = (now, pop)
+        return pop
+
+    def _closed_loop_population(self, now: float, window: float, min_arrivals: int
+                                ) -> float | None:
         while self._answers and self._answers[0] <= now - window:
             self._answers.popleft()
         while self._follows and self._follows[0][0] <= now - window:
