@@ -139,7 +139,8 @@ def _table(cfg: ModelConfig) -> dict[str, FamilyDefaults]:
         # EOS/EoT committed last: training pads answers with EOS, so at a block's tail EOS is
         # the most confident prediction and one-commit-per-step rules filled blocks with it from
         # the end (empty answers). Deferred, FIM edit similarity at 8 steps/block rose from
-        # 0.077 to 0.164 on 200 held-out cases (benchmarks/results/quality_defer_eos.json).
+        # 0.077 to 0.164 on 200 held-out cases for v1's weights; v2's at 32 steps: 0.011 -> 0.263
+        # (benchmarks/results/quality.json, quality_defer_eos.json).
         "tiny-coder": FamilyDefaults("tiny-coder", cfg.block_length, cfg.default_steps_per_block,
                                      defer_token_ids=eos_eot, source="model/train.py"),
         "llada": FamilyDefaults(

@@ -30,10 +30,15 @@ def test_schedule_is_seeded_and_budgets_a_share():
 
 
 def test_quality_of_a_setting_reads_the_shipped_table():
-    rows = quality_rows()
-    assert quality_of("16", rows) == pytest.approx(0.14)
-    assert quality_of("2", rows) < quality_of("4", rows) <= quality_of("16", rows)
-    assert quality_of(None, rows) is None
+    table = [{"steps_per_block": s, "block_length": 32, "parse_rate": q}
+             for s, q in [(2, 0.02), (4, 0.06), (16, 0.14)]]
+    assert quality_of("16", table) == pytest.approx(0.14)
+    assert quality_of("2", table) < quality_of("4", table) <= quality_of("16", table)
+    assert quality_of("16@0.9", table) == pytest.approx(0.10)  # valued at 8 steps: log2 midway
+    assert quality_of(None, table) is None
+    rows = quality_rows()  # tiny-coder's own table, its 32-step row the best
+    best = next(r["parse_rate"] for r in rows if r["steps_per_block"] == 32)
+    assert quality_of("32", rows) == pytest.approx(best) and quality_of("2", rows) < best
 
 
 def test_summary_and_goals():
