@@ -33,7 +33,8 @@ def join_runs(logs: list[list[dict]], until: list[int | None]) -> list[dict]:
         kept = [x for x in lines if last is None or x["step"] <= last]
         for x in kept:
             if any(k in x for k in SETS):
-                points.append({"run": run, "step": x["step"], "tokens_total": offset + x["tokens"],
+                points.append({"run": run, "step": x["step"], "tokens": x["tokens"],
+                               "tokens_total": offset + x["tokens"],
                                **{k: x[k] for k in SETS if k in x}})
         if kept:
             offset += kept[-1]["tokens"]
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
     if len(labels) != len(args.logs) or len(until) != len(args.logs):
         p.error("--labels and --until take one value per log")
     points = join_runs([_read(x) for x in args.logs], until)
-    starts = [next((q["tokens_total"] for q in points if q["run"] == i), None)
+    # where each run began on the x axis: its first point less the tokens it had seen by then
+    starts = [next((q["tokens_total"] - q["tokens"] for q in points if q["run"] == i), None)
               for i in range(len(labels))]
     out = harness.write_results("training_loss", {"runs": labels, "points": points}, args.out)
     fig, ax = harness.figure(figsize=(7, 4.5))

@@ -12,6 +12,7 @@ def test_runs_join_on_the_exported_step(tmp_path, monkeypatch):
     points = join_runs([first, second], [2, None])
     assert [(q["run"], q["tokens_total"]) for q in points] == [(0, 200), (1, 250)]
     assert points[1]["held_out_loss_code"] == 4.7 and "held_out_loss_code" not in points[0]
+    assert [q["tokens_total"] - q["tokens"] for q in points] == [0, 200]  # where each run began
 
     monkeypatch.setenv("DLLM_RESULTS_DIR", str(tmp_path))
     logs = []
