@@ -190,19 +190,24 @@ def test_prometheus_scrapes_the_apps_metrics_and_the_dashboard_names(app, promet
     wanted = metric_families(query_metric_names(dashboard_json()))
     app_sel = f'{{application="{APP}"}}'
     healthy = f'{M.REPLICA_HEALTHY.prom}{{application="{APP}",deployment="ModelServer"}}'
+    rejected_q = f'sum({M.REQUESTS_REJECTED.prom}{{application="{APP}",status="429"}})'
     deadline = time.monotonic() + SCRAPE_WAIT_S
     while True:
         names = scraped_names(prometheus)
         families = metric_families(names)
         missing = wanted - families
         counted = promql(prometheus, f"sum({M.COMPLETION_TOKENS.prom}{app_sel})")
-        # Ray exports each metric once its first value is recorded: wait for this app's too.
-        if not missing and counted >= tokens and promql(prometheus, f"max({healthy})") > 0:
+        rejected = promql(prometheus, rejected_q)
+        # Ray exports each metric once its first value is recorded, and each process on its own
+        # cadence: wait for this app's counters, the refusals' as well as the tokens'.
+        if not missing and counted >= tokens and rejected >= statuses.count(429) \
+                and promql(prometheus, f"max({healthy})") > 0:
             break
         if time.monotonic() > deadline:
             pytest.fail(
                 f"after {SCRAPE_WAIT_S}s Prometheus still lacks {sorted(missing)}; "
-                f"completion tokens counted {counted} of {tokens}"
+                f"completion tokens counted {counted} of {tokens}, refusals {rejected} of "
+                f"{statuses.count(429)}"
             )
         time.sleep(2)
 
@@ -211,9 +216,7 @@ def test_prometheus_scrapes_the_apps_metrics_and_the_dashboard_names(app, promet
         assert m.prom in families, m.name
     # Counters agree with what the client saw (the app served exactly these tokens).
     assert counted == tokens
-    assert promql(
-        prometheus, f'sum({M.REQUESTS_REJECTED.prom}{{application="{APP}",status="429"}})'
-    ) == statuses.count(429)
+    assert promql(prometheus, rejected_q) == statuses.count(429)
     # The router picks steps for every request it sees, the 429s included (they are refused
     # after routing), so at least one observation per answered request.
     steps_chosen = promql(prometheus, f"sum({M.ROUTER_STEPS.series('count')}{app_sel})")
