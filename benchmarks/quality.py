@@ -10,10 +10,12 @@ Per steps-per-block setting (1, 2, 4, 8, 16, 32 with block length 32) it measure
 - parse_rate: a held-out function's header (its def line and docstring) is completed; the
   completion, cut where the function's indentation ends, replaces the original body and the whole
   file must still parse with `ast` (an empty completion counts as a failure);
-- pass_rate: a held-out function whose docstring holds a doctest (benchmarks/exec_cases.py: from
-  the held-out files of the whole training corpus, validated so that the original body passes
-  and no trivial body does) is completed from its header, and its own doctest is run on the
-  completion in a child interpreter (per-case alarm, memory limit).
+- pass_rate: a held-out function of the whole training corpus that has a doctest or an obvious
+  call (benchmarks/exec_cases.py: a call with literal arguments somewhere in the corpus or the
+  standard library's tests, or `f()` when every parameter has a default) is completed from its
+  header and run in a child interpreter (per-case alarm, memory limit): its doctest must pass,
+  or every call must return what the original returns. Cases are validated so that the
+  original body passes and no trivial body does.
 FIM and parse cases come from the standard library's held-out files, as in every earlier run.
 Writes benchmarks/results/quality.json (`rows`, one per setting, plus an autoregressive baseline:
 block 1, one step) and quality.png.
@@ -198,7 +200,7 @@ def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> Non
     for key, label in [("fim_exact_match", "FIM exact match"),
                        ("fim_edit_similarity", "FIM edit similarity"),
                        ("parse_rate", "parse rate"),
-                       ("pass_rate", "doctest pass rate")]:
+                       ("pass_rate", "executed pass rate")]:
         if key not in rows[0]:
             continue
         line, = ax.plot(x, [r[key] for r in rows], marker="o", label=label)
@@ -234,7 +236,7 @@ def main(argv=None) -> None:
     p.add_argument("--fim-cases", type=int, default=200)
     p.add_argument("--parse-cases", type=int, default=60)
     p.add_argument("--exec-cases", type=int, default=60,
-                   help="doctested held-out functions to complete and run (0: skip)")
+                   help="held-out functions (doctested or called) to complete and run (0: skip)")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true", help="skip the autoregressive row")
@@ -259,11 +261,15 @@ def main(argv=None) -> None:
     pcs = parse_cases(held, args.parse_cases)
     execs = []
     if args.exec_cases:
-        from benchmarks.exec_cases import exec_cases
+        from benchmarks.exec_cases import exec_cases, stdlib_test_sources
         from model.corpus import code_corpus
 
-        _, held_all = split_files(code_corpus()[0])
-        execs = exec_cases(held_all, args.exec_cases)
+        # with --corpus every case comes from that folder; else from the training corpus, with
+        # the standard library's own tests (never trained on) as further call sites
+        every = python_corpus(args.corpus) if args.corpus else code_corpus()[0]
+        _, held_all = split_files(every)
+        execs = exec_cases(held_all, args.exec_cases, call_sources=every if args.corpus
+                           else {**every, **stdlib_test_sources()})
     log.info("%d held-out files: %d FIM cases, %d parse cases, %d executed cases", len(held),
              len(fims), len(pcs), len(execs))
     rows = []
@@ -282,6 +288,9 @@ def main(argv=None) -> None:
         log.info("autoregressive: %s", baseline)
     result = {"model": args.model, "defer_eos": args.defer_eos, "rows": rows,
               "autoregressive": baseline,
+              "exec_cases": [{"key": c.key, "function": c.qualname,
+                              "check": "calls" if c.calls else "doctest", "calls": c.calls}
+                             for c in execs],
               "wall_s": round(time.time() - t0, 1),
               "notes": "held-out = stdlib files whose path hash falls in the 3% split"}
     out = harness.write_results("quality", result, args.out)
