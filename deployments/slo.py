@@ -30,7 +30,7 @@ threshold) the controller predicts the latency of the next request from
 
 It picks the best-quality rung whose prediction meets the target (quality per rung from the
 model's measured quality table, `dllm eval`'s output shipped beside the weights; a monotone
-default otherwise). Smooth: it moves down (faster) as soon as the current rung's prediction
+default otherwise; rungs the table values alike are ordered by their steps). Smooth: it moves down (faster) as soon as the current rung's prediction
 misses the target, but up (better) only once the better rung's prediction is below
 (1 - hysteresis) x target continuously for `up_hold_s`, and then straight to the best rung that
 allows (new replicas reporting raise the capacity: quality comes back with them).
@@ -115,7 +115,7 @@ class SloConfig:
     quality_table: str | None = None
     # Which column of the table is quality. parse_rate: the one that rises with steps on
     # tiny-coder (0 at 1-8 steps/block, 0.12 at 16, 0.32 at 32: quality_defer_eos.json); its FIM
-    # similarity is flat from 2 steps on
+    # similarity is flat from 2 steps on. Rungs the table ties are ordered by their steps.
     quality_metric: str = "parse_rate"
 
     def __post_init__(self) -> None:
@@ -710,7 +710,10 @@ class SloRouter(StepRouter):
             self._better_since = None
             return
         up = self.best_rung(preds, target, self.slo.hysteresis, 0, self.rung)
-        if self.qualities[up] > self.qualities[self.rung]:
+        # Better: higher quality, or as high with more passes (an earlier rung). A table that
+        # values several rungs alike (tiny-coder's parse rate is 0 at 2, 4 and 8 steps) cannot
+        # tell them apart; the steps the latency target allows are not given away on a tie.
+        if (self.qualities[up], -up) > (self.qualities[self.rung], -self.rung):
             if self._better_since is None:
                 self._better_since = now
             elif now - self._better_since >= self.slo.up_hold_s:

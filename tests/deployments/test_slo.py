@@ -275,6 +275,25 @@ def test_new_replicas_restore_quality():
     assert r.rung == 0
 
 
+def test_after_a_burst_it_climbs_to_more_steps_even_where_the_table_ties():
+    """tiny-coder's table values 8, 4 and 2 steps per block alike (parse rate 0 at each, 0.12 at
+    16): a tie the table cannot resolve is no reason to stay at 2 steps once 8 fit again."""
+    clock = Clock()
+    r = SloRouter(LADDER, SloConfig(latency_p95_s=2.5, up_hold_s=1.0), [0.12, 0.0, 0.0, 0.0],
+                  clock=clock)
+    r.observe(snapshot())
+    arrive(r, 20.0, clock)
+    r.observe(snapshot())
+    assert LADDER.steps[r.rung] == 2
+    arrive(r, 2.0, clock)  # 8 steps meet the target again, 16 do not
+    r.observe(snapshot())
+    assert LADDER.steps[r.rung] == 2  # not before the hold
+    clock.t += 1.1
+    arrive(r, 2.0, clock)
+    r.observe(snapshot())
+    assert LADDER.steps[r.rung] == 8
+
+
 def test_a_burst_is_counted_before_the_next_snapshot():
     """64 requests at once on an idle snapshot: each sees the rows admitted before it."""
     clock = Clock()
