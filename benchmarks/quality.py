@@ -7,6 +7,11 @@ Per steps-per-block setting (1, 2, 4, 8, 16, 32 with block length 32) it measure
 - fim_exact_match: one whole held-out line of at most 32 tokens is masked between 256 tokens of
   context on each side; the completion must reproduce the line (trailing whitespace ignored);
 - fim_edit_similarity: 1 - Levenshtein distance / longer length, averaged over the same cases;
+- fim_line_parse_rate: over the cases whose original line is a statement on its own (it parses
+  alone, dedented, with `pass` after a trailing colon), how often the completed line is one too.
+  With exact matches near 0, edit similarity scores a wrong but well-formed line
+  (`def __init__(self, key: str) -> bool:`) like token salad (`def __(self,,`): this column
+  tells them apart;
 - parse_rate: a held-out function's header (its def line and docstring) is completed; the
   completion, cut where the function's indentation ends, replaces the original body and the whole
   file must still parse with `ast` (an empty completion counts as a failure);
@@ -139,6 +144,15 @@ def cut_function_body(completion: str, indent: int) -> str:
     return body if body.endswith("\n") else body + "\n"
 
 
+def line_parses(line: str) -> bool:
+    """Whether one line is a statement on its own: dedented, and a block header (`if x:`)
+    given a `pass` body."""
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return False
+    return parses(s + " pass" if s.endswith(":") else s)
+
+
 def parses(source: str) -> bool:
     try:
         ast.parse(source)
@@ -162,6 +176,7 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
              prompt_tokens: int = 320, parse_tokens: int = 64, defer: list[int] | None = None,
              execs: list | None = None, exec_tokens: int = 128) -> dict:
     em = sim = 0.0
+    lines_ok = lines_total = 0
     for c in harness.progress(fims, desc=f"fim  spb={steps:>2}", leave=False):
         params = SamplingParams(max_new_tokens=64, steps=steps, block_length=block_length,
                                 defer_token_ids=list(defer or []))
@@ -173,6 +188,9 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
         got = r.text.split("\n")[0]  # the middle is one line: score the first line produced
         em += got.rstrip() == c.middle.rstrip()
         sim += edit_similarity(got.rstrip(), c.middle.rstrip())
+        if line_parses(c.middle):
+            lines_total += 1
+            lines_ok += line_parses(got)
     ok = 0
     kw = dict(steps=steps, block_length=block_length, defer_token_ids=list(defer or []))
     for c in harness.progress(parses_, desc=f"parse spb={steps:>2}", leave=False):
@@ -182,6 +200,7 @@ def evaluate(net, tok, cfg, fims, parses_, steps: int, block_length: int,
         ok += bool(body.strip()) and parses(c.before + body + c.after)
     out = {"fim_exact_match": em / max(1, len(fims)),
            "fim_edit_similarity": sim / max(1, len(fims)),
+           "fim_line_parse_rate": lines_ok / max(1, lines_total), "fim_statement_cases": lines_total,
            "parse_rate": ok / max(1, len(parses_)),
            "fim_cases": len(fims), "parse_cases": len(parses_)}
     if execs:
@@ -199,6 +218,7 @@ def plot(rows: list[dict], baseline: dict | None, path: Path, title: str) -> Non
     x = [r["steps_per_block"] for r in rows]
     for key, label in [("fim_exact_match", "FIM exact match"),
                        ("fim_edit_similarity", "FIM edit similarity"),
+                       ("fim_line_parse_rate", "FIM line parses"),
                        ("parse_rate", "parse rate"),
                        ("pass_rate", "executed pass rate")]:
         if key not in rows[0]:

@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from benchmarks.quality import cut_function_body, edit_similarity, fim_cases, parse_cases, parses
+from benchmarks.quality import (
+    cut_function_body,
+    edit_similarity,
+    fim_cases,
+    line_parses,
+    parse_cases,
+    parses,
+)
 from benchmarks.quality import main as eval_main
 from model.checkpoint import save_checkpoint
 
@@ -13,6 +20,16 @@ def test_edit_similarity():
     assert edit_similarity("abc", "abc") == 1.0
     assert edit_similarity("abc", "abd") == pytest.approx(2 / 3)
     assert edit_similarity("", "xy") == 0.0
+
+
+def test_a_line_parses_when_it_is_a_statement_on_its_own():
+    # what the model writes at 32 steps per block, and at 2 (the same edit similarity)
+    assert line_parses("    def __init__(self, key: str) -> bool:\n")
+    assert not line_parses("    def __(self,,")
+    assert line_parses("        nprefix = len(prefix)")
+    assert not line_parses("    return self.get(self.get_from_to_to")  # cut before its `)`
+    assert not line_parses("    ) -> Callable[[bytes], object]: ...")  # a continuation line
+    assert not line_parses("        # a comment") and not line_parses("   ")
 
 
 def test_cut_function_body_stops_at_dedent():
@@ -46,4 +63,5 @@ def test_eval_runs_on_a_small_slice(tmp_path, small_tokenizer, toy_files):
     for r in result["rows"] + [result["autoregressive"]]:
         assert r["fim_cases"] == 3 and r["parse_cases"] == 2
         assert 0 <= r["fim_exact_match"] <= 1 and 0 <= r["parse_rate"] <= 1
+        assert 0 <= r["fim_line_parse_rate"] <= 1 and r["fim_statement_cases"] <= 3
     assert out.with_suffix(".png").stat().st_size > 1000
