@@ -5,7 +5,8 @@
 
 Per steps-per-block setting (1, 2, 4, 8, 16, 32 with block length 32) it measures:
 - fim_exact_match: one whole held-out line of at most 32 tokens is masked between 256 tokens of
-  context on each side; the completion must reproduce the line (trailing whitespace ignored);
+  context on each side (--fim-context); the completion must reproduce the line (trailing
+  whitespace ignored);
 - fim_edit_similarity: 1 - Levenshtein distance / longer length, averaged over the same cases;
 - fim_line_parse_rate: over the cases whose original line is a statement on its own (it parses
   alone, dedented, with `pass` after a trailing colon), how often the completed line is one too.
@@ -254,6 +255,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="dllm eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-coder")
     p.add_argument("--fim-cases", type=int, default=200)
+    p.add_argument("--fim-context", type=int, default=256,
+                   help="tokens of context kept on each side of a FIM line")
     p.add_argument("--parse-cases", type=int, default=60)
     p.add_argument("--exec-cases", type=int, default=60,
                    help="held-out functions (doctested or called) to complete and run (0: skip)")
@@ -277,7 +280,7 @@ def main(argv=None) -> None:
         showcase(net, tok, args)
         return
     _, held = split_files(python_corpus(args.corpus))
-    fims = fim_cases(tok, held, args.fim_cases)
+    fims = fim_cases(tok, held, args.fim_cases, context=args.fim_context)
     pcs = parse_cases(held, args.parse_cases)
     execs = []
     if args.exec_cases:
@@ -306,7 +309,8 @@ def main(argv=None) -> None:
         baseline = {"steps_per_block": 1, "block_length": 1,
                     **evaluate(net, tok, cfg, fims, pcs, 1, 1, defer=defer, execs=execs)}
         log.info("autoregressive: %s", baseline)
-    result = {"model": args.model, "defer_eos": args.defer_eos, "rows": rows,
+    result = {"model": args.model, "defer_eos": args.defer_eos, "fim_context": args.fim_context,
+              "rows": rows,
               "autoregressive": baseline,
               "exec_cases": [{"key": c.key, "function": c.qualname,
                               "check": "calls" if c.calls else "doctest", "calls": c.calls}
